@@ -1,0 +1,1 @@
+"""Latency and accuracy benchmarks that write JSON and plots (upcoming)."""

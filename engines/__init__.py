@@ -1,0 +1,1 @@
+"""TensorRT engine building, plugins and runtimes behind the shared generation interface (upcoming)."""

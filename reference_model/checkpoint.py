@@ -1,0 +1,226 @@
+"""Loading FUSION checkpoints (single or sharded safetensors, exact upstream key names) from a local folder.
+
+Every tensor is checked before anything is assigned: missing, unexpected and misshaped tensors are reported
+together in one error, never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import FusionConfig, load_config
+from .errors import FusionError
+from .model import FusionModel
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_VISION = "model.vision_tower.vision_tower.vision_model."
+# (our module prefix, upstream checkpoint prefix); `{k}` stands for a layer number.
+KEY_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("embed_tokens.", "model.embed_tokens."),
+    ("layers.", "model.layers."),
+    ("norm.", "model.norm."),
+    ("lm_head.", "lm_head."),
+    ("vision.embeddings.", _VISION + "embeddings."),
+    ("vision.layers.", _VISION + "encoder.layers."),
+    ("mm_projector.", "model.mm_projector."),
+    ("aux_projector.", "model.aux_projector."),
+    ("interaction.{k}.", "model.vision_sampler_layers.{k}.layers.0."),
+)
+# In checkpoints but unused at inference (SigLIP's post_layernorm: FUSION reads hidden states before it).
+IGNORED_KEYS = re.compile(re.escape(_VISION) + r"post_layernorm\.(weight|bias)$")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(FusionError):
+    """A checkpoint folder cannot be loaded as the configured FUSION model."""
+
+
+def _convert(name: str, source: int, target: int) -> str | None:
+    for pair in KEY_PREFIXES:
+        src, dst = pair[source], pair[target]
+        if "{k}" in src:
+            head, tail = src.split("{k}")
+            m = re.match(re.escape(head) + r"(\d+)" + re.escape(tail), name)
+            if m:
+                return dst.replace("{k}", m.group(1)) + name[m.end() :]
+        elif name.startswith(src):
+            return dst + name[len(src) :]
+    return None
+
+
+def to_checkpoint_key(name: str) -> str:
+    """Our parameter name -> the upstream checkpoint key."""
+    key = _convert(name, 0, 1)
+    if key is None:
+        raise KeyError(f"no checkpoint key for parameter {name}")
+    return key
+
+
+def from_checkpoint_key(key: str) -> str | None:
+    """Upstream checkpoint key -> our parameter name (None when the key is not ours)."""
+    return _convert(key, 1, 0)
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint key -> the safetensors file holding it."""
+    index_path, single_path = model_dir / INDEX_FILE, model_dir / SINGLE_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e})") from None
+        missing_shards = sorted({f for f in weight_map.values() if not (model_dir / f).exists()})
+        if missing_shards:
+            raise CheckpointError(f"{index_path}: shard file(s) not found: {', '.join(missing_shards)}")
+        return {key: model_dir / f for key, f in weight_map.items()}
+    if single_path.exists():
+        try:
+            with safe_open(single_path, "pt") as f:
+                return {key: single_path for key in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{single_path}: not a readable safetensors file ({e})") from None
+    raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = "\n    ".join(items[:10])
+    more = f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""
+    return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    config: FusionConfig | None = None,
+) -> FusionModel:
+    """Build the model on the meta device and fill it from the folder's safetensors, cast to `dtype`."""
+    model_dir = Path(model_dir)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    config = config or load_config(model_dir)
+    with torch.device("meta"):
+        model = FusionModel(config)
+    expected = {to_checkpoint_key(name): (name, tuple(t.shape)) for name, t in model.state_dict().items()}
+    files = checkpoint_files(model_dir)
+
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(k for k in files if k not in expected and not IGNORED_KEYS.match(k))
+    misshaped: list[str] = []
+    handles = {}
+    try:
+        for path in sorted(set(files.values())):
+            try:
+                handles[path] = safe_open(path, "pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        for key, (_, shape) in expected.items():
+            if key in files:
+                got = tuple(handles[files[key]].get_slice(key).get_shape())
+                if got != shape:
+                    misshaped.append(f"{key}: checkpoint {list(got)}, model {list(shape)}")
+        if missing or unexpected or misshaped:
+            parts = [f"{model_dir}: checkpoint does not match the model described by its config.json"]
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
+                if items:
+                    parts.append(_listing(title, items))
+            raise CheckpointError("\n".join(parts))
+
+        state = {}
+        for key, (name, _) in expected.items():
+            path = files[key]
+            try:
+                tensor = handles[path].get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: tensor {key} could not be read ({e})") from None
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected a float tensor")
+            state[name] = tensor.to(device=device, dtype=dtype)
+    finally:
+        handles.clear()
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+class SafetensorsWriter:
+    """Streams tensors into `model.safetensors`, or into shards of about `shard_bytes` plus an index json."""
+
+    def __init__(self, folder: Path, shard_bytes: int | None = None):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []  # keys of each written shard
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.shard_bytes is not None and self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        save_file(
+            self.pending, self.folder / f"model-{len(self.shards) + 1:05d}.safetensors", metadata={"format": "pt"}
+        )
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.shard_bytes is None:
+            save_file(self.pending, self.folder / SINGLE_FILE, metadata={"format": "pt"})
+            return
+        if self.pending:
+            self._flush()
+        n, weight_map = len(self.shards), {}
+        for i, keys in enumerate(self.shards, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.folder / f"model-{i:05d}.safetensors").rename(self.folder / final)
+            weight_map.update({key: final for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+@contextmanager
+def staging_folder(out_dir: str | Path):
+    """Yield a hidden temp folder beside `out_dir` that is renamed to it on success and removed on failure."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists; choose a new folder or remove it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_config_files(config: FusionConfig, folder: Path) -> None:
+    config_json, vision_json = config.to_json_dicts()
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
+    (folder / "vision_config.json").write_text(json.dumps(vision_json, indent=2))
+
+
+def save_checkpoint(
+    model: FusionModel, model_dir: str | Path, shard_bytes: int | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write a new checkpoint folder: config files and the weights under upstream key names (sharded if asked)."""
+    with staging_folder(model_dir) as tmp:
+        writer = SafetensorsWriter(tmp, shard_bytes)
+        for name, t in model.state_dict().items():
+            writer.add(to_checkpoint_key(name), t.to(dtype) if dtype else t)
+        writer.close()
+        write_config_files(model.config, tmp)
+    return Path(model_dir)

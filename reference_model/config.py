@@ -1,0 +1,395 @@
+"""Typed configuration of a FUSION-Phi3.5 checkpoint.
+
+One source of truth for every shape: the checkpoint's `config.json` (decoder, projectors, interaction layers,
+LongRoPE) plus an optional `vision_config.json` (the SigLIP tower's shape; real checkpoints carry none, and
+upstream hard-codes SigLIP so400m, which is then used here too). Head counts cannot be read from weight shapes,
+so they come from these files or a preset, never from the folder name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FusionError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS = ("fusion-phi3.5-3b", "tiny")
+MODEL_TYPE = "fusion_phi"
+# Placeholder ids that upstream's tokenizer_image_token puts into input_ids.
+IMAGE_TOKEN_ID = -200
+LATENT_TOKEN_ID = -300
+
+
+class ConfigError(FusionError):
+    """A checkpoint's configuration is missing, malformed or describes an unsupported model."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP tower as FUSION runs it (the checkpoint's last SigLIP layer removed)."""
+
+    hidden_size: int = 1152  # channel width of the tower
+    intermediate_size: int = 4304  # MLP width (tanh-GELU)
+    num_layers: int = 26  # layers that run: the saved SigLIP depth minus its deleted last layer
+    num_heads: int = 16
+    image_size: int = 384  # side of every static_hd crop
+    patch_size: int = 14  # patch conv kernel and stride
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"vision hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.num_layers < 2:
+            raise ConfigError(f"vision tower needs at least 2 layers, got {self.num_layers}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens per crop (729 for so400m at 384 px)."""
+        return self.patches_per_side**2
+
+    @property
+    def num_early_layers(self) -> int:
+        """Layers L0..L(half-1) whose instruction rows attend uniformly (FUSION_SPEC section 4)."""
+        return self.num_layers // 2
+
+    @property
+    def connector_ranges(self) -> tuple[range, range]:
+        """Hidden-state indices the feature connector averages: hs[0:half] and hs[half:2*half]."""
+        half = self.num_layers // 2
+        return range(0, half), range(half, 2 * half)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """LongRoPE as Phi-3.5 uses it (transformers 4.48.1 `longrope`)."""
+
+    head_dim: int
+    theta: float
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int  # above this many positions the long factors apply
+    max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        for name in ("short_factor", "long_factor"):
+            if len(getattr(self, name)) != self.head_dim // 2:
+                raise ConfigError(
+                    f"rope_scaling.{name} has {len(getattr(self, name))} entries, "
+                    f"expected head_dim/2 = {self.head_dim // 2}"
+                )
+
+    @property
+    def attention_scaling(self) -> float:
+        """Constant multiplier of cos and sin: sqrt(1 + ln(max/orig) / ln(orig)), or 1 when not extended."""
+        factor = self.max_position_embeddings / self.original_max_position_embeddings
+        if factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(factor) / math.log(self.original_max_position_embeddings))
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Phi-3.5-mini decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float
+    rope: RopeConfig
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class InteractionConfig:
+    """Context-Aware Recursive Alignment layers (upstream `vision_sampler_layers`)."""
+
+    num_layers: int  # num_of_vision_sampler_layers
+    start: int  # start_of_vision_sampler_layers
+    stride: int  # stride_of_vision_sampler_layers
+    window_size: int  # w: each latent reads a w x w window of the global context
+    num_heads: int = 16  # fixed upstream, independent of the LLM's head count
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def decoder_layers(self) -> tuple[int, ...]:
+        """Decoder layer indices after which interaction layer k runs: start + k * stride."""
+        return tuple(self.start + k * self.stride for k in range(self.num_layers))
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    vision: VisionConfig
+    decoder: DecoderConfig
+    interaction: InteractionConfig
+    trained_query_lens: tuple[int, ...]  # the checkpoint's `query_len` list (upstream drew one per call)
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    tokenizer_model_max_length: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # config.json as read
+
+    def __post_init__(self) -> None:
+        for layer in self.interaction.decoder_layers:
+            if not 0 <= layer < self.decoder.num_layers:
+                raise ConfigError(
+                    f"interaction layer after decoder layer {layer} is outside the decoder's "
+                    f"{self.decoder.num_layers} layers"
+                )
+        if self.decoder.hidden_size % self.interaction.num_heads:
+            raise ConfigError(
+                f"hidden_size {self.decoder.hidden_size} is not divisible by the "
+                f"{self.interaction.num_heads} interaction heads"
+            )
+
+    @property
+    def global_grid_side(self) -> int:
+        """The four global crops laid out 2x2: a (2*27) x (2*27) grid of image tokens."""
+        return 2 * self.vision.patches_per_side
+
+    @property
+    def default_query_len(self) -> int:
+        """64 when the checkpoint was trained with it, else the first length it lists."""
+        return 64 if 64 in self.trained_query_lens else self.trained_query_lens[0]
+
+    def check_query_len(self, query_len: int) -> int:
+        """Validate an explicit query_len: a perfect square whose pooled grids fit the global grid."""
+        if isinstance(query_len, bool) or not isinstance(query_len, int) or query_len <= 0:
+            raise ConfigError(
+                f"query_len must be a positive perfect square (4, 16, 36, 64, 144, ...), got {query_len!r}"
+            )
+        side = math.isqrt(query_len)
+        if side * side != query_len:
+            raise ConfigError(
+                f"query_len {query_len} is not a perfect square; trained lengths are "
+                f"{', '.join(map(str, self.trained_query_lens))} "
+                "(any perfect square such as 4, 16, 36, 64, 144 is accepted)"
+            )
+        if side * self.interaction.window_size > self.global_grid_side:
+            raise ConfigError(
+                f"query_len {query_len} needs a {side * self.interaction.window_size}^2 global context, "
+                f"larger than the {self.global_grid_side}x{self.global_grid_side} global grid"
+            )
+        return query_len
+
+    def to_json_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(config.json, vision_config.json) in the checkpoint format."""
+        d, v, i, r = self.decoder, self.vision, self.interaction, self.decoder.rope
+        config = dict(self.raw)
+        config.update(
+            model_type=MODEL_TYPE,
+            vocab_size=d.vocab_size,
+            hidden_size=d.hidden_size,
+            intermediate_size=d.intermediate_size,
+            num_hidden_layers=d.num_layers,
+            num_attention_heads=d.num_heads,
+            num_key_value_heads=d.num_kv_heads,
+            rms_norm_eps=d.rms_norm_eps,
+            rope_theta=r.theta,
+            max_position_embeddings=r.max_position_embeddings,
+            original_max_position_embeddings=r.original_max_position_embeddings,
+            rope_scaling={"long_factor": list(r.long_factor), "short_factor": list(r.short_factor), "type": "longrope"},
+            mm_hidden_size=v.hidden_size,
+            mm_projector_type="mlp2x_gelu",
+            image_aspect_ratio="static_hd",
+            mm_use_im_start_end=True,
+            num_of_vision_sampler_layers=i.num_layers,
+            start_of_vision_sampler_layers=i.start,
+            stride_of_vision_sampler_layers=i.stride,
+            window_size=i.window_size,
+            query_len=",".join(map(str, self.trained_query_lens)),
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        if self.tokenizer_model_max_length is not None:
+            config["tokenizer_model_max_length"] = self.tokenizer_model_max_length
+        vision = {
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers + 1,  # as SigLIP saves it, before FUSION deletes the last layer
+            "num_attention_heads": v.num_heads,
+            "num_channels": v.num_channels,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": v.layer_norm_eps,
+        }
+        return config, vision
+
+    def digest_dict(self) -> dict[str, Any]:
+        """Everything that determines the computation (for manifests and config digests)."""
+        out = asdict(self)
+        out.pop("raw")
+        return out
+
+
+def _require(config: dict[str, Any], key: str, source: str) -> Any:
+    if key not in config:
+        raise ConfigError(f"{source}: missing required field '{key}'")
+    return config[key]
+
+
+def parse_query_lens(value: Any, source: str = "config.json") -> tuple[int, ...]:
+    """Upstream stores `query_len` as a comma-separated string ("16" or "4,16,36,64,144")."""
+    try:
+        lens = tuple(int(x) for x in str(value).split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{source}: query_len {value!r} is not a comma-separated list of integers") from None
+    if not lens:
+        raise ConfigError(f"{source}: query_len is empty")
+    return lens
+
+
+def vision_config_from_dict(vision: dict[str, Any], source: str) -> VisionConfig:
+    act = vision.get("hidden_act", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (SigLIP uses gelu_pytorch_tanh)")
+    return VisionConfig(
+        hidden_size=int(_require(vision, "hidden_size", source)),
+        intermediate_size=int(_require(vision, "intermediate_size", source)),
+        # SigLIP's saved depth; FUSION deletes the last layer before use.
+        num_layers=int(_require(vision, "num_hidden_layers", source)) - 1,
+        num_heads=int(_require(vision, "num_attention_heads", source)),
+        image_size=int(vision.get("image_size", 384)),
+        patch_size=int(vision.get("patch_size", 14)),
+        num_channels=int(vision.get("num_channels", 3)),
+        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
+    )
+
+
+def config_from_dicts(
+    config: dict[str, Any], vision: dict[str, Any] | None, source: str = "config.json"
+) -> FusionConfig:
+    """Build a FusionConfig from a checkpoint's config.json dict and optional vision_config.json dict."""
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ConfigError(f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r} (a FUSION-Phi checkpoint)")
+    projector = config.get("mm_projector_type", "mlp2x_gelu")
+    if projector != "mlp2x_gelu":
+        raise ConfigError(f"{source}: mm_projector_type {projector!r} is not supported (FUSION-Phi3.5 uses mlp2x_gelu)")
+    aspect = config.get("image_aspect_ratio", "static_hd")
+    if aspect != "static_hd":
+        raise ConfigError(f"{source}: image_aspect_ratio {aspect!r} is not supported (FUSION uses static_hd)")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (Phi-3 uses silu)")
+
+    if vision is None:
+        vision = json.loads((PRESET_DIR / "so400m.vision.json").read_text())
+        vision_source = "SigLIP so400m preset"
+    else:
+        vision_source = "vision_config.json"
+    vision_cfg = vision_config_from_dict(vision, vision_source)
+    mm_hidden = config.get("mm_hidden_size")
+    if mm_hidden is not None and int(mm_hidden) != vision_cfg.hidden_size:
+        raise ConfigError(
+            f"{source}: mm_hidden_size {mm_hidden} disagrees with the vision tower width "
+            f"{vision_cfg.hidden_size} ({vision_source})"
+        )
+
+    hidden = int(_require(config, "hidden_size", source))
+    heads = int(_require(config, "num_attention_heads", source))
+    head_dim = hidden // heads
+    scaling = config.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type != "longrope":
+        raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (Phi-3.5 uses longrope)")
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
+    max_pos = int(_require(config, "max_position_embeddings", source))
+    rope = RopeConfig(
+        head_dim=head_dim,
+        theta=float(config.get("rope_theta", 10000.0)),
+        short_factor=tuple(float(x) for x in _require(scaling, "short_factor", f"{source} rope_scaling")),
+        long_factor=tuple(float(x) for x in _require(scaling, "long_factor", f"{source} rope_scaling")),
+        original_max_position_embeddings=int(config.get("original_max_position_embeddings", max_pos)),
+        max_position_embeddings=max_pos,
+    )
+    decoder = DecoderConfig(
+        vocab_size=int(_require(config, "vocab_size", source)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(config, "intermediate_size", source)),
+        num_layers=int(_require(config, "num_hidden_layers", source)),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        rope=rope,
+    )
+    interaction = InteractionConfig(
+        num_layers=int(_require(config, "num_of_vision_sampler_layers", source)),
+        start=int(config.get("start_of_vision_sampler_layers", 0)),
+        stride=int(config.get("stride_of_vision_sampler_layers", 1)),
+        window_size=int(config.get("window_size", 3)),
+    )
+    eos = config.get("eos_token_id")
+    return FusionConfig(
+        vision=vision_cfg,
+        decoder=decoder,
+        interaction=interaction,
+        trained_query_lens=parse_query_lens(config.get("query_len", "64"), source),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        pad_token_id=config.get("pad_token_id"),
+        tokenizer_model_max_length=config.get("tokenizer_model_max_length"),
+        raw=dict(config),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_config(model_dir: str | Path) -> FusionConfig:
+    """Read `config.json` (and `vision_config.json` when present) from a checkpoint folder."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: checkpoint folder not found")
+    config_path = model_dir / "config.json"
+    vision_path = model_dir / "vision_config.json"
+    vision = _read_json(vision_path) if vision_path.exists() else None
+    return config_from_dicts(_read_json(config_path), vision, source=str(config_path))
+
+
+def preset_config(name: str) -> FusionConfig:
+    """A named preset: `fusion-phi3.5-3b` (full size, so400m tower) or `tiny` (the oracle's shape)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    vision_path = PRESET_DIR / f"{name}.vision.json"
+    vision = _read_json(vision_path) if vision_path.exists() else None
+    return config_from_dicts(_read_json(PRESET_DIR / f"{name}.json"), vision, source=f"preset {name}")

@@ -1,0 +1,187 @@
+"""Generation: one loop over any backend's prefill/step session (reference, ONNX Runtime, TensorRT).
+
+Backends implement `DecoderSession`; the loop owns sampling, stop tokens and the token budget, so every
+backend produces tokens by the same rules and the same seeded sampler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .decoder import attention_mask
+from .errors import FusionError
+from .model import FusionModel, VisionOutputs
+from .rope import rope_cos_sin
+from .sequence import PreparedBatch, assemble_embeddings
+
+
+class GenerationError(FusionError):
+    """Generation settings or a request exceed what the model supports."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus sampling mass (1 = off); only with temperature > 0
+    seed: int = 0  # sampling seed: equal seeds give equal tokens on every backend
+    stop_token_ids: tuple[int, ...] = ()  # a row ends after emitting one of these; empty = run to max_new_tokens
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class TokenSampler:
+    """Greedy argmax, or temperature + top-p sampling from a seeded CPU generator."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> token ids (B,) int64."""
+        logits = logits.detach().to("cpu", torch.float32)
+        if self.config.temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / self.config.temperature
+        if self.config.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1)  # ascending
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = cumulative <= 1 - self.config.top_p
+            drop_sorted[:, -1] = False  # always keep the most likely token
+            logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)[:, 0]
+
+
+class DecoderSession(Protocol):
+    """One batch of requests on one backend: a prefill, then single-token steps."""
+
+    batch_size: int
+
+    def prefill(self) -> torch.Tensor:
+        """Logits (B, V) float32 of each row's last prompt token."""
+        ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) int64 -> logits (B, V) float32."""
+        ...
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[list[int]]  # per row, generated ids (a final stop token included)
+    finish_reasons: list[str]  # "stop" or "length"
+    step_logits: torch.Tensor | None = None  # (B, N, V) float32 logits each sampled token was drawn from
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def generate(
+    session: DecoderSession,
+    config: GenerationConfig,
+    on_token: Callable[[int, int], None] | None = None,
+    keep_logits: bool = False,
+) -> GenerationOutput:
+    """Run prefill then decode steps until every row stopped or max_new_tokens; on_token(row, id) streams."""
+    sampler = TokenSampler(config)
+    B = session.batch_size
+    stop = torch.tensor(config.stop_token_ids, dtype=torch.int64)
+    filler = int(stop[0]) if len(stop) else 0  # fed to finished rows; their outputs are discarded
+    tokens_out: list[list[int]] = [[] for _ in range(B)]
+    finished = torch.zeros(B, dtype=torch.bool)
+    kept: list[torch.Tensor] = []
+
+    t0 = time.perf_counter()
+    logits = session.prefill()
+    t_prefill = time.perf_counter() - t0
+    for step in range(config.max_new_tokens):
+        if keep_logits:
+            kept.append(logits.detach().to("cpu", torch.float32))
+        tokens = sampler(logits)
+        for b in range(B):
+            if not finished[b]:
+                tokens_out[b].append(int(tokens[b]))
+                if on_token is not None:
+                    on_token(b, int(tokens[b]))
+        finished |= torch.isin(tokens, stop)
+        if bool(finished.all()) or step == config.max_new_tokens - 1:
+            break
+        logits = session.step(torch.where(finished, filler, tokens))
+    elapsed = time.perf_counter() - t0
+    n_steps = max(len(t) for t in tokens_out)
+    reasons = ["stop" if t and t[-1] in config.stop_token_ids else "length" for t in tokens_out]
+    return GenerationOutput(
+        token_ids=tokens_out,
+        finish_reasons=reasons,
+        step_logits=torch.stack(kept, dim=1) if keep_logits else None,
+        timings={
+            "prefill_s": t_prefill,
+            "decode_s": elapsed - t_prefill,
+            "decode_tokens_per_s": (n_steps - 1) / (elapsed - t_prefill) if n_steps > 1 else 0.0,
+        },
+    )
+
+
+class ReferenceSession:
+    """The PyTorch reference as a DecoderSession (eager, fixed-capacity KV cache)."""
+
+    def __init__(self, model: FusionModel, batch: PreparedBatch, max_new_tokens: int):
+        cfg = model.config
+        longest = int(batch.layout.lengths.max()) + max_new_tokens
+        if longest > cfg.decoder.rope.max_position_embeddings:
+            raise GenerationError(
+                f"prompt ({int(batch.layout.lengths.max())} tokens after image expansion) + max_new_tokens "
+                f"({max_new_tokens}) exceeds the model's {cfg.decoder.rope.max_position_embeddings} positions"
+            )
+        self.model, self.batch = model, batch
+        self.batch_size = batch.layout.batch_size
+        self.cache = model.new_cache(self.batch_size, batch.layout.seq_len + max_new_tokens)
+        self.vision: VisionOutputs | None = None  # the prefill's vision stage outputs
+        self.keep_prefill_logits = False  # set True to keep every position's prefill logits
+        self.prefill_logits: torch.Tensor | None = None  # (B, S, V) float32 when kept
+        self.hidden_states: list[torch.Tensor] | None = None  # set to [] to record the prefill's
+
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope_cos_sin(position_ids, self.model.config.decoder.rope)
+        return cos.to(self.model.device), sin.to(self.model.device)
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        model, layout, device = self.model, self.batch.layout, self.model.device
+        self.vision = model.encode_images(
+            self.batch.pixel_values.to(device), self.batch.instructs.to(device), self.batch.query_len
+        )
+        embeds = assemble_embeddings(layout, model.embed_tokens(layout.text_ids.to(device)), self.vision)
+        cos, sin = self._rope(layout.position_ids)
+        self.key_valid = layout.attention_mask.to(device)
+        mask = attention_mask(self.key_valid, torch.arange(layout.seq_len, device=device))
+        interaction = model.interaction_inputs(
+            self.vision, layout.vision_pos.to(device), layout.instruct_pos.to(device)
+        )
+        h = model.decode(embeds, cos, sin, mask, self.cache, interaction, self.hidden_states)
+        self.cache.advance(layout.seq_len)
+        self.positions = layout.position_ids[:, -1].clone()  # each row's last RoPE position
+        if self.keep_prefill_logits:
+            self.prefill_logits = model.logits(h)
+            return self.prefill_logits[:, -1]
+        return model.logits(h[:, -1])
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        model, device = self.model, self.model.device
+        self.positions += 1
+        cos, sin = self._rope(self.positions[:, None])
+        self.key_valid = torch.cat((self.key_valid, torch.ones_like(self.key_valid[:, :1])), dim=1)
+        mask = attention_mask(self.key_valid, torch.tensor([self.cache.length], device=device))
+        h = model.decode(model.embed_tokens(tokens.to(device)[:, None]), cos, sin, mask, self.cache)
+        self.cache.advance(1)
+        return model.logits(h[:, -1])

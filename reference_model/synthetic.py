@@ -1,0 +1,98 @@
+"""Random FUSION checkpoints in the real format, for tests, the demo and full-size export rehearsals.
+
+Weights are drawn with std 1/sqrt(fan_in) (HF's 0.02 gives near-identical image tokens and degenerate logits),
+streamed tensor by tensor into safetensors shards so a full-size checkpoint never has to sit in memory whole.
+The bundled tokenizer is byte-level: ids 3..258 are the 256 bytes, then Phi-3's chat specials and FUSION's
+vision markers, the same layout as the oracle's tiny tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .checkpoint import SafetensorsWriter, staging_folder, to_checkpoint_key, write_config_files
+from .config import FusionConfig, preset_config
+from .model import FusionModel
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|end|>",
+    "<|user|>",
+    "<vision_start>",
+    "<vision_end>",
+)
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-in character for each byte value 0..255."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def build_byte_tokenizer():
+    """A 266-token byte-level tokenizer: <unk> <s> </s>, 256 bytes, Phi-3 chat specials, vision markers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: 3 + b for b, ch in enumerate(_byte_alphabet())})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<unk>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if name.endswith("bias"):
+        return torch.randn(shape, generator=generator) * 0.02
+    if len(shape) == 1:  # norm scales
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if "embed" in name:  # token and position embeddings
+        return torch.randn(shape, generator=generator)
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+
+
+def write_random_checkpoint(
+    out_dir: str | Path,
+    config: FusionConfig | str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shard_bytes: int | None = None,
+    with_tokenizer: bool = True,
+) -> Path:
+    """Write a new random checkpoint folder (config, vision config, weights, tokenizer); appears atomically."""
+    config = preset_config(config) if isinstance(config, str) else config
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in FusionModel(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    with staging_folder(out_dir) as tmp:
+        writer = SafetensorsWriter(tmp, shard_bytes)
+        for name, shape in shapes.items():
+            writer.add(to_checkpoint_key(name), _random_tensor(name, shape, generator).to(dtype))
+        writer.close()
+        write_config_files(config, tmp)
+        if with_tokenizer:
+            build_byte_tokenizer().save_pretrained(str(tmp))
+    return Path(out_dir)
