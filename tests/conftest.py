@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_IMAGE = ROOT / "fusion_export" / "assets" / "demo_image.png"
 ORACLE_DIR = Path(os.environ.get("FUSION_ORACLE_DIR", ROOT.parent / "shared" / "oracle" / "fusion-phi-tiny"))
 
 # Thread count fixed so float reductions are repeatable on shared 2-core CI machines.

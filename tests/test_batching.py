@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from reference_model import GenerationConfig, ReferenceSession, generate, make_request, prepare_batch
 
-from .conftest import ORACLE_DIR
+from .conftest import DEMO_IMAGE
 
 
 def test_batch_rows_equal_single_runs(tiny_model, tiny_tokenizer):
     cfg = tiny_model.config
-    image = ORACLE_DIR / "image.png"
+    image = DEMO_IMAGE
     long_q = make_request(image, "What is shown in this picture? Answer briefly.", tiny_tokenizer, cfg)
     short_q = make_request(image, "Colours?", tiny_tokenizer, cfg)
     short_q.pixel_values = short_q.pixel_values.flip(-1)  # a different image for the second row

@@ -10,12 +10,12 @@ from reference_model.generation import GenerationError, TokenSampler
 from reference_model.prompt import stop_token_ids
 from reference_model.sequence import RequestError
 
-from .conftest import ORACLE_DIR
+from .conftest import DEMO_IMAGE
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_model, tiny_tokenizer):
-    request = make_request(ORACLE_DIR / "image.png", "What colour is the sky?", tiny_tokenizer, tiny_model.config)
+    request = make_request(DEMO_IMAGE, "What colour is the sky?", tiny_tokenizer, tiny_model.config)
     return prepare_batch([request], tiny_model.config, 16)
 
 

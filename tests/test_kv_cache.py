@@ -9,7 +9,7 @@ from reference_model.decoder import attention_mask
 from reference_model.rope import rope_cos_sin
 from reference_model.sequence import assemble_embeddings
 
-from .conftest import ORACLE_DIR
+from .conftest import DEMO_IMAGE
 
 
 def recompute_logits(model, batch, generated: list[int]) -> torch.Tensor:
@@ -28,7 +28,7 @@ def recompute_logits(model, batch, generated: list[int]) -> torch.Tensor:
 
 
 def test_cached_decoding_equals_recomputation(tiny_model, tiny_tokenizer):
-    request = make_request(ORACLE_DIR / "image.png", "Describe the picture.", tiny_tokenizer, tiny_model.config)
+    request = make_request(DEMO_IMAGE, "Describe the picture.", tiny_tokenizer, tiny_model.config)
     batch = prepare_batch([request], tiny_model.config, 16)
     out = generate(ReferenceSession(tiny_model, batch, 16), GenerationConfig(max_new_tokens=16), keep_logits=True)
     ids = out.token_ids[0]
