@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     batch = prepare_batch([make_request(args.image, args.question, tokenizer, model.config)], model.config, query_len)
     streamer = TextStreamer(tokenizer)
     out = generate(ReferenceSession(model, batch, config.max_new_tokens), config, on_token=streamer)
-    print()
+    print(flush=True)
     if not args.quiet:
         t = out.timings
         print(
