@@ -7,6 +7,7 @@ together in one error, never a silent partial load.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -191,6 +192,14 @@ class SafetensorsWriter:
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
+def _apply_umask(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def staging_folder(out_dir: str | Path):
     """Yield a hidden temp folder beside `out_dir` that is renamed to it on success and removed on failure."""
@@ -201,6 +210,7 @@ def staging_folder(out_dir: str | Path):
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
     try:
         yield tmp
+        _apply_umask(tmp)  # mkdtemp creates 0700; the result should look like any other folder
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,12 @@ class LayerCache(Protocol):
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class CacheLayers(Protocol):
+    """A KV cache as the decoder sees it: one LayerCache per layer."""
+
+    def layer(self, index: int) -> LayerCache: ...
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -97,10 +103,11 @@ class DecoderLayer(nn.Module):
 def attention_mask(key_valid: torch.Tensor, query_columns: torch.Tensor) -> torch.Tensor:
     """(B, 1, S, K) bool: query at cache column c sees valid keys at columns <= c, and always itself.
 
-    key_valid (B, K) marks non-padding columns; query_columns (S,) are the queries' columns. Letting a padding
-    query see itself keeps its softmax finite; its output is never read.
+    key_valid (B, K) marks non-padding columns; query_columns (S,) or per row (B, S) are the queries' columns.
+    Letting a padding query see itself keeps its softmax finite; its output is never read.
     """
-    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
-    causal = keys[None, :] <= query_columns[:, None]  # (S, K)
-    itself = keys[None, :] == query_columns[:, None]
-    return (causal[None] & (key_valid[:, None, :] | itself[None]))[:, None]
+    keys = torch.arange(key_valid.shape[1], device=key_valid.device)[None, None, :]  # (1, 1, K)
+    queries = (query_columns if query_columns.dim() == 2 else query_columns[None])[:, :, None]  # (B|1, S, 1)
+    causal = keys <= queries
+    itself = keys == queries
+    return (causal & (key_valid[:, None, :] | itself))[:, None]

@@ -165,7 +165,7 @@ class ReferenceSession:
         self.key_valid = layout.attention_mask.to(device)
         mask = attention_mask(self.key_valid, torch.arange(layout.seq_len, device=device))
         interaction = model.interaction_inputs(
-            self.vision, layout.vision_pos.to(device), layout.instruct_pos.to(device)
+            self.vision.global_ctx, layout.vision_pos.to(device), layout.instruct_pos.to(device)
         )
         h = model.decode(embeds, cos, sin, mask, self.cache, interaction, self.hidden_states)
         self.cache.advance(layout.seq_len)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import FusionConfig
-from .decoder import DecoderLayer, RMSNorm
+from .decoder import CacheLayers, DecoderLayer, RMSNorm
 from .global_context import adaptive_max_pool, context_windows, global_grid
 from .interaction import InteractionLayer
 from .kv_cache import KVCache
@@ -57,10 +57,12 @@ class FusionModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def encode_instructions(self, pixel_values: torch.Tensor, instructs: torch.Tensor) -> torch.Tensor:
-        """Text-guided pass over crop 4: (B, 5, 3, H, W), (B, T) ids (0 = padding) -> (B, 729 + T, 3C)."""
-        states = self.aux_projector(self.embed_tokens(instructs))  # (B, T, C)
-        return self.vision(pixel_values[:, 4], states, instructs != 0)
+    def encode_instructions(
+        self, pixel_values: torch.Tensor, instruct_embeds: torch.Tensor, instruct_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Text-guided pass over crop 4: (B, 5, 3, H, W), embedded instructions (B, T, D) and their validity
+        (B, T) bool -> connector features (B, 729 + T, 3C)."""
+        return self.vision(pixel_values[:, 4], self.aux_projector(instruct_embeds), instruct_valid)
 
     def encode_global(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Crops 0..3 without instructions -> the (B, 54, 54, D) global grid."""
@@ -72,7 +74,9 @@ class FusionModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, instructs: torch.Tensor, query_len: int) -> VisionOutputs:
         side = math.isqrt(self.config.check_query_len(query_len))
         n = self.config.vision.num_patches
-        image_tokens = self.mm_projector(self.encode_instructions(pixel_values, instructs)[:, :n])
+        # upstream treats instruction id 0 as padding
+        guided = self.encode_instructions(pixel_values, self.embed_tokens(instructs), instructs != 0)
+        image_tokens = self.mm_projector(guided[:, :n])
         grid = self.encode_global(pixel_values)
         return VisionOutputs(
             image_tokens=image_tokens,
@@ -81,10 +85,10 @@ class FusionModel(nn.Module):
         )
 
     def interaction_inputs(
-        self, vision: VisionOutputs, vision_pos: torch.Tensor, instruct_pos: torch.Tensor
+        self, global_ctx: torch.Tensor, vision_pos: torch.Tensor, instruct_pos: torch.Tensor
     ) -> InteractionInputs:
         side = math.isqrt(vision_pos.shape[1])
-        windows = context_windows(vision.global_ctx, side, self.config.interaction.window_size)
+        windows = context_windows(global_ctx, side, self.config.interaction.window_size)
         return InteractionInputs(vision_pos=vision_pos, instruct_pos=instruct_pos, windows=windows)
 
     def decode(
@@ -93,7 +97,7 @@ class FusionModel(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: CacheLayers | None = None,
         interaction: InteractionInputs | None = None,
         hidden_states: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:

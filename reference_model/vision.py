@@ -45,18 +45,23 @@ class VisionAttention(nn.Module):
         q = self.q_proj(x).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)  # (N, h, L, hd)
         k = self.k_proj(x).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
-        mask = None if key_valid is None else key_valid[:, None, None, :]  # (N, 1, 1, L)
-
         if key_valid is not None and self.uniform_instruction_rows:
             n = self.num_patches
-            vision_rows = F.scaled_dot_product_attention(q[:, :, :n], k, v, attn_mask=mask)  # (N, h, n, hd)
+            vision_rows = self.attend(q[:, :, :n], k, v, key_valid)  # (N, h, n, hd)
             weights = key_valid.to(v.dtype) / key_valid.sum(-1, keepdim=True).to(v.dtype)  # (N, L): 1/(n+T)
             mean_v = torch.matmul(weights[:, None, None, :], v)  # (N, h, 1, hd)
             instruction_rows = mean_v.expand(N, self.num_heads, L - n, self.head_dim)
             out = torch.cat((vision_rows, instruction_rows), dim=2)  # (N, h, L, hd)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = self.attend(q, k, v, key_valid)
         return self.out_proj(out.transpose(1, 2).reshape(N, L, C))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """Eager attention with a float32 softmax, as upstream's SigLIP computes it."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5  # (N, h, Lq, L)
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid[:, None, None, :], torch.finfo(scores.dtype).min)
+        return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class VisionMlp(nn.Module):

@@ -77,3 +77,22 @@ def tiny_tokenizer(tiny_checkpoint):
     from reference_model.prompt import load_tokenizer
 
     return load_tokenizer(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def export_oracle(oracle_dir, tmp_path_factory):
+    """Export the oracle checkpoint once per (query_len, target, dtype) per test session."""
+    from fusion_export.export import ExportOptions, export_artifact
+    from fusion_export.trt_targets import TrtTarget
+
+    cache: dict[tuple, Path] = {}
+
+    def get(query_len: int, target: str = "trt-10.3", dtype: str = "fp32") -> Path:
+        key = (query_len, target, dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("artifacts") / f"oracle-q{query_len}-{target}-{dtype}"
+            options = ExportOptions(query_len=query_len, dtype=dtype, trt_target=TrtTarget(target))
+            cache[key] = export_artifact(oracle_dir, out, options, verbose=False)
+        return cache[key]
+
+    return get

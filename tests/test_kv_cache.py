@@ -23,7 +23,7 @@ def recompute_logits(model, batch, generated: list[int]) -> torch.Tensor:
         positions = torch.arange(embeds.shape[1])[None]
         cos, sin = rope_cos_sin(positions, model.config.decoder.rope)
         mask = attention_mask(torch.ones(1, embeds.shape[1], dtype=torch.bool), torch.arange(embeds.shape[1]))
-        interaction = model.interaction_inputs(vision, layout.vision_pos, layout.instruct_pos)
+        interaction = model.interaction_inputs(vision.global_ctx, layout.vision_pos, layout.instruct_pos)
         return model.logits(model.decode(embeds, cos, sin, mask, None, interaction))[:, -1]
 
 

@@ -55,7 +55,8 @@ def test_vision_stage_matches_intermediates(oracle_model, oracle_request, oracle
     model = oracle_model
     with torch.inference_mode():
         pixel = session.batch.pixel_values
-        feats = model.mm_projector(model.encode_instructions(pixel, session.batch.instructs))
+        instructs = session.batch.instructs
+        feats = model.mm_projector(model.encode_instructions(pixel, model.embed_tokens(instructs), instructs != 0))
     assert max_abs(feats, full) <= TOL
 
 

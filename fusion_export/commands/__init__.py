@@ -1,5 +1,5 @@
 """CLI commands: each module exposes `add_parser(subparsers)`, which sets `run` on its arguments."""
 
-from . import demo, generate, golden
+from . import check_trt, demo, export, generate, golden, validate
 
-COMMANDS = (demo, generate, golden)
+COMMANDS = (demo, generate, golden, export, validate, check_trt)

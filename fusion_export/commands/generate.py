@@ -1,53 +1,104 @@
-"""`fusion-export generate`: answer a question about an image, streaming tokens as they come."""
+"""`fusion-export generate`: answer a question about an image, streaming tokens as they come.
+
+`--backend reference` runs the PyTorch model from a checkpoint (--model); `--backend onnxruntime` runs an
+exported artifact (--artifacts), whose folder carries its own config and tokenizer.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from enum import Enum
 
-from .options import add_model_options, add_query_len_option, positive_int, resolve_query_len
+from .options import Dtype, positive_int
+
+
+class Backend(str, Enum):
+    reference = "reference"
+    onnxruntime = "onnxruntime"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer a question about an image", description=__doc__)
-    add_model_options(p)
+    p.add_argument(
+        "--backend",
+        type=Backend,
+        choices=list(Backend),
+        default=None,
+        help="default: onnxruntime with --artifacts, else reference",
+    )
+    p.add_argument("--model", metavar="DIR", help="FUSION checkpoint folder (reference backend)")
+    p.add_argument(
+        "--artifacts", metavar="ART", help="artifact folder from `fusion-export export` (onnxruntime backend)"
+    )
     p.add_argument("--image", required=True, metavar="PATH", help="image file (any format Pillow reads)")
     p.add_argument("--question", required=True, metavar="TEXT")
-    add_query_len_option(p)
+    p.add_argument(
+        "--query-len",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="latents per image (perfect square; default 64 or the checkpoint's/artifact's)",
+    )
     p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--dtype", type=Dtype, choices=list(Dtype), default=Dtype.fp32, help="reference backend precision")
+    p.add_argument("--device", default="cpu", help="reference backend torch device (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="print only the answer, no timings")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from reference_model import GenerationConfig, ReferenceSession, generate, make_request, prepare_batch
+    from reference_model.errors import FusionError
     from reference_model.prompt import load_tokenizer, stop_token_ids
 
     from ..text_stream import TextStreamer
-    from .options import load_reference
+    from .options import load_reference, resolve_query_len
 
-    model = load_reference(args)
-    tokenizer = load_tokenizer(args.model)
-    query_len = resolve_query_len(args, model.config)
-    config = GenerationConfig(
+    backend = args.backend or (Backend.onnxruntime if args.artifacts else Backend.reference)
+    if backend is Backend.reference:
+        if not args.model:
+            raise FusionError("--model DIR is required with --backend reference")
+        model = load_reference(args)
+        config, tokenizer = model.config, load_tokenizer(args.model)
+        query_len = resolve_query_len(args, config)
+    else:
+        if not args.artifacts:
+            raise FusionError("--artifacts ART is required with --backend onnxruntime")
+        from ..manifest import open_artifact
+        from ..ort_runtime import OrtModel
+
+        artifact = open_artifact(args.artifacts)
+        runtime = OrtModel(artifact)
+        config, tokenizer = runtime.config, load_tokenizer(artifact.model_dir)
+        query_len = args.query_len or artifact.query_len
+        if query_len != artifact.query_len:
+            raise FusionError(
+                f"--query-len {query_len}: {args.artifacts} was exported for query_len {artifact.query_len}"
+            )
+
+    gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        stop_token_ids=stop_token_ids(tokenizer, model.config.eos_token_id),
+        stop_token_ids=stop_token_ids(tokenizer, config.eos_token_id),
     )
-    batch = prepare_batch([make_request(args.image, args.question, tokenizer, model.config)], model.config, query_len)
-    streamer = TextStreamer(tokenizer)
-    out = generate(ReferenceSession(model, batch, config.max_new_tokens), config, on_token=streamer)
+    batch = prepare_batch([make_request(args.image, args.question, tokenizer, config)], config, query_len)
+    if backend is Backend.reference:
+        session = ReferenceSession(model, batch, gen.max_new_tokens)
+    else:
+        session = runtime.session(batch, gen.max_new_tokens)
+    out = generate(session, gen, on_token=TextStreamer(tokenizer))
     print(flush=True)
     if not args.quiet:
         t = out.timings
         print(
-            f"[{len(out.token_ids[0])} tokens, finish={out.finish_reasons[0]}, prompt {int(batch.layout.lengths[0])} "
-            f"positions, query_len {query_len}; prefill {t['prefill_s'] * 1e3:.0f} ms, "
+            f"[{backend.value}: {len(out.token_ids[0])} tokens, finish={out.finish_reasons[0]}, prompt "
+            f"{int(batch.layout.lengths[0])} positions, query_len {query_len}; prefill {t['prefill_s'] * 1e3:.0f} ms, "
             f"decode {t['decode_tokens_per_s']:.1f} tok/s]",
             file=sys.stderr,
         )

@@ -1,0 +1,51 @@
+"""`fusion-export export`: a checkpoint -> an artifact folder of ONNX graphs with a manifest.
+
+The graphs are checked with the ONNX checker and the static TensorRT check for --trt-target on every export;
+a failing export leaves nothing behind. The folder appears only when complete (built under a temporary name).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..trt_targets import TrtTarget
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs", description=__doc__)
+    p.add_argument("--model", required=True, metavar="DIR", help="FUSION checkpoint folder")
+    p.add_argument("--out", required=True, metavar="ART", help="artifact folder to create (must not exist)")
+    p.add_argument(
+        "--query-len", type=positive_int, default=None, metavar="N", help="latents per image (fixed per export)"
+    )
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default fp32)")
+    p.add_argument(
+        "--trt-target",
+        type=TrtTarget,
+        choices=list(TrtTarget),
+        default=TrtTarget.trt_10_3,
+        help="TensorRT the graphs must parse on: trt-10.3 (JetPack 6, opset <= 20, the default: parses everywhere), "
+        "trt-10.15 (opset 24, TensorScatter in-place KV updates), trt-11",
+    )
+    p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the target's highest)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from reference_model.errors import FusionError
+
+    from ..export import ExportOptions, export_artifact
+
+    if args.query_len is not None:
+        from reference_model import load_config
+
+        try:
+            load_config(args.model).check_query_len(args.query_len)
+        except FusionError as e:
+            raise FusionError(f"--query-len: {e}") from None
+    options = ExportOptions(query_len=args.query_len, dtype=args.dtype, trt_target=args.trt_target, opset=args.opset)
+    export_artifact(args.model, args.out, options, verbose=not args.quiet)
+    return 0

@@ -1,0 +1,155 @@
+"""Export a FUSION checkpoint to an artifact folder: ONNX graphs, shared weights, embeddings, manifest.
+
+```text
+ART/
+  manifest.json                      graphs, files (sha256), I/O, settings, versions
+  vision_encoder.onnx (+ .onnx.data)  crops + embedded question -> image tokens, init latents, global ctx
+  decoder_prefill.onnx                prefill with the interaction layers  } one shared
+  decoder_step.onnx                   one (or a few) tokens per step       } decoder.onnx.data
+  embed_tokens.safetensors            the token-embedding table, stored once for both graphs' inputs
+  model/                              config.json, vision_config.json, tokenizer files
+  trt_compat.json                     the static TensorRT check of every graph
+```
+The folder is built under a temporary name and renamed at the end, so it exists only when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from safetensors.torch import save_file
+
+from reference_model import load_model
+from reference_model.checkpoint import staging_folder
+from reference_model.errors import FusionError
+
+from .graphs.decoder import decoder_prefill_spec, decoder_step_spec
+from .graphs.kv_write import TENSOR_SCATTER_OPSET
+from .graphs.vision_encoder import vision_encoder_spec
+from .manifest import MODEL_SUBDIR, config_digest, graph_io, write_manifest
+from .onnx_export import save_group, total_initializer_bytes, trace
+from .progress import Progress
+from .trt_compat import check_graphs, save_report
+from .trt_targets import TrtTarget
+
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EMBEDDINGS_FILE = "embed_tokens.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+class ExportError(FusionError):
+    """The export produced graphs that fail a check; nothing is left behind."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    query_len: int | None = None  # None: the checkpoint's default
+    dtype: str = "fp32"
+    trt_target: TrtTarget = TrtTarget.trt_10_3
+    opset: int | None = None  # None: the target's highest
+
+
+def _copy_model_files(model_dir: Path, dest: Path) -> None:
+    dest.mkdir()
+    for name in ("config.json", "vision_config.json"):
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, dest / name)
+    tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").exists() else model_dir / "tokenizer"
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy2(tokenizer_dir / name, dest / name)
+
+
+def export_artifact(model_dir: str | Path, out_dir: str | Path, options: ExportOptions, verbose: bool = True) -> Path:
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if options.dtype not in EXPORT_DTYPES:
+        raise FusionError(f"--dtype {options.dtype!r}: export supports {', '.join(EXPORT_DTYPES)}")
+    opset = options.trt_target.resolve_opset(options.opset)
+    progress = Progress(total_steps=7, enabled=verbose)
+
+    progress.step(f"load {model_dir} ({options.dtype})")
+    model = load_model(model_dir, dtype=EXPORT_DTYPES[options.dtype])
+    config = model.config
+    query_len = config.check_query_len(options.query_len or config.default_query_len)
+    specs = [vision_encoder_spec(model, query_len), decoder_prefill_spec(model, query_len), decoder_step_spec(model)]
+
+    with staging_folder(out_dir) as tmp:
+        traced = {}
+        for spec in specs:
+            progress.step(f"trace {spec.name} (opset {opset})")
+            traced[spec.name] = trace(spec, opset)
+
+        progress.step("write graphs and weights")
+        groups: dict[str, dict] = {}
+        for spec in specs:
+            groups.setdefault(spec.weights_group, {})[spec.name] = traced[spec.name]
+        total = total_initializer_bytes(list(traced.values()))
+        written = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal written
+            written += n
+            progress.bytes(written, total)
+
+        data_hashes: dict[str, str] = {}
+        for group, models in groups.items():
+            data_hashes.update(save_group(models, tmp, f"{group}.onnx.data", on_bytes))
+        del traced, groups
+        save_file({"embed_tokens": model.embed_tokens.weight.detach().contiguous()}, tmp / EMBEDDINGS_FILE)
+        _copy_model_files(model_dir, tmp / MODEL_SUBDIR)
+
+        progress.step("check graphs (ONNX checker, TensorRT compatibility)")
+        paths = {spec.name: tmp / f"{spec.name}.onnx" for spec in specs}
+        for name, path in paths.items():
+            try:
+                onnx.checker.check_model(str(path), full_check=False)
+            except onnx.checker.ValidationError as e:
+                raise ExportError(f"{name}.onnx failed the ONNX checker: {e}") from None
+        report = check_graphs(paths, options.trt_target)
+        save_report(report, tmp / "trt_compat.json")
+        if not report.ok:
+            raise ExportError(f"exported graphs would be rejected by TensorRT:\n{report.table()}")
+
+        progress.step("write manifest (sha256 of every file)")
+        d = config.decoder
+        write_manifest(
+            tmp,
+            {
+                "model": {"source": str(model_dir.resolve()), "config_digest": config_digest(config)},
+                "export": {
+                    "query_len": query_len,
+                    "dtype": options.dtype,
+                    "opset": opset,
+                    "trt_target": options.trt_target.value,
+                    "kv_cache": {
+                        "layout": "fixed-capacity buffer per layer, updated in place at write columns",
+                        "shape": ["batch", d.num_kv_heads, "capacity", d.head_dim],
+                        "update_op": "TensorScatter" if opset >= TENSOR_SCATTER_OPSET else "ScatterElements",
+                    },
+                    "rope": "rope_cos/rope_sin inputs computed by the runtime (LongRoPE, per forward)",
+                },
+                "embeddings": {
+                    "file": EMBEDDINGS_FILE,
+                    "tensor": "embed_tokens",
+                    "shape": [d.vocab_size, d.hidden_size],
+                },
+                "graphs": {
+                    spec.name: {
+                        "file": f"{spec.name}.onnx",
+                        "weights": f"{spec.weights_group}.onnx.data",
+                        **graph_io(path),
+                    }
+                    for spec, path in zip(specs, paths.values())
+                },
+                "trt_compat": {"target": report.target, "ok": report.ok, "report": "trt_compat.json"},
+            },
+            data_hashes,
+        )
+    elapsed = progress.done()
+    if verbose:
+        print(f"exported {out_dir} in {elapsed:.1f} s")
+    return out_dir

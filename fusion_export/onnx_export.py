@@ -1,0 +1,206 @@
+"""Tracing GraphSpecs to ONNX and writing them with weights shared on disk.
+
+Graphs of one weights group (decoder prefill and step) reference one external data file: each parameter is
+written once, the first time a graph of the group needs it, and every graph points at the same bytes. Tensors
+are streamed one at a time, so a full-size model is never serialised into memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from .graphs.kv_write import translation_table
+from .graphs.spec import GraphSpec
+
+INLINE_BYTES = 1024  # smaller constants stay inside the .onnx file
+_SMALL_ALIGN, _LARGE_ALIGN, _LARGE = 64, 65536, 1 << 20  # large tensors page-aligned so runtimes can mmap them
+
+
+def trace(spec: GraphSpec, opset: int) -> ir.Model:
+    """torch.export + ONNX translation of one graph, lightly optimised (shape arithmetic folded, weights kept
+    under their parameter names, never transposed or copied into new initializers)."""
+    import onnxscript.optimizer
+
+    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" notices on every export
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            spec.module.eval(),
+            spec.example_inputs,
+            dynamo=True,
+            opset_version=opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=spec.dynamic_shapes,
+            custom_translation_table=translation_table(opset),
+            optimize=False,
+            verbose=False,
+        )
+    quiet.setLevel(level)
+    model = program.model
+    _pretranspose_weights(model)
+    onnxscript.optimizer.optimize_ir(
+        model,
+        num_iterations=1,
+        onnx_shape_inference=False,
+        input_size_limit=INLINE_BYTES,
+        output_size_limit=INLINE_BYTES,
+    )
+    for node in model.graph:
+        node.metadata_props.clear()  # per-node stack traces would be most of the file's size
+        _drop_default_attributes(node, opset)
+    model.graph.name = spec.name
+    return model
+
+
+def _pretranspose_weights(model: ir.Model) -> None:
+    """Replace `Transpose(weight)` by a stored `<weight>.T` initializer ([in, out], what MatMul reads).
+
+    Left to the optimizer, the folded copies would get anonymous `val_N` names (which collide between graphs);
+    left in the graph, every runtime session would transpose its own copy at load. The transposed tensor is
+    produced lazily, one at a time, when the weights are written.
+    """
+    graph = model.graph
+    made: dict[str, ir.Value] = {}
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        source = node.inputs[0]
+        tensor = source.const_value if source is not None else None
+        raw = getattr(tensor, "raw", None)
+        perm = node.attributes.get("perm")
+        if source.name not in graph.initializers or not isinstance(raw, torch.Tensor) or raw.dim() != 2:
+            continue
+        if perm is not None and list(perm.value) != [1, 0]:
+            continue
+        if source.name not in made:
+            view = raw.detach().t()
+            lazy = ir.LazyTensor(
+                lambda v=view: ir.tensor(v.contiguous().numpy()),
+                dtype=tensor.dtype,
+                shape=ir.Shape(list(view.shape)),
+                name=f"{source.name}.T",
+            )
+            lazy.meta[_SOURCE_KEY] = ("transposed", *_identity(tensor))
+            value = ir.Value(name=lazy.name, shape=lazy.shape, type=ir.TensorType(tensor.dtype), const_value=lazy)
+            graph.register_initializer(value)
+            made[source.name] = value
+        ir.convenience.replace_all_uses_with(node.outputs[0], made[source.name], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        if not source.uses():
+            graph.initializers.pop(source.name)
+
+
+def _drop_default_attributes(node: ir.Node, opset: int) -> None:
+    """Remove attributes set to their schema default: same semantics, and parsers that reject an attribute
+    outright (TensorRT's Attention: `softcap`, `qk_matmul_output_mode`) never see them."""
+    if node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except onnx.defs.SchemaError:
+        return
+    for name, attr in list(node.attributes.items()):
+        spec = schema.attributes.get(name)
+        if spec is None or not spec.default_value.name:  # required, or no default
+            continue
+        default = onnx.helper.get_attribute_value(spec.default_value)
+        value = attr.value
+        if isinstance(default, bytes):
+            default = default.decode()
+        if isinstance(value, (list, tuple)) or isinstance(default, (list, tuple)):
+            continue
+        if value == default:
+            del node.attributes[name]
+
+
+_SOURCE_KEY = "fusion_export.source"
+
+
+def _identity(tensor: ir.TensorProtocol) -> tuple:
+    """Same key <=> same bytes: a parameter by its storage, a transposed parameter by its source, anything
+    else by a content hash."""
+    meta = getattr(tensor, "meta", None)
+    if meta is not None and _SOURCE_KEY in meta:
+        return meta[_SOURCE_KEY]
+    raw = getattr(tensor, "raw", None)
+    if isinstance(raw, torch.Tensor):
+        storage = (raw.untyped_storage().data_ptr(), raw.storage_offset(), tuple(raw.stride()))
+        return ("torch", *storage, tuple(raw.shape), str(raw.dtype))
+    return ("bytes", hashlib.sha256(tensor.tobytes()).hexdigest())
+
+
+class SharedWeightsFile:
+    """One external data file that several graphs of a weights group point into."""
+
+    def __init__(self, path: Path, on_bytes: Callable[[int], None] | None = None):
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115  closed in close()
+        self.sha256 = hashlib.sha256()
+        self.written: dict[tuple, tuple[int, int]] = {}  # identity -> (offset, length)
+        self.on_bytes = on_bytes
+
+    def _pad_to(self, alignment: int) -> None:
+        pad = -self.file.tell() % alignment
+        if pad:
+            zeros = b"\0" * pad
+            self.file.write(zeros)
+            self.sha256.update(zeros)
+
+    def externalize(self, model: ir.Model) -> None:
+        """Move every initializer of `model` over INLINE_BYTES into this file (once per distinct tensor)."""
+        for name, value in model.graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < INLINE_BYTES:
+                continue
+            key = _identity(tensor)
+            if key not in self.written:
+                data = tensor.tobytes()
+                self._pad_to(_LARGE_ALIGN if len(data) >= _LARGE else _SMALL_ALIGN)
+                self.written[key] = (self.file.tell(), len(data))
+                self.file.write(data)
+                self.sha256.update(data)
+                if self.on_bytes:
+                    self.on_bytes(len(data))
+            offset, length = self.written[key]
+            value.const_value = ir.ExternalTensor(
+                self.path.name, offset, length, tensor.dtype, shape=tensor.shape, name=name, base_dir=self.path.parent
+            )
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def total_initializer_bytes(models: list[ir.Model]) -> int:
+    seen, total = set(), 0
+    for model in models:
+        for value in model.graph.initializers.values():
+            t = value.const_value
+            if t is not None and t.nbytes >= INLINE_BYTES:
+                key = _identity(t)
+                if key not in seen:
+                    seen.add(key)
+                    total += t.nbytes
+    return total
+
+
+def save_group(models: dict[str, ir.Model], folder: Path, data_name: str, on_bytes=None) -> dict[str, str]:
+    """Write `<name>.onnx` for each model plus one shared `data_name`; returns {file: sha256} of the data file."""
+    weights = SharedWeightsFile(folder / data_name, on_bytes)
+    try:
+        for name, model in models.items():
+            weights.externalize(model)
+            ir.save(model, folder / f"{name}.onnx")
+    finally:
+        weights.close()
+    return {data_name: weights.sha256.hexdigest()}

@@ -1,0 +1,219 @@
+"""ONNX Runtime backend: the artifact's graphs behind the same DecoderSession interface as the reference.
+
+- The decoder's prefill and step sessions share one copy of the weights on CPU: both get the tensors of
+  `decoder.onnx.data` as memory-mapped initializers instead of loading the file twice.
+- The KV cache is one buffer pair per layer, sized prompt + max_new_tokens, bound as both `past_*` input and
+  `present_*` output (IOBinding), so the graphs' scatter updates it in place and no step copies it.
+- Token embeddings are gathered on the host from the artifact's single table; RoPE tables come from the
+  reference's LongRoPE function, per forward.
+- CUDA is used when onnxruntime-gpu provides it (or when asked); CPU otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx.external_data_helper import ExternalDataInfo
+from safetensors import safe_open
+
+from reference_model.generation import GenerationError
+from reference_model.model import VisionOutputs
+from reference_model.rope import rope_cos_sin
+from reference_model.sequence import PreparedBatch
+
+from .graphs.decoder import cache_names
+from .manifest import Artifact
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
+        else ["CPUExecutionProvider"]
+    )
+
+
+class SharedInitializers:
+    """External initializers of several graphs as OrtValues over one read-only memory map per data file.
+
+    Graphs that point at the same bytes (location, offset, length) get the same OrtValue, so a weight shared
+    on disk is shared in memory too; names are looked up per graph (anonymous constants may collide).
+    """
+
+    def __init__(self) -> None:
+        self.maps: dict[Path, np.memmap] = {}
+        self.values: dict[tuple, object] = {}
+
+    def for_graph(self, path: Path) -> dict[str, object]:
+        import onnxruntime as ort
+
+        out = {}
+        for tensor in onnx.load(path, load_external_data=False).graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = ExternalDataInfo(tensor)
+            data_path = (path.parent / info.location).resolve()
+            key = (data_path, info.offset, info.length, tensor.data_type, tuple(tensor.dims))
+            if key not in self.values:
+                if data_path not in self.maps:
+                    self.maps[data_path] = np.memmap(data_path, dtype=np.uint8, mode="r")
+                raw = self.maps[data_path][info.offset : info.offset + info.length]
+                array = raw.view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+                self.values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+            out[tensor.name] = self.values[key]
+        return out
+
+
+class OrtModel:
+    """An opened artifact in ONNX Runtime: vision encoder, decoder prefill and step sessions, embeddings."""
+
+    def __init__(self, artifact: Artifact, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.artifact = artifact
+        self.config = artifact.config
+        self.providers = providers or default_providers()
+        self.on_cpu = self.providers[0] == "CPUExecutionProvider"
+        embeddings = artifact.manifest["embeddings"]
+        with safe_open(artifact.folder / embeddings["file"], "np") as f:
+            self.embed_table = f.get_tensor(embeddings["tensor"])
+
+        def options() -> ort.SessionOptions:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3  # in-place TensorScatter notices are not errors
+            if threads:
+                opts.intra_op_num_threads = threads
+            return opts
+
+        self.vision = ort.InferenceSession(
+            str(artifact.graph_path("vision_encoder")), options(), providers=self.providers
+        )
+        self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
+        sessions = []
+        for name in ("decoder_prefill", "decoder_step"):
+            path, opts = artifact.graph_path(name), options()
+            if self.on_cpu:
+                for init_name, value in self._shared.for_graph(path).items():
+                    opts.add_initializer(init_name, value)
+            sessions.append(ort.InferenceSession(str(path), opts, providers=self.providers))
+        self.prefill_session, self.step_session = sessions
+        self.cache_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self._input_type("past_key_values.0.key")))
+
+    def _input_type(self, name: str) -> int:
+        model = onnx.load(self.artifact.graph_path("decoder_step"), load_external_data=False)
+        return next(i.type.tensor_type.elem_type for i in model.graph.input if i.name == name)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.embed_table[ids]
+
+    def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
+        return OrtSession(self, batch, max_new_tokens)
+
+
+class OrtSession:
+    """One batch on ONNX Runtime (DecoderSession)."""
+
+    def __init__(self, model: OrtModel, batch: PreparedBatch, max_new_tokens: int):
+        if batch.query_len != model.artifact.query_len:
+            raise GenerationError(
+                f"the artifact was exported for query_len {model.artifact.query_len}, the request asks for "
+                f"{batch.query_len}; re-export with --query-len {batch.query_len}"
+            )
+        rope = model.config.decoder.rope
+        if int(batch.layout.lengths.max()) + max_new_tokens > rope.max_position_embeddings:
+            raise GenerationError(
+                f"prompt + max_new_tokens exceeds the model's {rope.max_position_embeddings} positions"
+            )
+        import onnxruntime as ort
+
+        self.model, self.batch = model, batch
+        self.batch_size = batch.layout.batch_size
+        d = model.config.decoder
+        self.capacity = batch.layout.seq_len + max_new_tokens
+        device = "cpu" if model.on_cpu else "cuda"
+        shape = (self.batch_size, d.num_kv_heads, self.capacity, d.head_dim)
+        zeros = np.zeros(shape, dtype=model.cache_dtype)  # unwritten columns are masked, but must not be NaN
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(zeros.copy(), device) for _ in range(2 * d.num_layers)]
+        self.past_names = cache_names(d.num_layers, "past_key_values")
+        self.present_names = cache_names(d.num_layers, "present")
+        self.key_valid = np.zeros((self.batch_size, self.capacity), dtype=np.int64)
+        self.length = 0
+        self.vision: VisionOutputs | None = None
+
+    def _run(self, session, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits", "cpu")  # first bound output = get_outputs()[0]
+        for past, present, value in zip(self.past_names, self.present_names, self.cache):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # aliased: the scatter writes in place
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _rope(self, position_ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        cos, sin = rope_cos_sin(position_ids, self.model.config.decoder.rope)
+        return cos.numpy(), sin.numpy()
+
+    def prefill(self) -> torch.Tensor:
+        model, layout = self.model, self.batch.layout
+        instructs = self.batch.instructs.numpy()
+        image_tokens, init_latents, global_ctx = model.vision.run(
+            None,
+            {
+                "pixel_values": self.batch.pixel_values.numpy(),
+                "instruct_embeds": model.embed(instructs),
+                "instruct_mask": (instructs != 0).astype(np.int64),
+            },
+        )
+        self.vision = VisionOutputs(*(torch.from_numpy(x) for x in (image_tokens, init_latents, global_ctx)))
+        embeds = model.embed(layout.text_ids.numpy())
+        for columns, rows in ((layout.image_columns, image_tokens), (layout.vision_pos, init_latents)):
+            np.put_along_axis(embeds, columns.numpy()[:, :, None], rows.astype(embeds.dtype), axis=1)
+        cos, sin = self._rope(layout.position_ids)
+        S = layout.seq_len
+        self.key_valid[:, :S] = layout.attention_mask.numpy()
+        logits = self._run(
+            model.prefill_session,
+            {
+                "inputs_embeds": embeds,
+                "attention_mask": self.key_valid[:, :S],
+                "rope_cos": cos,
+                "rope_sin": sin,
+                "vision_pos": layout.vision_pos.numpy(),
+                "instruct_pos": layout.instruct_pos.numpy(),
+                "global_ctx": global_ctx,
+            },
+        )
+        self.length = S
+        self.positions = layout.position_ids[:, -1].clone()
+        return torch.from_numpy(logits)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.length >= self.capacity:
+            raise GenerationError(f"KV cache capacity {self.capacity} exhausted")
+        self.positions += 1
+        cos, sin = self._rope(self.positions[:, None])
+        self.key_valid[:, self.length] = 1
+        logits = self._run(
+            self.model.step_session,
+            {
+                "inputs_embeds": self.model.embed(tokens.numpy()[:, None]),
+                "attention_mask": self.key_valid,
+                "rope_cos": cos,
+                "rope_sin": sin,
+                "write_indices": np.full((self.batch_size,), self.length, dtype=np.int64),
+            },
+        )
+        self.length += 1
+        return torch.from_numpy(logits)
+
+    def cache_arrays(self) -> list[np.ndarray]:
+        """The KV buffers (B, kv_heads, capacity, head_dim), layer by layer (key, value), as numpy copies."""
+        return [value.numpy() for value in self.cache]

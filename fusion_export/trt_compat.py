@@ -1,0 +1,224 @@
+"""Static TensorRT-compatibility check of ONNX graphs against the parser's published operator support.
+
+TensorRT cannot run here, so every exported graph is checked against `trt_operator_tables/<target>.json`
+(onnx-tensorrt `docs/operators.md` at the target's release, see its README): opset range, op support, attribute
+values, inputs that must be constants or absent, outputs that must be absent, dtypes, named dynamic dims, plus
+this project's own rules (no `If`, no custom domains). Errors are what the parser would reject; warnings are
+what needs attention at engine build time (e.g. a capacity dim a TensorScatter profile must pin).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from .trt_targets import TrtTarget
+
+_DTYPE_NAMES = {v: k for k, v in onnx.TensorProto.DataType.items()}
+
+
+@dataclass
+class Finding:
+    graph: str
+    severity: str  # "error" or "warning"
+    where: str  # node name / op, or a graph input
+    message: str
+
+
+@dataclass
+class CompatReport:
+    target: str
+    findings: list[Finding]
+    ops: dict[str, dict[str, int]]  # graph -> op type -> count
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "ok": self.ok, "findings": [asdict(f) for f in self.findings], "ops": self.ops}
+
+    def table(self) -> str:
+        lines = [f"TensorRT compatibility ({self.target}): {'OK' if self.ok else 'FAILED'}"]
+        for graph, ops in self.ops.items():
+            n_err = sum(1 for f in self.errors if f.graph == graph)
+            n_warn = sum(1 for f in self.findings if f.graph == graph and f.severity == "warning")
+            lines.append(
+                f"  {graph}: {sum(ops.values())} nodes, {len(ops)} op types, {n_err} errors, {n_warn} warnings"
+            )
+        for f in self.findings:
+            lines.append(f"  {f.severity.upper():7s} {f.graph}: {f.where}: {f.message}")
+        return "\n".join(lines)
+
+
+class _GraphChecker:
+    def __init__(self, name: str, model: onnx.ModelProto, target: TrtTarget):
+        self.name, self.model, self.target = name, model, target
+        self.table = target.table
+        self.findings: list[Finding] = []
+        graph = model.graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constants = {o: n for n in graph.node if n.op_type == "Constant" for o in n.output}
+        self.types: dict[str, onnx.TypeProto] = {}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+                self.types[v.name] = v.type
+        except Exception as e:  # inference failure only weakens the dtype checks; report it
+            self.add("warning", "shape inference", f"could not infer types ({type(e).__name__}: {e})")
+        for t in graph.initializer:
+            self.types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+
+    def add(self, severity: str, where: str, message: str) -> None:
+        self.findings.append(Finding(self.name, severity, where, message))
+
+    def dtype(self, value: str) -> str | None:
+        t = self.types.get(value)
+        if t is None or not t.HasField("tensor_type"):
+            return None
+        return _DTYPE_NAMES.get(t.tensor_type.elem_type)
+
+    def rank(self, value: str) -> int | None:
+        t = self.types.get(value)
+        if t is None or not t.tensor_type.HasField("shape"):
+            return None
+        return len(t.tensor_type.shape.dim)
+
+    def is_constant(self, value: str) -> bool:
+        return value in self.initializers or value in self.constants
+
+    def check(self) -> None:
+        self.check_opsets()
+        self.check_io()
+        for i, node in enumerate(self.model.graph.node):
+            self.check_node(node, node.name or f"#{i}")
+
+    def check_opsets(self) -> None:
+        for imp in self.model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                lo, hi = self.table["opset_min"], self.table["opset_max"]
+                if not lo <= imp.version <= hi:
+                    self.add("error", "opset", f"ai.onnx opset {imp.version} outside {self.target.value}'s {lo}..{hi}")
+            else:
+                self.add(
+                    "error", "opset", f"custom domain '{imp.domain}' (version {imp.version}) is not parsed by TensorRT"
+                )
+
+    def check_io(self) -> None:
+        allowed = set(self.table["tensor_dtypes"]) - {"DOUBLE"}
+        for kind, values in (("input", self.model.graph.input), ("output", self.model.graph.output)):
+            for v in values:
+                dtype = _DTYPE_NAMES.get(v.type.tensor_type.elem_type)
+                if dtype not in allowed:
+                    self.add("error", f"{kind} {v.name}", f"dtype {dtype} is not a TensorRT I/O type")
+                if not v.type.tensor_type.HasField("shape"):
+                    self.add("error", f"{kind} {v.name}", "unknown rank: TensorRT needs every I/O rank")
+                    continue
+                for axis, d in enumerate(v.type.tensor_type.shape.dim):
+                    if not d.dim_param and d.dim_value <= 0:
+                        self.add(
+                            "error", f"{kind} {v.name}", f"dim {axis} is dynamic without a name (profiles need one)"
+                        )
+
+    def check_node(self, node: onnx.NodeProto, where: str) -> None:
+        where = f"{where} ({node.op_type})"
+        if node.domain not in ("", "ai.onnx"):
+            self.add("error", where, f"op in domain '{node.domain}' is not a standard ONNX op")
+            return
+        if node.op_type == "If":
+            self.add("error", where, "`If` is not allowed in TensorRT graphs (data-dependent control flow)")
+        spec = self.table["ops"].get(node.op_type)
+        if spec is None or not spec.get("supported", False):
+            why = "; ".join(spec.get("restrictions", [])) if spec else "not in the parser's operator table"
+            self.add("error", where, f"not supported by {self.target.value}: {why}")
+            return
+        self.check_dtypes(node, where, spec)
+        self.check_attributes(node, where, spec)
+        self.check_inputs(node, where, spec)
+        for rule in spec.get("output_rules", []):
+            i = rule["output_index"]
+            if rule["rule"] == "must be absent" and i < len(node.output) and node.output[i]:
+                self.add("error", where, f"output {i} ({rule['output_name']}) must be absent")
+
+    def check_dtypes(self, node: onnx.NodeProto, where: str, spec: dict[str, Any]) -> None:
+        dtypes = spec.get("dtypes") or []
+        if not dtypes or not node.input or not node.input[0]:
+            return
+        dtype = self.dtype(node.input[0])
+        if dtype is not None and dtype not in dtypes:
+            self.add("error", where, f"input dtype {dtype} not supported (allowed: {', '.join(dtypes)})")
+
+    def check_attributes(self, node: onnx.NodeProto, where: str, spec: dict[str, Any]) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        for rule in spec.get("attribute_rules", []):
+            name = rule["attribute"]
+            if name not in attrs:
+                continue
+            value = attrs[name]
+            value = value.decode() if isinstance(value, bytes) else value
+            if "allowed" in rule and value not in rule["allowed"]:
+                self.add("error", where, f"attribute {name}={value!r} not supported (allowed: {rule['allowed']})")
+            elif rule.get("rule") == "must be absent":
+                self.add("error", where, f"attribute {name} is not supported")
+
+    def check_inputs(self, node: onnx.NodeProto, where: str, spec: dict[str, Any]) -> None:
+        for rule in spec.get("input_rules", []):
+            i, text = rule["input_index"], rule["rule"]
+            present = i < len(node.input) and bool(node.input[i])
+            if not present:
+                continue
+            value = node.input[i]
+            if text == "must be absent":
+                self.add("error", where, f"input {i} ({rule.get('input_name')}) must be absent")
+            elif text in ("must be initializer", "must be build-time constant") and not self.is_constant(value):
+                self.add(
+                    "error", where, f"input {i} ({rule.get('input_name')}) must be a constant, got computed '{value}'"
+                )
+            elif text == "must be zero initializer":
+                tensor = self.initializers.get(value)
+                if tensor is None or any(onnx.numpy_helper.to_array(tensor).ravel() != 0):
+                    self.add("error", where, f"input {i} ({rule.get('input_name')}) must be a zero initializer")
+            elif text.startswith("rank must be"):
+                allowed = [int(x) for x in text.replace("rank must be", "").replace("if present", "").split("or")]
+                rank = self.rank(value)
+                if rank is not None and rank not in allowed:
+                    self.add("error", where, f"input {i} ({rule.get('input_name')}) has rank {rank}, needs {text[13:]}")
+        if node.op_type == "TensorScatter":
+            self.add(
+                "warning",
+                where,
+                "TensorRT's KV-cache update needs a static cache sequence dim: pin 'capacity' (min = opt = max) "
+                "in the engine's optimization profile",
+            )
+
+
+def check_graph(path: Path, target: TrtTarget, name: str | None = None) -> tuple[list[Finding], dict[str, int]]:
+    model = onnx.load(path, load_external_data=False)
+    checker = _GraphChecker(name or path.stem, model, target)
+    checker.check()
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return checker.findings, dict(sorted(ops.items()))
+
+
+def check_graphs(paths: dict[str, Path], target: TrtTarget) -> CompatReport:
+    findings, ops = [], {}
+    for name, path in paths.items():
+        f, o = check_graph(path, target, name)
+        findings.extend(f)
+        ops[name] = o
+    return CompatReport(target=target.value, findings=findings, ops=ops)
+
+
+def save_report(report: CompatReport, path: Path) -> None:
+    path.write_text(json.dumps(report.to_json(), indent=2))
