@@ -84,16 +84,26 @@ class OrtModel:
         with safe_open(artifact.folder / embeddings["file"], "np") as f:
             self.embed_table = f.get_tensor(embeddings["tensor"])
 
+        # ONNX Runtime's x86 CPU kernels have no fp16 MatMul: session set-up converts every fp16 weight to a
+        # float32 copy (a full-size fp16 decoder would need ~18 GB per session). fp16 artifacts are for GPUs;
+        # to validate them on a CPU, graph rewrites are switched off so weights are cast per call instead,
+        # slowly but within the fp16 footprint.
+        fp16_on_cpu = self.on_cpu and artifact.dtype == "fp16"
+
         def options() -> ort.SessionOptions:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3  # in-place TensorScatter notices are not errors
             if threads:
                 opts.intra_op_num_threads = threads
+            if fp16_on_cpu:
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                opts.enable_cpu_mem_arena = False  # hand each per-call float32 weight copy straight back
             return opts
 
-        self.vision = ort.InferenceSession(
-            str(artifact.graph_path("vision_encoder")), options(), providers=self.providers
-        )
+        def session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
+            return ort.InferenceSession(str(path), opts, providers=self.providers)
+
+        self.vision = session(artifact.graph_path("vision_encoder"), options())
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
         sessions = []
         for name in ("decoder_prefill", "decoder_step"):
@@ -101,7 +111,7 @@ class OrtModel:
             if self.on_cpu:
                 for init_name, value in self._shared.for_graph(path).items():
                     opts.add_initializer(init_name, value)
-            sessions.append(ort.InferenceSession(str(path), opts, providers=self.providers))
+            sessions.append(session(path, opts))
         self.prefill_session, self.step_session = sessions
         self.cache_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self._input_type("past_key_values.0.key")))
 

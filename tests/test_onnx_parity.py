@@ -104,8 +104,9 @@ def test_fp16_export_within_fp16_tolerances(export_oracle, oracle_model, oracle_
     assert max(s.max_rel for s in report.stages) < 5e-3  # measured 1.4e-3
 
 
-def test_validate_cli(export_oracle, oracle_dir, tmp_path):
-    folder = export_oracle(16)
+@pytest.mark.parametrize("query_len,target", CASES)
+def test_validate_cli(export_oracle, oracle_dir, tmp_path, query_len, target):
+    folder = export_oracle(query_len, target)
     report = tmp_path / "report.json"
     proc = run_cli(
         "validate", str(folder), "--model", str(oracle_dir), "--inputs", str(oracle_dir / "inputs.safetensors"),
@@ -114,8 +115,12 @@ def test_validate_cli(export_oracle, oracle_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED" in proc.stdout and "kv cache after prefill" in proc.stdout
     data = json.loads(report.read_text())
-    assert data["passed"] and data["reference_ids"] == [[22, 68, 47, 254, 254]]
-    assert data["first_divergence"] == [None]
+    assert data["passed"] and data["first_divergence"] == [None] and data["query_len"] == query_len
+    assert all(s["max_abs"] <= 1e-4 for s in data["stages"])
+    if query_len == 16:
+        assert data["reference_ids"] == [[22, 68, 47, 254, 254]]  # the oracle's generated_ids
+    if query_len != 16:
+        return
     # an impossible tolerance makes the same run fail with status 1
     proc = run_cli("validate", str(folder), "--model", str(oracle_dir), "--atol", "1e-12", "--json", str(report))
     assert proc.returncode == 1 and "FAILED" in proc.stdout
