@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-import torch
 from safetensors.torch import save_file
 
 from reference_model import load_model
-from reference_model.checkpoint import staging_folder
+from reference_model.checkpoint import DTYPES, staging_folder
 from reference_model.errors import FusionError
 
 from .graphs.decoder import decoder_prefill_spec, decoder_step_spec
@@ -36,7 +35,7 @@ from .progress import Progress
 from .trt_compat import check_graphs, save_report
 from .trt_targets import TrtTarget
 
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_DTYPES = {name: DTYPES[name] for name in ("fp32", "fp16")}  # bf16: not yet validated on any runtime
 EMBEDDINGS_FILE = "embed_tokens.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 

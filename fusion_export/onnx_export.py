@@ -25,28 +25,30 @@ _SMALL_ALIGN, _LARGE_ALIGN, _LARGE = 64, 65536, 1 << 20  # large tensors page-al
 
 
 def trace(spec: GraphSpec, opset: int) -> ir.Model:
-    """torch.export + ONNX translation of one graph, lightly optimised (shape arithmetic folded, weights kept
-    under their parameter names, never transposed or copied into new initializers)."""
+    """torch.export + ONNX translation of one graph, lightly optimised: shape arithmetic folded, weights kept
+    under their parameter names (MatMul weights stored pre-transposed as `<name>.T`), defaults dropped."""
     import onnxscript.optimizer
 
     quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" notices on every export
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            spec.module.eval(),
-            spec.example_inputs,
-            dynamo=True,
-            opset_version=opset,
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_shapes=spec.dynamic_shapes,
-            custom_translation_table=translation_table(opset),
-            optimize=False,
-            verbose=False,
-        )
-    quiet.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                spec.module.eval(),
+                spec.example_inputs,
+                dynamo=True,
+                opset_version=opset,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_shapes=spec.dynamic_shapes,
+                custom_translation_table=translation_table(opset),
+                optimize=False,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
     model = program.model
     _pretranspose_weights(model)
     onnxscript.optimizer.optimize_ir(
