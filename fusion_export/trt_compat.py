@@ -55,8 +55,12 @@ class CompatReport:
             lines.append(
                 f"  {graph}: {sum(ops.values())} nodes, {len(ops)} op types, {n_err} errors, {n_warn} warnings"
             )
+        grouped: dict[tuple[str, str, str], list[str]] = {}  # one line per distinct message, with its count
         for f in self.findings:
-            lines.append(f"  {f.severity.upper():7s} {f.graph}: {f.where}: {f.message}")
+            grouped.setdefault((f.severity, f.graph, f.message), []).append(f.where)
+        for (severity, graph, message), wheres in grouped.items():
+            more = f" (and {len(wheres) - 1} more)" if len(wheres) > 1 else ""
+            lines.append(f"  {severity.upper():7s} {graph}: {wheres[0]}{more}: {message}")
         return "\n".join(lines)
 
 
@@ -139,7 +143,7 @@ class _GraphChecker:
         spec = self.table["ops"].get(node.op_type)
         if spec is None or not spec.get("supported", False):
             why = "; ".join(spec.get("restrictions", [])) if spec else "not in the parser's operator table"
-            self.add("error", where, f"not supported by {self.target.value}: {why}")
+            self.add("error", where, f"{node.op_type} is not supported by {self.target.value}: {why}")
             return
         self.check_dtypes(node, where, spec)
         self.check_attributes(node, where, spec)
