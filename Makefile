@@ -1,7 +1,8 @@
 # Two entry points do all the set-up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU wheel of torch; a looser pin would pull a multi-GB CUDA build. Override on GPU machines.
+# torch first, pinned: a looser spec (or a dependency's) would pull a multi-GB CUDA build. On this kind of
+# machine pip finds the 2.13.0 CPU wheel on disk; elsewhere pass pip arguments, e.g. an --index-url.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q $(TORCH_SPEC)
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 

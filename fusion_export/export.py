@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from reference_model import load_model
 from reference_model.checkpoint import DTYPES, staging_folder
 from reference_model.errors import FusionError
+from reference_model.prompt import TOKENIZER_FILES, load_tokenizer, tokenizer_folder
 
 from .graphs.decoder import decoder_prefill_spec, decoder_step_spec
 from .graphs.kv_write import TENSOR_SCATTER_OPSET
@@ -37,7 +38,6 @@ from .trt_targets import TrtTarget
 
 EXPORT_DTYPES = {name: DTYPES[name] for name in ("fp32", "fp16")}  # bf16: not yet validated on any runtime
 EMBEDDINGS_FILE = "embed_tokens.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 class ExportError(FusionError):
@@ -53,14 +53,15 @@ class ExportOptions:
 
 
 def _copy_model_files(model_dir: Path, dest: Path) -> None:
+    """config, vision config and tokenizer files, so the artifact runs without the checkpoint."""
     dest.mkdir()
     for name in ("config.json", "vision_config.json"):
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, dest / name)
-    tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").exists() else model_dir / "tokenizer"
+    source = tokenizer_folder(model_dir)
     for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            shutil.copy2(tokenizer_dir / name, dest / name)
+        if (source / name).exists():
+            shutil.copy2(source / name, dest / name)
 
 
 def export_artifact(model_dir: str | Path, out_dir: str | Path, options: ExportOptions, verbose: bool = True) -> Path:
@@ -71,6 +72,7 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, options: ExportO
     progress = Progress(total_steps=7, enabled=verbose)
 
     progress.step(f"load {model_dir} ({options.dtype})")
+    load_tokenizer(model_dir)  # the artifact carries the tokenizer: fail now, not after tracing, if it is unusable
     model = load_model(model_dir, dtype=EXPORT_DTYPES[options.dtype])
     config = model.config
     query_len = config.check_query_len(options.query_len or config.default_query_len)

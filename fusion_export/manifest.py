@@ -26,6 +26,15 @@ MANIFEST = "manifest.json"
 FORMAT = "fusion-export-onnx-artifact"
 FORMAT_VERSION = 1
 MODEL_SUBDIR = "model"  # config.json, vision_config.json and tokenizer files copied from the checkpoint
+GRAPHS = ("vision_encoder", "decoder_prefill", "decoder_step")
+# what every reader relies on: section -> keys
+REQUIRED = {
+    "model": ("config_digest",),
+    "export": ("query_len", "dtype", "opset", "trt_target"),
+    "embeddings": ("file", "tensor"),
+    "graphs": GRAPHS,
+    "files": (),
+}
 
 
 class ArtifactError(FusionError):
@@ -126,9 +135,6 @@ class Artifact:
         except KeyError:
             raise ArtifactError(f"{self.folder / MANIFEST}: no graph '{name}'") from None
 
-    def graph(self, name: str) -> dict[str, Any]:
-        return self.manifest["graphs"][name]
-
 
 def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
     """Read manifest.json and check format, version, presence, size and (by default) sha256 of every file."""
@@ -149,6 +155,12 @@ def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
             f"{path}: format_version {manifest.get('format_version')!r} is not supported by this fusion-export "
             f"(reads version {FORMAT_VERSION}); re-export the model"
         )
+    missing = [f"{section}.{key}" for section, keys in REQUIRED.items() for key in keys
+               if not isinstance(manifest.get(section), dict) or key not in manifest[section]]  # fmt: skip
+    if missing:
+        raise ArtifactError(f"{path}: malformed manifest, missing {', '.join(missing)}")
+    if not all(isinstance(e, dict) and {"bytes", "sha256"} <= set(e) for e in manifest["files"].values()):
+        raise ArtifactError(f"{path}: malformed manifest, every 'files' entry needs 'bytes' and 'sha256'")
     problems = []
     for rel, entry in manifest.get("files", {}).items():
         file = folder / rel

@@ -19,24 +19,17 @@ import torch
 from onnx.external_data_helper import ExternalDataInfo
 from safetensors import safe_open
 
-from reference_model.generation import GenerationError
+from reference_model.errors import FusionError
+from reference_model.generation import DecodeState, GenerationError
 from reference_model.model import VisionOutputs
 from reference_model.rope import rope_cos_sin
 from reference_model.sequence import PreparedBatch
 
 from .graphs.decoder import cache_names
 from .manifest import Artifact
+from .providers import Device, resolve_providers
 
-
-def default_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return (
-        ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in available
-        else ["CPUExecutionProvider"]
-    )
+STEP_CACHE = "past_key_values.0.key"
 
 
 class SharedInitializers:
@@ -73,12 +66,12 @@ class SharedInitializers:
 class OrtModel:
     """An opened artifact in ONNX Runtime: vision encoder, decoder prefill and step sessions, embeddings."""
 
-    def __init__(self, artifact: Artifact, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, artifact: Artifact, device: Device | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         self.artifact = artifact
         self.config = artifact.config
-        self.providers = providers or default_providers()
+        self.providers = resolve_providers(device)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
         embeddings = artifact.manifest["embeddings"]
         with safe_open(artifact.folder / embeddings["file"], "np") as f:
@@ -101,7 +94,13 @@ class OrtModel:
             return opts
 
         def session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
-            return ort.InferenceSession(str(path), opts, providers=self.providers)
+            created = ort.InferenceSession(str(path), opts, providers=self.providers)
+            if created.get_providers()[0] != self.providers[0]:  # ORT falls back silently when CUDA fails
+                raise FusionError(
+                    f"{path.name}: ONNX Runtime could not start {self.providers[0]} "
+                    f"(it fell back to {created.get_providers()[0]}); check the CUDA/cuDNN installation"
+                )
+            return created
 
         self.vision = session(artifact.graph_path("vision_encoder"), options())
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
@@ -109,15 +108,17 @@ class OrtModel:
         for name in ("decoder_prefill", "decoder_step"):
             path, opts = artifact.graph_path(name), options()
             if self.on_cpu:
+                # One copy of the decoder weights for both sessions: memory-mapped, and not repacked per
+                # session (prepacking would give each session a private copy of every MatMul weight).
+                opts.add_session_config_entry("session.disable_prepacking", "1")
                 for init_name, value in self._shared.for_graph(path).items():
                     opts.add_initializer(init_name, value)
             sessions.append(session(path, opts))
         self.prefill_session, self.step_session = sessions
-        self.cache_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self._input_type("past_key_values.0.key")))
-
-    def _input_type(self, name: str) -> int:
-        model = onnx.load(self.artifact.graph_path("decoder_step"), load_external_data=False)
-        return next(i.type.tensor_type.elem_type for i in model.graph.input if i.name == name)
+        cache_input = next(i for i in artifact.manifest["graphs"]["decoder_step"]["inputs"] if i["name"] == STEP_CACHE)
+        self.cache_dtype = np.dtype(
+            onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(cache_input["dtype"]))
+        )
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embed_table[ids]
@@ -135,25 +136,18 @@ class OrtSession:
                 f"the artifact was exported for query_len {model.artifact.query_len}, the request asks for "
                 f"{batch.query_len}; re-export with --query-len {batch.query_len}"
             )
-        rope = model.config.decoder.rope
-        if int(batch.layout.lengths.max()) + max_new_tokens > rope.max_position_embeddings:
-            raise GenerationError(
-                f"prompt + max_new_tokens exceeds the model's {rope.max_position_embeddings} positions"
-            )
         import onnxruntime as ort
 
+        self.state = DecodeState(batch.layout, max_new_tokens, model.config.decoder.rope.max_position_embeddings)
         self.model, self.batch = model, batch
         self.batch_size = batch.layout.batch_size
         d = model.config.decoder
-        self.capacity = batch.layout.seq_len + max_new_tokens
-        device = "cpu" if model.on_cpu else "cuda"
-        shape = (self.batch_size, d.num_kv_heads, self.capacity, d.head_dim)
+        shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
         zeros = np.zeros(shape, dtype=model.cache_dtype)  # unwritten columns are masked, but must not be NaN
+        device = "cpu" if model.on_cpu else "cuda"
         self.cache = [ort.OrtValue.ortvalue_from_numpy(zeros.copy(), device) for _ in range(2 * d.num_layers)]
         self.past_names = cache_names(d.num_layers, "past_key_values")
         self.present_names = cache_names(d.num_layers, "present")
-        self.key_valid = np.zeros((self.batch_size, self.capacity), dtype=np.int64)
-        self.length = 0
         self.vision: VisionOutputs | None = None
 
     def _run(self, session, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -187,13 +181,11 @@ class OrtSession:
         for columns, rows in ((layout.image_columns, image_tokens), (layout.vision_pos, init_latents)):
             np.put_along_axis(embeds, columns.numpy()[:, :, None], rows.astype(embeds.dtype), axis=1)
         cos, sin = self._rope(layout.position_ids)
-        S = layout.seq_len
-        self.key_valid[:, :S] = layout.attention_mask.numpy()
         logits = self._run(
             model.prefill_session,
             {
                 "inputs_embeds": embeds,
-                "attention_mask": self.key_valid[:, :S],
+                "attention_mask": layout.attention_mask.numpy().astype(np.int64),
                 "rope_cos": cos,
                 "rope_sin": sin,
                 "vision_pos": layout.vision_pos.numpy(),
@@ -201,27 +193,21 @@ class OrtSession:
                 "global_ctx": global_ctx,
             },
         )
-        self.length = S
-        self.positions = layout.position_ids[:, -1].clone()
         return torch.from_numpy(logits)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.length >= self.capacity:
-            raise GenerationError(f"KV cache capacity {self.capacity} exhausted")
-        self.positions += 1
-        cos, sin = self._rope(self.positions[:, None])
-        self.key_valid[:, self.length] = 1
+        state = self.state
+        cos, sin = self._rope(state.advance())
         logits = self._run(
             self.model.step_session,
             {
                 "inputs_embeds": self.model.embed(tokens.numpy()[:, None]),
-                "attention_mask": self.key_valid,
+                "attention_mask": state.key_valid.numpy().astype(np.int64),
                 "rope_cos": cos,
                 "rope_sin": sin,
-                "write_indices": np.full((self.batch_size,), self.length, dtype=np.int64),
+                "write_indices": np.full((self.batch_size,), state.length - 1, dtype=np.int64),
             },
         )
-        self.length += 1
         return torch.from_numpy(logits)
 
     def cache_arrays(self) -> list[np.ndarray]:

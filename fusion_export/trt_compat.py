@@ -152,14 +152,27 @@ class _GraphChecker:
             i = rule["output_index"]
             if rule["rule"] == "must be absent" and i < len(node.output) and node.output[i]:
                 self.add("error", where, f"output {i} ({rule['output_name']}) must be absent")
+        self.tensor_scatter_note(node, where)
+        for attr in node.attribute:  # Loop / Scan bodies are parsed too
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                for k, inner in enumerate(body.node):
+                    self.check_node(inner, f"{where}/{inner.name or f'#{k}'}")
 
     def check_dtypes(self, node: onnx.NodeProto, where: str, spec: dict[str, Any]) -> None:
+        # the table lists one dtype set per op without saying which input it means; it describes the data
+        # input, which is input 0 for every op this project emits
         dtypes = spec.get("dtypes") or []
-        if not dtypes or not node.input or not node.input[0]:
-            return
-        dtype = self.dtype(node.input[0])
-        if dtype is not None and dtype not in dtypes:
-            self.add("error", where, f"input dtype {dtype} not supported (allowed: {', '.join(dtypes)})")
+        if dtypes and node.input and node.input[0]:
+            dtype = self.dtype(node.input[0])
+            if dtype is not None and dtype not in dtypes:
+                self.add("error", where, f"input dtype {dtype} not supported (allowed: {', '.join(dtypes)})")
+        for out in node.output:
+            dtype = self.dtype(out) if out else None
+            if dtype in self.table.get("io_only_dtypes", []):
+                self.add("error", where, f"output '{out}' is {dtype}, which TensorRT allows only as network I/O")
+            quantized = dtype in self.table.get("quantized_only_dtypes", [])
+            if quantized and node.op_type not in ("QuantizeLinear", "Constant"):
+                self.add("error", where, f"output '{out}' is {dtype}, which TensorRT produces only by QuantizeLinear")
 
     def check_attributes(self, node: onnx.NodeProto, where: str, spec: dict[str, Any]) -> None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -169,33 +182,65 @@ class _GraphChecker:
                 continue
             value = attrs[name]
             value = value.decode() if isinstance(value, bytes) else value
-            if "allowed" in rule and value not in rule["allowed"]:
-                self.add("error", where, f"attribute {name}={value!r} not supported (allowed: {rule['allowed']})")
+            if "allowed" in rule:
+                if value not in rule["allowed"]:
+                    self.add("error", where, f"attribute {name}={value!r} not supported (allowed: {rule['allowed']})")
             elif rule.get("rule") == "must be absent":
                 self.add("error", where, f"attribute {name} is not supported")
+            else:
+                self.add("warning", where, f"attribute rule not checked statically: {name}: {rule.get('rule')}")
 
     def check_inputs(self, node: onnx.NodeProto, where: str, spec: dict[str, Any]) -> None:
         for rule in spec.get("input_rules", []):
             i, text = rule["input_index"], rule["rule"]
-            present = i < len(node.input) and bool(node.input[i])
-            if not present:
+            if i >= len(node.input) or not node.input[i]:
                 continue
-            value = node.input[i]
-            if text == "must be absent":
-                self.add("error", where, f"input {i} ({rule.get('input_name')}) must be absent")
-            elif text in ("must be initializer", "must be build-time constant") and not self.is_constant(value):
-                self.add(
-                    "error", where, f"input {i} ({rule.get('input_name')}) must be a constant, got computed '{value}'"
-                )
-            elif text == "must be zero initializer":
-                tensor = self.initializers.get(value)
-                if tensor is None or any(onnx.numpy_helper.to_array(tensor).ravel() != 0):
-                    self.add("error", where, f"input {i} ({rule.get('input_name')}) must be a zero initializer")
-            elif text.startswith("rank must be"):
-                allowed = [int(x) for x in text.replace("rank must be", "").replace("if present", "").split("or")]
-                rank = self.rank(value)
-                if rank is not None and rank not in allowed:
-                    self.add("error", where, f"input {i} ({rule.get('input_name')}) has rank {rank}, needs {text[13:]}")
+            problem = self.input_problem(node.input[i], text)
+            if problem is None:
+                self.add("warning", where, f"input rule not checked statically: input {i}: {text}")
+            elif problem:
+                self.add("error", where, f"input {i} ({rule.get('input_name')}) {problem}")
+
+    def input_problem(self, value: str, rule: str) -> str | None:
+        """'' when `value` satisfies `rule`, a description when not, None for a rule this checker cannot read."""
+        constant = self.constant_value(value)
+        if rule == "must be absent":
+            return "must be absent"
+        if rule in ("must be initializer", "must be build-time constant"):
+            return "" if self.is_constant(value) else f"must be a constant, got computed '{value}'"
+        if rule == "must be zero initializer":
+            return "" if constant is not None and not constant.any() else "must be a zero initializer"
+        if rule == "must be initializer evaluating to false":
+            return "" if constant is not None and not constant.any() else "must be a constant false"
+        if rule.startswith("rank must be"):
+            allowed = [int(x) for x in rule.replace("rank must be", "").replace("if present", "").split("or")]
+            rank = self.rank(value)
+            return "" if rank is None or rank in allowed else f"has rank {rank}, needs {' or '.join(map(str, allowed))}"
+        if rule == "dtype must be INT64":
+            dtype = self.dtype(value)
+            return "" if dtype in (None, "INT64") else f"is {dtype}, needs INT64"
+        if rule == "value must be < 3840":
+            if constant is None:
+                return "must be a constant below 3840 (TopK K), got a computed value"
+            return "" if (constant < 3840).all() else f"is {constant.tolist()}, must be < 3840"
+        if rule == "shape must be static":
+            t = self.types.get(value)
+            dims = t.tensor_type.shape.dim if t is not None and t.tensor_type.HasField("shape") else None
+            static = dims is not None and all(d.HasField("dim_value") for d in dims)
+            return "" if static else "needs a static shape"
+        return None
+
+    def constant_value(self, value: str):
+        if value in self.initializers:
+            return onnx.numpy_helper.to_array(self.initializers[value])
+        node = self.constants.get(value)
+        if node is not None:
+            for a in node.attribute:
+                if a.name == "value":
+                    return onnx.numpy_helper.to_array(a.t)
+        return None
+
+    def tensor_scatter_note(self, node: onnx.NodeProto, where: str) -> None:
         if node.op_type == "TensorScatter":
             self.add(
                 "warning",

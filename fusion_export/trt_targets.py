@@ -8,8 +8,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from reference_model.errors import FusionError
-
 TABLE_DIR = Path(__file__).parent / "trt_operator_tables"
 MIN_EXPORT_OPSET = 18  # the torch dynamo exporter's floor
 
@@ -22,6 +20,9 @@ class TrtTarget(str, Enum):
     trt_10_15 = "trt-10.15"
     trt_11 = "trt-11"
 
+    def __str__(self) -> str:  # argparse shows choices with str()
+        return self.value
+
     @property
     def table(self) -> dict[str, Any]:
         return operator_table(self.value)
@@ -32,6 +33,8 @@ class TrtTarget(str, Enum):
 
     def resolve_opset(self, opset: int | None) -> int:
         """The requested opset, or the target's highest; rejected when the target's parser cannot read it."""
+        from reference_model.errors import FusionError  # imported here: the CLI builds parsers from this enum
+
         if opset is None:
             return min(self.max_opset, 24)
         if not MIN_EXPORT_OPSET <= opset <= self.max_opset:

@@ -7,8 +7,11 @@ vision tokens, init latents, global context, prefill logits, the KV cache after 
 logits and the KV cache at the end.
 
 Tolerances (`Tolerances.for_dtype`), with the reason for each number:
-- fp32: 1e-4 absolute everywhere and identical greedy ids. Both sides compute in float32; reduction order
-  differs between ONNX Runtime and PyTorch kernels, which moves results by ~1e-6..1e-5 on the oracle.
+- fp32: 1e-4 absolute everywhere, cosine >= 0.99999 and identical greedy ids. Both sides compute in float32;
+  reduction order differs between ONNX Runtime and PyTorch kernels, which moves results by ~1e-6..1e-5 on the
+  oracle (relative ~1e-6, so cosines agree to ~1e-12; 1e-5 of slack still catches a wrong row or channel).
+
+`max_rel` is the stage's max absolute error over its max |reference| (an elementwise ratio explodes near 0).
 - fp16: weights and activations are rounded to 10-bit mantissas (relative 4.9e-4 per rounding) and errors
   compound over the layers (the oracle's fp16 export lands at 1.4e-3 of each stage's range), so the bound is
   1e-2 of the stage's max |reference| with cosine >= 0.9995; greedy ids may legitimately part at near-ties, so

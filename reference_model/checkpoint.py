@@ -46,30 +46,17 @@ class CheckpointError(FusionError):
     """A checkpoint folder cannot be loaded as the configured FUSION model."""
 
 
-def _convert(name: str, source: int, target: int) -> str | None:
-    for pair in KEY_PREFIXES:
-        src, dst = pair[source], pair[target]
-        if "{k}" in src:
-            head, tail = src.split("{k}")
-            m = re.match(re.escape(head) + r"(\d+)" + re.escape(tail), name)
-            if m:
-                return dst.replace("{k}", m.group(1)) + name[m.end() :]
-        elif name.startswith(src):
-            return dst + name[len(src) :]
-    return None
-
-
 def to_checkpoint_key(name: str) -> str:
     """Our parameter name -> the upstream checkpoint key."""
-    key = _convert(name, 0, 1)
-    if key is None:
-        raise KeyError(f"no checkpoint key for parameter {name}")
-    return key
-
-
-def from_checkpoint_key(key: str) -> str | None:
-    """Upstream checkpoint key -> our parameter name (None when the key is not ours)."""
-    return _convert(key, 1, 0)
+    for ours, theirs in KEY_PREFIXES:
+        if "{k}" in ours:
+            head, tail = ours.split("{k}")
+            m = re.match(re.escape(head) + r"(\d+)" + re.escape(tail), name)
+            if m:
+                return theirs.replace("{k}", m.group(1)) + name[m.end() :]
+        elif name.startswith(ours):
+            return theirs + name[len(ours) :]
+    raise KeyError(f"no checkpoint key for parameter {name}")
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:

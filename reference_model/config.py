@@ -32,14 +32,14 @@ class ConfigError(FusionError):
 class VisionConfig:
     """SigLIP tower as FUSION runs it (the checkpoint's last SigLIP layer removed)."""
 
-    hidden_size: int = 1152  # channel width of the tower
-    intermediate_size: int = 4304  # MLP width (tanh-GELU)
-    num_layers: int = 26  # layers that run: the saved SigLIP depth minus its deleted last layer
-    num_heads: int = 16
-    image_size: int = 384  # side of every static_hd crop
-    patch_size: int = 14  # patch conv kernel and stride
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-6
+    hidden_size: int  # channel width of the tower (so400m: 1152)
+    intermediate_size: int  # MLP width, tanh-GELU (so400m: 4304)
+    num_layers: int  # layers that run: the saved SigLIP depth minus its deleted last layer (so400m: 26)
+    num_heads: int
+    image_size: int  # side of every static_hd crop
+    patch_size: int  # patch conv kernel and stride
+    num_channels: int
+    layer_norm_eps: float
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -17,7 +17,7 @@ from .decoder import attention_mask
 from .errors import FusionError
 from .model import FusionModel, VisionOutputs
 from .rope import rope_cos_sin
-from .sequence import PreparedBatch, assemble_embeddings
+from .sequence import PreparedBatch, SequenceLayout, assemble_embeddings
 
 
 class GenerationError(FusionError):
@@ -131,20 +131,42 @@ def generate(
     )
 
 
+class DecodeState:
+    """Where a batch stands after its prefill: each row's RoPE position, the valid cache columns, how many
+    columns are written. Every backend's session keeps one, so all of them place tokens the same way."""
+
+    def __init__(self, layout: SequenceLayout, max_new_tokens: int, max_positions: int):
+        longest = int(layout.lengths.max())
+        if longest + max_new_tokens > max_positions:
+            raise GenerationError(
+                f"prompt ({longest} positions after image expansion) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's {max_positions} positions"
+            )
+        self.capacity = layout.seq_len + max_new_tokens  # KV columns a session must allocate
+        self.key_valid = torch.zeros(layout.batch_size, self.capacity, dtype=torch.bool)
+        self.key_valid[:, : layout.seq_len] = layout.attention_mask
+        self.positions = layout.position_ids[:, -1].clone()  # each row's last RoPE position
+        self.length = layout.seq_len  # columns written once the prefill ran
+
+    def advance(self) -> torch.Tensor:
+        """Allocate the next column (`length - 1` afterwards) and return its RoPE positions (B, 1)."""
+        if self.length >= self.capacity:
+            raise GenerationError(f"KV cache capacity {self.capacity} exhausted")
+        self.positions += 1
+        self.key_valid[:, self.length] = True
+        self.length += 1
+        return self.positions[:, None]
+
+
 class ReferenceSession:
     """The PyTorch reference as a DecoderSession (eager, fixed-capacity KV cache)."""
 
     def __init__(self, model: FusionModel, batch: PreparedBatch, max_new_tokens: int):
-        cfg = model.config
-        longest = int(batch.layout.lengths.max()) + max_new_tokens
-        if longest > cfg.decoder.rope.max_position_embeddings:
-            raise GenerationError(
-                f"prompt ({int(batch.layout.lengths.max())} tokens after image expansion) + max_new_tokens "
-                f"({max_new_tokens}) exceeds the model's {cfg.decoder.rope.max_position_embeddings} positions"
-            )
+        max_positions = model.config.decoder.rope.max_position_embeddings
+        self.state = DecodeState(batch.layout, max_new_tokens, max_positions)
         self.model, self.batch = model, batch
         self.batch_size = batch.layout.batch_size
-        self.cache = model.new_cache(self.batch_size, batch.layout.seq_len + max_new_tokens)
+        self.cache = model.new_cache(self.batch_size, self.state.capacity)
         self.vision: VisionOutputs | None = None  # the prefill's vision stage outputs
         self.keep_prefill_logits = False  # set True to keep every position's prefill logits
         self.prefill_logits: torch.Tensor | None = None  # (B, S, V) float32 when kept
@@ -162,14 +184,12 @@ class ReferenceSession:
         )
         embeds = assemble_embeddings(layout, model.embed_tokens(layout.text_ids.to(device)), self.vision)
         cos, sin = self._rope(layout.position_ids)
-        self.key_valid = layout.attention_mask.to(device)
-        mask = attention_mask(self.key_valid, torch.arange(layout.seq_len, device=device))
+        mask = attention_mask(layout.attention_mask.to(device), torch.arange(layout.seq_len, device=device))
         interaction = model.interaction_inputs(
             self.vision.global_ctx, layout.vision_pos.to(device), layout.instruct_pos.to(device)
         )
         h = model.decode(embeds, cos, sin, mask, self.cache, interaction, self.hidden_states)
         self.cache.advance(layout.seq_len)
-        self.positions = layout.position_ids[:, -1].clone()  # each row's last RoPE position
         if self.keep_prefill_logits:
             self.prefill_logits = model.logits(h)
             return self.prefill_logits[:, -1]
@@ -177,11 +197,10 @@ class ReferenceSession:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        model, device = self.model, self.model.device
-        self.positions += 1
-        cos, sin = self._rope(self.positions[:, None])
-        self.key_valid = torch.cat((self.key_valid, torch.ones_like(self.key_valid[:, :1])), dim=1)
-        mask = attention_mask(self.key_valid, torch.tensor([self.cache.length], device=device))
+        model, device, state = self.model, self.model.device, self.state
+        cos, sin = self._rope(state.advance())
+        key_valid = state.key_valid[:, : state.length].to(device)
+        mask = attention_mask(key_valid, torch.tensor([state.length - 1], device=device))
         h = model.decode(model.embed_tokens(tokens.to(device)[:, None]), cos, sin, mask, self.cache)
         self.cache.advance(1)
         return model.logits(h[:, -1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,16 +73,26 @@ class FusionModel(nn.Module):
         return global_grid(feats.view(B, 4, n, -1))
 
     def encode_images(self, pixel_values: torch.Tensor, instructs: torch.Tensor, query_len: int) -> VisionOutputs:
+        """(B, 5, 3, H, W) crops and (B, T) question ids (0 = padding, as upstream) -> the decoder's visual inputs."""
+        return self.encode_embedded(pixel_values, self.embed_tokens(instructs), instructs != 0, query_len)
+
+    def encode_embedded(
+        self,
+        pixel_values: torch.Tensor,
+        instruct_embeds: torch.Tensor,
+        instruct_valid: torch.Tensor,
+        query_len: int,
+        pool: Callable[[torch.Tensor, int], torch.Tensor] = adaptive_max_pool,
+    ) -> VisionOutputs:
+        """encode_images from embedded questions; `pool(grid, side)` is adaptive max pooling to side x side."""
         side = math.isqrt(self.config.check_query_len(query_len))
         n = self.config.vision.num_patches
-        # upstream treats instruction id 0 as padding
-        guided = self.encode_instructions(pixel_values, self.embed_tokens(instructs), instructs != 0)
-        image_tokens = self.mm_projector(guided[:, :n])
+        image_tokens = self.mm_projector(self.encode_instructions(pixel_values, instruct_embeds, instruct_valid)[:, :n])
         grid = self.encode_global(pixel_values)
         return VisionOutputs(
             image_tokens=image_tokens,
-            init_latents=adaptive_max_pool(grid, side),
-            global_ctx=adaptive_max_pool(grid, side * self.config.interaction.window_size),
+            init_latents=pool(grid, side),
+            global_ctx=pool(grid, side * self.config.interaction.window_size),
         )
 
     def interaction_inputs(

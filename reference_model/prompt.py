@@ -67,19 +67,26 @@ def instruct_ids(question: str, tokenizer: Any) -> list[int]:
     return list(tokenizer(question.strip()).input_ids)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
+
+
+def tokenizer_folder(model_dir: str | Path) -> Path:
+    """The folder holding a checkpoint's tokenizer: the checkpoint itself, or its `tokenizer/`."""
+    model_dir = Path(model_dir)
+    for folder in (model_dir, model_dir / "tokenizer"):
+        if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
+            return folder
+    raise TokenizerError(
+        f"{model_dir}: no tokenizer (tokenizer.json / tokenizer_config.json) in the folder or tokenizer/"
+    )
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The checkpoint's tokenizer (folder root or `tokenizer/`), with FUSION's vision markers checked."""
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    candidates = [model_dir, model_dir / "tokenizer"]
-    folder = next(
-        (c for c in candidates if (c / "tokenizer_config.json").exists() or (c / "tokenizer.json").exists()), None
-    )
-    if folder is None:
-        raise TokenizerError(
-            f"{model_dir}: no tokenizer (tokenizer.json / tokenizer_config.json) in the folder or tokenizer/"
-        )
+    folder = tokenizer_folder(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken tokenizer folder

@@ -18,17 +18,19 @@ def artifact_copy(export_oracle, tmp_path):
     return shutil.copytree(export_oracle(16), tmp_path / "art")
 
 
-def test_manifest_content(artifact_copy):
+def test_manifest_content(artifact_copy, oracle_model):
+    d = oracle_model.config.decoder
     manifest = open_artifact(artifact_copy).manifest
     assert set(manifest["graphs"]) == {"vision_encoder", "decoder_prefill", "decoder_step"}
     step = manifest["graphs"]["decoder_step"]
     inputs = {i["name"]: i for i in step["inputs"]}
-    assert inputs["past_key_values.0.key"]["shape"] == ["batch", 4, "capacity", 32]
+    assert inputs["past_key_values.0.key"]["shape"] == ["batch", d.num_kv_heads, "capacity", d.head_dim]
     assert inputs["write_indices"] == {"name": "write_indices", "dtype": "INT64", "shape": ["batch"]}
     outputs = {o["name"]: o for o in step["outputs"]}
-    assert outputs["logits"]["dtype"] == "FLOAT" and outputs["present.5.value"]["shape"][2] == "capacity"
+    last = f"present.{d.num_layers - 1}.value"
+    assert outputs["logits"]["dtype"] == "FLOAT" and outputs[last]["shape"][2] == "capacity"
     vision = {i["name"]: i["shape"] for i in manifest["graphs"]["vision_encoder"]["inputs"]}
-    assert vision["instruct_embeds"] == ["batch", "instruct_len", 128]
+    assert vision["instruct_embeds"] == ["batch", "instruct_len", d.hidden_size]
     assert len(manifest["model"]["config_digest"]) == 64
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["tool_versions"])
     for rel, entry in manifest["files"].items():
@@ -98,3 +100,17 @@ def test_export_refuses_existing_folder_and_bad_flags(oracle_dir, tmp_path):
     proc = run_cli("export", "--model", str(oracle_dir), "--out", str(tmp_path / "c"), "--query-len", "20")
     assert proc.returncode == 2 and "--query-len" in proc.stderr and "not a perfect square" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_unavailable_provider_is_a_clear_error(export_oracle, oracle_dir, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the fallback error cannot be provoked")
+    folder = export_oracle(16)
+    proc = run_cli(
+        "validate", str(folder), "--model", str(oracle_dir), "--provider", "cuda", "--json", str(tmp_path / "v.json")
+    )
+    assert proc.returncode == 2 and "--provider cuda: ONNX Runtime here offers only" in proc.stderr
+    proc = run_cli("generate", "--artifacts", str(folder), "--image", "x.png", "--question", "q", "--device", "cuda")
+    assert proc.returncode == 2 and "--device does not apply to --backend onnxruntime" in proc.stderr

@@ -38,7 +38,7 @@ def test_golden_matches_oracle(oracle_dir, oracle_outputs, tmp_path):
     assert not list(tmp_path.glob(".*partial")), "temp file left behind"
 
 
-@pytest.mark.parametrize("query_len", [36, 144])
+@pytest.mark.parametrize("query_len", [4, 36, 64, 144])
 def test_golden_other_query_lengths(oracle_dir, oracle_outputs, tmp_path, query_len):
     out = tmp_path / "golden.safetensors"
     proc = run_cli(

@@ -30,11 +30,12 @@ def recompute_logits(model, batch, generated: list[int]) -> torch.Tensor:
 def test_cached_decoding_equals_recomputation(tiny_model, tiny_tokenizer):
     request = make_request(DEMO_IMAGE, "Describe the picture.", tiny_tokenizer, tiny_model.config)
     batch = prepare_batch([request], tiny_model.config, 16)
-    out = generate(ReferenceSession(tiny_model, batch, 16), GenerationConfig(max_new_tokens=16), keep_logits=True)
+    # the prefill's token, then 16 cached decode steps
+    out = generate(ReferenceSession(tiny_model, batch, 17), GenerationConfig(max_new_tokens=17), keep_logits=True)
     ids = out.token_ids[0]
-    assert len(ids) == 16
+    assert len(ids) == 17
     assert len(set(ids)) > 1, "degenerate model: every step produced the same token"
-    for step in range(16):
+    for step in range(17):
         logits = recompute_logits(tiny_model, batch, ids[:step])
         assert int(logits.argmax()) == ids[step], step
         assert (logits - out.step_logits[:, step]).abs().max().item() <= 1e-4, step

@@ -84,11 +84,11 @@ def test_sixteen_steps_match_reference(export_oracle, oracle_model, batch_size):
     questions = ["What is in front of the house?", "Count the boxes, then name their colours."][:batch_size]
     requests = [make_request(DEMO_IMAGE, q, tokenizer, oracle_model.config) for q in questions]
     batch = prepare_batch(requests, oracle_model.config, 16)
-    config = GenerationConfig(max_new_tokens=16)
-    ours = generate(OrtModel(artifact).session(batch, 16), config, keep_logits=True)
-    ref = generate(ReferenceSession(oracle_model, batch, 16), config, keep_logits=True)
+    config = GenerationConfig(max_new_tokens=17)  # the prefill's token, then 16 decode steps
+    ours = generate(OrtModel(artifact).session(batch, 17), config, keep_logits=True)
+    ref = generate(ReferenceSession(oracle_model, batch, 17), config, keep_logits=True)
     assert ours.token_ids == ref.token_ids
-    assert all(len(ids) == 16 for ids in ours.token_ids)
+    assert all(len(ids) == 17 for ids in ours.token_ids)
     assert (ours.step_logits - ref.step_logits).abs().max().item() <= 1e-4
 
 
@@ -137,3 +137,22 @@ def test_generate_cli_onnxruntime(export_oracle, oracle_dir):
     assert "[onnxruntime:" in ours.stderr
     wrong = run_cli("generate", "--artifacts", str(folder), "--query-len", "36", *args)
     assert wrong.returncode == 2 and "exported for query_len 16" in wrong.stderr
+
+
+def test_crossing_4096_positions(export_oracle, oracle_model):
+    """A prompt that ends just below 4096 positions, then decode steps past it: the runtime's LongRoPE tables
+    switch to the long factors exactly where the reference's do (cached keys keep their short rotation)."""
+    artifact = open_artifact(export_oracle(16))
+    tokenizer = load_tokenizer(artifact.model_dir)
+    cfg = oracle_model.config
+    base = make_request(DEMO_IMAGE, "x", tokenizer, cfg)
+    fill = cfg.decoder.rope.original_max_position_embeddings - 6 - prepare_batch([base], cfg, 16).layout.seq_len
+    request = make_request(DEMO_IMAGE, "x" + " a" * (fill // 2), tokenizer, cfg)
+    batch = prepare_batch([request], cfg, 16)
+    start = batch.layout.seq_len
+    assert start < cfg.decoder.rope.original_max_position_embeddings < start + 12
+    config = GenerationConfig(max_new_tokens=12)
+    ours = generate(OrtModel(artifact).session(batch, 12), config, keep_logits=True)
+    ref = generate(ReferenceSession(oracle_model, batch, 12), config, keep_logits=True)
+    assert ours.token_ids == ref.token_ids
+    assert (ours.step_logits - ref.step_logits).abs().max().item() <= 1e-4

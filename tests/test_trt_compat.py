@@ -111,3 +111,33 @@ def test_check_trt_cli(export_oracle, tmp_path):
     bad = save(tmp_path, [helper.make_node("If", ["c"], ["y"])], [cond], [vi("y")], name="bad")
     proc = run_cli("check-trt", str(bad))
     assert proc.returncode == 1 and "FAILED" in proc.stdout
+
+
+def test_more_rules_and_subgraphs(tmp_path):
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])  # computed K
+    topk = helper.make_node("TopK", ["x", "k"], ["v", "i"])
+    outs = [vi("v", shape=("batch", "k")), vi("i", TensorProto.INT64, ("batch", "k"))]
+    path = save(tmp_path, [topk], [vi("x"), k], outs, name="topk")
+    assert any("must be a constant below 3840" in m for m in errors(path))
+
+    cast = helper.make_node("Cast", ["x"], ["u8"], to=TensorProto.UINT8)
+    back = helper.make_node("Cast", ["u8"], ["y"], to=TensorProto.FLOAT)
+    path = save(tmp_path, [cast, back], [vi("x")], [vi("y")], name="uint8")
+    assert any("UINT8, which TensorRT allows only as network I/O" in m for m in errors(path))
+
+    body = helper.make_graph(
+        [
+            helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+            helper.make_node("Identity", ["c"], ["c_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, [])],
+    )
+    n = helper.make_tensor("n", TensorProto.INT64, [], [2])
+    loop = helper.make_node("Loop", ["n", ""], [], body=body)
+    path = save(tmp_path, [loop], [vi("x")], [], initializers=[n], name="loop")
+    assert any("DynamicQuantizeLinear is not supported" in m for m in errors(path))

@@ -1,7 +1,8 @@
 """`fusion-export generate`: answer a question about an image, streaming tokens as they come.
 
-`--backend reference` runs the PyTorch model from a checkpoint (--model); `--backend onnxruntime` runs an
-exported artifact (--artifacts), whose folder carries its own config and tokenizer.
+`--backend reference` runs the PyTorch model from a checkpoint (--model, --dtype, --device); `--backend
+onnxruntime` runs an exported artifact (--artifacts, --provider), whose folder carries its own config and
+tokenizer. Prompt, batching, sampling and stop rules are the same for both.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 from enum import Enum
 
+from ..providers import Device
 from .options import Dtype, positive_int
 
 
@@ -17,37 +19,44 @@ class Backend(str, Enum):
     reference = "reference"
     onnxruntime = "onnxruntime"
 
+    def __str__(self) -> str:
+        return self.value
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer a question about an image", description=__doc__)
     p.add_argument(
-        "--backend",
-        type=Backend,
-        choices=list(Backend),
-        default=None,
-        help="default: onnxruntime with --artifacts, else reference",
+        "--backend", type=Backend, choices=list(Backend), help="default: onnxruntime with --artifacts, else reference"
     )
     p.add_argument("--model", metavar="DIR", help="FUSION checkpoint folder (reference backend)")
-    p.add_argument(
-        "--artifacts", metavar="ART", help="artifact folder from `fusion-export export` (onnxruntime backend)"
-    )
+    p.add_argument("--artifacts", metavar="ART", help="artifact folder from `fusion-export export` (onnxruntime)")
     p.add_argument("--image", required=True, metavar="PATH", help="image file (any format Pillow reads)")
     p.add_argument("--question", required=True, metavar="TEXT")
     p.add_argument(
         "--query-len",
         type=positive_int,
-        default=None,
         metavar="N",
-        help="latents per image (perfect square; default 64 or the checkpoint's/artifact's)",
+        help="latents per image, a perfect square (default: 64, or the checkpoint's/artifact's own)",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--dtype", type=Dtype, choices=list(Dtype), default=Dtype.fp32, help="reference backend precision")
-    p.add_argument("--device", default="cpu", help="reference backend torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--dtype", type=Dtype, choices=list(Dtype), help="reference: weight dtype (default fp32)")
+    p.add_argument("--device", help="reference: torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument(
+        "--provider", type=Device, choices=list(Device), help="onnxruntime: device (default: cuda if available)"
+    )
     p.add_argument("--quiet", action="store_true", help="print only the answer, no timings")
     p.set_defaults(run=run)
+
+
+def _reject(args: argparse.Namespace, backend: Backend, flags: dict[str, str]) -> None:
+    from reference_model.errors import FusionError
+
+    for attr, flag in flags.items():
+        if getattr(args, attr) is not None:
+            raise FusionError(f"{flag} does not apply to --backend {backend}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,19 +69,21 @@ def run(args: argparse.Namespace) -> int:
 
     backend = args.backend or (Backend.onnxruntime if args.artifacts else Backend.reference)
     if backend is Backend.reference:
+        _reject(args, backend, {"artifacts": "--artifacts", "provider": "--provider"})
         if not args.model:
             raise FusionError("--model DIR is required with --backend reference")
-        model = load_reference(args)
+        model = load_reference(args.model, args.dtype or Dtype.fp32, args.device or "cpu")
         config, tokenizer = model.config, load_tokenizer(args.model)
-        query_len = resolve_query_len(args, config)
+        query_len = resolve_query_len(args.query_len, config)
     else:
+        _reject(args, backend, {"model": "--model", "dtype": "--dtype", "device": "--device"})
         if not args.artifacts:
             raise FusionError("--artifacts ART is required with --backend onnxruntime")
         from ..manifest import open_artifact
         from ..ort_runtime import OrtModel
 
         artifact = open_artifact(args.artifacts)
-        runtime = OrtModel(artifact)
+        runtime = OrtModel(artifact, device=args.provider)
         config, tokenizer = runtime.config, load_tokenizer(artifact.model_dir)
         query_len = args.query_len or artifact.query_len
         if query_len != artifact.query_len:

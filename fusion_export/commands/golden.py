@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from .options import load_reference
 
     requests = read_requests(args.inputs)
-    model = load_reference(args)
+    model = load_reference(args.model, args.dtype, args.device)
     settings = GoldenSettings(
-        query_len=resolve_query_len(args, model.config),
+        query_len=resolve_query_len(args.query_len, model.config),
         max_new_tokens=args.max_new_tokens,
         hidden_states=args.hidden_states,
     )

@@ -11,6 +11,9 @@ class Dtype(str, Enum):
     fp16 = "fp16"
     bf16 = "bf16"
 
+    def __str__(self) -> str:  # argparse shows choices with str()
+        return self.value
+
 
 def positive_int(text: str) -> int:
     try:
@@ -47,26 +50,26 @@ def add_query_len_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_reference(args: argparse.Namespace):
-    """Load the checkpoint named by --model/--dtype/--device."""
+def load_reference(model_dir: str, dtype: Dtype, device: str):
+    """Load a checkpoint for the reference backend, with the flag named in any error."""
     import torch
 
     from reference_model import load_model
     from reference_model.errors import FusionError
 
     try:
-        device = torch.device(args.device)
+        torch_device = torch.device(device)
     except RuntimeError as e:
-        raise FusionError(f"--device {args.device!r} is not a torch device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FusionError(f"--device {args.device}: CUDA is not available on this machine")
-    return load_model(args.model, dtype=args.dtype.value, device=device)
+        raise FusionError(f"--device {device!r} is not a torch device ({e})") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise FusionError(f"--device {device}: CUDA is not available on this machine")
+    return load_model(model_dir, dtype=dtype.value, device=torch_device)
 
 
-def resolve_query_len(args: argparse.Namespace, config) -> int:
+def resolve_query_len(query_len: int | None, config) -> int:
     from reference_model.errors import FusionError
 
-    query_len = config.default_query_len if args.query_len is None else args.query_len
+    query_len = config.default_query_len if query_len is None else query_len
     try:
         return config.check_query_len(query_len)
     except FusionError as e:

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from ..providers import Device
 from .options import positive_int
 
 
@@ -31,7 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atol", type=float, default=None, help="override the absolute tolerance on every stage")
     p.add_argument("--json", default="validation.json", metavar="PATH", help="JSON report (default ./validation.json)")
     p.add_argument(
-        "--provider", choices=["cpu", "cuda"], default=None, help="ONNX Runtime device (default: best available)"
+        "--provider",
+        type=Device,
+        choices=list(Device),
+        default=None,
+        help="ONNX Runtime device (default: cuda if available)",
     )
     p.set_defaults(run=run)
 
@@ -47,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from ..validation import Tolerances, validate_session
     from .demo import DEMO_IMAGE, DEMO_QUESTION
 
+    if not Path(args.json).resolve().parent.is_dir():
+        raise FusionError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
     artifact = open_artifact(args.artifact)
     model = load_model(args.model)  # the float32 reference is the truth for every artifact precision
     if config_digest(model.config) != artifact.manifest["model"]["config_digest"]:
@@ -61,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         requests = [make_request(image, question, tokenizer, model.config)]
     batch = prepare_batch(requests, model.config, artifact.query_len)
 
-    providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-    runtime = OrtModel(artifact, providers=providers.get(args.provider))
+    runtime = OrtModel(artifact, device=args.provider)
     tolerances = Tolerances.for_dtype(artifact.dtype)
     if args.atol is not None:
         tolerances = dataclasses.replace(tolerances, atol=args.atol)

@@ -33,19 +33,18 @@ class VisionEncoderGraph(nn.Module):
         super().__init__()
         cfg = model.config
         side = math.isqrt(cfg.check_query_len(query_len))
-        self.model = model
-        self.num_patches = cfg.vision.num_patches
-        self.pool_latents = WindowMaxPool(cfg.global_grid_side, side)
-        self.pool_context = WindowMaxPool(cfg.global_grid_side, side * cfg.interaction.window_size)
+        self.model, self.query_len = model, query_len
+        # adaptive max pooling as index gathers + max, which TensorRT supports (see window_pool.py)
+        sides = (side, side * cfg.interaction.window_size)
+        self.pools = nn.ModuleDict({str(s): WindowMaxPool(cfg.global_grid_side, s) for s in sides})
 
     def forward(
         self, pixel_values: torch.Tensor, instruct_embeds: torch.Tensor, instruct_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        model = self.model
-        guided = model.encode_instructions(pixel_values, instruct_embeds, instruct_mask != 0)
-        image_tokens = model.mm_projector(guided[:, : self.num_patches])
-        grid = model.encode_global(pixel_values)  # (B, 54, 54, D)
-        return image_tokens, self.pool_latents(grid), self.pool_context(grid)
+        out = self.model.encode_embedded(
+            pixel_values, instruct_embeds, instruct_mask != 0, self.query_len, pool=lambda g, s: self.pools[str(s)](g)
+        )
+        return out.image_tokens, out.init_latents, out.global_ctx
 
 
 def vision_encoder_spec(model: FusionModel, query_len: int) -> GraphSpec:
