@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import positive_int
+from .options import add_query_len_option
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX graphs", description=__doc__)
     p.add_argument("--model", required=True, metavar="DIR", help="FUSION checkpoint folder")
     p.add_argument("--out", required=True, metavar="ART", help="artifact folder to create (must not exist)")
-    p.add_argument(
-        "--query-len", type=positive_int, default=None, metavar="N", help="latents per image (fixed per export)"
-    )
+    add_query_len_option(p, note=" (fixed per export)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default fp32)")
     p.add_argument(
         "--trt-target",
@@ -35,17 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference_model.errors import FusionError
+    from reference_model import load_config
 
     from ..export import ExportOptions, export_artifact
+    from .options import resolve_query_len
 
-    if args.query_len is not None:
-        from reference_model import load_config
-
-        try:
-            load_config(args.model).check_query_len(args.query_len)
-        except FusionError as e:
-            raise FusionError(f"--query-len: {e}") from None
-    options = ExportOptions(query_len=args.query_len, dtype=args.dtype, trt_target=args.trt_target, opset=args.opset)
+    query_len = resolve_query_len(args.query_len, load_config(args.model))  # names the flag in its error
+    options = ExportOptions(query_len=query_len, dtype=args.dtype, trt_target=args.trt_target, opset=args.opset)
     export_artifact(args.model, args.out, options, verbose=not args.quiet)
     return 0

@@ -12,7 +12,7 @@ import sys
 from enum import Enum
 
 from ..providers import Device
-from .options import Dtype, positive_int
+from .options import Dtype, add_query_len_option, positive_int
 
 
 class Backend(str, Enum):
@@ -32,12 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--artifacts", metavar="ART", help="artifact folder from `fusion-export export` (onnxruntime)")
     p.add_argument("--image", required=True, metavar="PATH", help="image file (any format Pillow reads)")
     p.add_argument("--question", required=True, metavar="TEXT")
-    p.add_argument(
-        "--query-len",
-        type=positive_int,
-        metavar="N",
-        help="latents per image, a perfect square (default: 64, or the checkpoint's/artifact's own)",
-    )
+    add_query_len_option(p, note="; with --artifacts, the artifact's")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")

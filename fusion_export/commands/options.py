@@ -39,14 +39,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
 
 
-def add_query_len_option(parser: argparse.ArgumentParser) -> None:
+def add_query_len_option(parser: argparse.ArgumentParser, note: str = "") -> None:
     parser.add_argument(
         "--query-len",
         type=positive_int,
         default=None,
         metavar="N",
         help="latent tokens per image, a perfect square (4, 16, 36, 64, 144, ...); "
-        "default 64, or the checkpoint's own length when it was trained without 64",
+        f"default 64, or the checkpoint's first listed length when it was trained without 64{note}",
     )
 
 
