@@ -1,8 +1,8 @@
 # Two entry points do all the set-up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-# torch first, pinned: a looser spec (or a dependency's) would pull a multi-GB CUDA build. On this kind of
-# machine pip finds the 2.13.0 CPU wheel on disk; elsewhere pass pip arguments, e.g. an --index-url.
+# torch first, pinned, so no dependency pulls another build. PyPI's torch==2.13.0 is the multi-GB CUDA build: on a
+# CPU-only machine pass TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" (README).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 

@@ -1,14 +1,32 @@
 """`fusion-export` command line. Each command lives in `fusion_export.commands.<name>`; heavy imports (torch,
-onnxruntime) happen inside the command that needs them so `--help` stays instant."""
+onnxruntime) happen inside the command that needs them so `--help` stays instant.
+
+Exit status: 0 success, 1 a check failed (validate, check-trt, demo), 2 bad input (one message naming the file,
+tensor or flag at fault), 130 Ctrl-C, 143 SIGTERM (129 SIGHUP). Interrupted commands leave nothing behind: every
+output is built under a temporary name that is removed as the interruption unwinds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
 from . import __version__
 from .commands import COMMANDS
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so cleanup handlers run as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,17 +45,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from reference_model.errors import FusionError
 
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    name = f"fusion-export {args.command}"
     try:
         return int(args.run(args) or 0)
-    except FusionError as e:
-        print(f"fusion-export {args.command}: error: {e}", file=sys.stderr)
+    except (FusionError, FileExistsError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    except FileExistsError as e:
-        print(f"fusion-export {args.command}: error: {e}", file=sys.stderr)
+    except OSError as e:  # a disk that filled up or a file that vanished mid-run: say so, without a traceback
+        print(f"{name}: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fusion-export {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"{name}: terminated by {e}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

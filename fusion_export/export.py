@@ -32,11 +32,11 @@ from .graphs.kv_write import TENSOR_SCATTER_OPSET
 from .graphs.vision_encoder import vision_encoder_spec
 from .manifest import MODEL_SUBDIR, config_digest, graph_io, write_manifest
 from .onnx_export import save_group, total_initializer_bytes, trace
+from .precision import Precision
 from .progress import Progress
-from .trt_compat import check_graphs, save_report
+from .trt_compat import CompatReport, check_graphs, save_report
 from .trt_targets import TrtTarget
 
-EXPORT_DTYPES = {name: DTYPES[name] for name in ("fp32", "fp16")}  # bf16: not yet validated on any runtime
 EMBEDDINGS_FILE = "embed_tokens.safetensors"
 
 
@@ -47,9 +47,15 @@ class ExportError(FusionError):
 @dataclass(frozen=True)
 class ExportOptions:
     query_len: int | None = None  # None: the checkpoint's default
-    dtype: str = "fp32"
+    precision: Precision = Precision.fp32  # bf16: not yet validated on any runtime
     trt_target: TrtTarget = TrtTarget.trt_10_3
     opset: int | None = None  # None: the target's highest
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path
+    trt_report: CompatReport  # the static TensorRT check of the graphs, for the caller to show
 
 
 def _copy_model_files(model_dir: Path, dest: Path) -> None:
@@ -64,16 +70,17 @@ def _copy_model_files(model_dir: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
 
 
-def export_artifact(model_dir: str | Path, out_dir: str | Path, options: ExportOptions, verbose: bool = True) -> Path:
+def export_artifact(
+    model_dir: str | Path, out_dir: str | Path, options: ExportOptions, verbose: bool = True
+) -> ExportResult:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if options.dtype not in EXPORT_DTYPES:
-        raise FusionError(f"--dtype {options.dtype!r}: export supports {', '.join(EXPORT_DTYPES)}")
+    precision = Precision(options.precision)
     opset = options.trt_target.resolve_opset(options.opset)
     progress = Progress(total_steps=7, enabled=verbose)
 
-    progress.step(f"load {model_dir} ({options.dtype})")
+    progress.step(f"load {model_dir} ({precision})")
     load_tokenizer(model_dir)  # the artifact carries the tokenizer: fail now, not after tracing, if it is unusable
-    model = load_model(model_dir, dtype=EXPORT_DTYPES[options.dtype])
+    model = load_model(model_dir, dtype=DTYPES[precision.value])
     config = model.config
     query_len = config.check_query_len(options.query_len or config.default_query_len)
     specs = [vision_encoder_spec(model, query_len), decoder_prefill_spec(model, query_len), decoder_step_spec(model)]
@@ -120,10 +127,11 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, options: ExportO
         write_manifest(
             tmp,
             {
-                "model": {"source": str(model_dir.resolve()), "config_digest": config_digest(config)},
+                # the folder's name, not its path: a shipped artifact does not carry the exporter's disk layout
+                "model": {"name": model_dir.resolve().name, "config_digest": config_digest(config)},
                 "export": {
                     "query_len": query_len,
-                    "dtype": options.dtype,
+                    "precision": precision.value,
                     "opset": opset,
                     "trt_target": options.trt_target.value,
                     "kv_cache": {
@@ -153,4 +161,4 @@ def export_artifact(model_dir: str | Path, out_dir: str | Path, options: ExportO
     elapsed = progress.done()
     if verbose:
         print(f"exported {out_dir} in {elapsed:.1f} s")
-    return out_dir
+    return ExportResult(folder=out_dir, trt_report=report)

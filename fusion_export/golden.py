@@ -8,8 +8,6 @@ of padded `input_ids` rows (either padding side).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +15,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from reference_model import FusionModel, GenerationConfig, ReferenceSession, Request, generate, prepare_batch
+from reference_model import FusionConfig, FusionModel, GenerationConfig, ReferenceSession, Request, generate
 from reference_model.errors import FusionError
+from reference_model.sequence import PreparedBatch, RequestError, prepare_batch
+
+from .output_files import OutputKind, write_atomically
 
 
 class InputsError(FusionError):
@@ -35,27 +36,33 @@ def _check(path: Path, tensors: dict[str, torch.Tensor], name: str, dtype: torch
 
 
 def read_requests(path: str | Path) -> list[Request]:
-    """One Request per batch row of an oracle-format inputs file."""
+    """One Request per batch row of an oracle-format inputs file (structure checked; values by read_batch)."""
     path = Path(path)
     try:
         tensors = load_file(path)
     except FileNotFoundError:
         raise InputsError(f"{path}: inputs file not found") from None
+    except IsADirectoryError:
+        raise InputsError(f"{path}: is a folder, not an inputs file") from None
     except (SafetensorError, OSError) as e:
         raise InputsError(f"{path}: not a readable safetensors file ({e})") from None
     input_ids = _check(path, tensors, "input_ids", torch.int64, 2)
     instructs = _check(path, tensors, "instructs", torch.int64, 2)
     images = _check(path, tensors, "images", torch.float32, 5)
     mask = tensors.get("attention_mask")
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    if mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    elif mask.is_floating_point() or not ((mask == 0) | (mask == 1)).all():
+        raise InputsError(f"{path}: tensor 'attention_mask' must hold integers 0 and 1, got {mask.dtype}")
+    mask = mask.to(torch.bool)
     B = input_ids.shape[0]
     if instructs.shape[0] != B or images.shape[0] != B or mask.shape != input_ids.shape:
         raise InputsError(
             f"{path}: batch sizes disagree: input_ids {list(input_ids.shape)}, instructs {list(instructs.shape)}, "
             f"images {list(images.shape)}, attention_mask {list(mask.shape)}"
         )
-    if images.shape[1] != 5:
-        raise InputsError(f"{path}: 'images' must hold 5 static_hd crops per row, got {images.shape[1]}")
+    if B == 0:
+        raise InputsError(f"{path}: the batch is empty")
     return [
         Request(
             input_ids=input_ids[b][mask[b]].tolist(),
@@ -66,6 +73,15 @@ def read_requests(path: str | Path) -> list[Request]:
     ]
 
 
+def read_batch(path: str | Path, config: FusionConfig, query_len: int) -> PreparedBatch:
+    """An inputs file as a batch the model can run, every value checked against the model (shapes, finite
+    pixels, ids in the vocabulary, lengths), with the file named in any error."""
+    try:
+        return prepare_batch(read_requests(path), config, query_len)
+    except RequestError as e:
+        raise InputsError(f"{path}: {e}") from None
+
+
 @dataclass
 class GoldenSettings:
     query_len: int
@@ -73,10 +89,9 @@ class GoldenSettings:
     hidden_states: bool = False
 
 
-def capture_golden(model: FusionModel, requests: list[Request], settings: GoldenSettings) -> dict[str, torch.Tensor]:
+def capture_golden(model: FusionModel, batch: PreparedBatch, settings: GoldenSettings) -> dict[str, torch.Tensor]:
     """Prefill logits (all positions), greedy ids without EOS stop and the logits of each step, vision stage
     outputs, the sequence layout, and optionally the decoder hidden states named as in the oracle."""
-    batch = prepare_batch(requests, model.config, settings.query_len)
     session = ReferenceSession(model, batch, settings.max_new_tokens)
     session.keep_prefill_logits = True
     if settings.hidden_states:
@@ -100,14 +115,6 @@ def capture_golden(model: FusionModel, requests: list[Request], settings: Golden
 
 
 def save_golden(golden: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, object]) -> None:
-    """Write atomically: a temp file beside `path`, renamed when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        save_file(golden, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically, marked as a golden file (so a later run may replace it, and nothing else)."""
+    header = {"format": OutputKind.golden.marker, **{k: json.dumps(v) for k, v in metadata.items()}}
+    write_atomically(path, lambda tmp: save_file(golden, tmp, metadata=header))

@@ -1,9 +1,11 @@
 """The artifact manifest (`manifest.json`): the one record every later stage reads.
 
 It names the graphs with their files, inputs and outputs (dtypes, symbolic dims), the export settings
-(query_len, dtype, opset, TensorRT target, KV-cache layout), a digest of the model config, the sha256 and size
-of every file, tool versions and the export date. Opening an artifact checks all of it, so a partial, stale or
-tampered artifact is never mistaken for a good one.
+(query_len, precision, opset, TensorRT target, KV-cache layout), the source checkpoint's folder name and config
+digest, the sha256 and size of every file, tool versions and the export date, and ends with a sha256 of its own
+canonical content. Opening an artifact checks all of it: the files against their hashes, the manifest against
+its digest, and the graphs' own inputs and outputs against the manifest, from which precision and query_len are
+then read. A partial, stale, edited or tampered artifact is never mistaken for a good one.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import onnx
 from reference_model.config import FusionConfig, config_from_dicts
 from reference_model.errors import FusionError
 
+from .precision import Precision
+
 MANIFEST = "manifest.json"
 FORMAT = "fusion-export-onnx-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest digest, precision and query_len checked against the graphs
 MODEL_SUBDIR = "model"  # config.json, vision_config.json and tokenizer files copied from the checkpoint
 GRAPHS = ("vision_encoder", "decoder_prefill", "decoder_step")
 # what every reader relies on: section -> keys
 REQUIRED = {
     "model": ("config_digest",),
-    "export": ("query_len", "dtype", "opset", "trt_target"),
+    "export": ("query_len", "precision", "opset", "trt_target"),
     "embeddings": ("file", "tensor"),
     "graphs": GRAPHS,
     "files": (),
@@ -82,30 +86,54 @@ def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def write_manifest(folder: Path, content: dict[str, Any], data_hashes: dict[str, str]) -> dict[str, Any]:
-    """Complete `content` with file hashes and sizes (data files hashed while written) and save it."""
+DIGEST_KEY = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest field."""
+    content = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_entries(folder: Path, data_hashes: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in the folder but the manifest (hashes already known are reused)."""
+    data_hashes = data_hashes or {}
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(folder).as_posix()
         files[rel] = {"bytes": path.stat().st_size, "sha256": data_hashes.get(rel) or sha256_file(path)}
+    return files
+
+
+def save_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Seal the manifest with its digest (last key) and write it."""
+    manifest = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def write_manifest(folder: Path, content: dict[str, Any], data_hashes: dict[str, str]) -> dict[str, Any]:
+    """Complete `content` with file hashes and sizes (data files hashed while written) and save it."""
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool_versions": tool_versions(),
         **content,
-        "files": files,
+        "files": file_entries(folder, data_hashes),
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+    return save_manifest(folder, manifest)
 
 
 @dataclass
 class Artifact:
-    """An opened, verified artifact folder."""
+    """An opened, verified artifact folder. `precision` and `query_len` are read from the graphs."""
 
     folder: Path
     manifest: dict[str, Any]
+    precision: Precision
+    query_len: int
 
     @property
     def config(self) -> FusionConfig:
@@ -121,14 +149,6 @@ class Artifact:
     def model_dir(self) -> Path:
         return self.folder / MODEL_SUBDIR
 
-    @property
-    def query_len(self) -> int:
-        return int(self.manifest["export"]["query_len"])
-
-    @property
-    def dtype(self) -> str:
-        return str(self.manifest["export"]["dtype"])
-
     def graph_path(self, name: str) -> Path:
         try:
             return self.folder / self.manifest["graphs"][name]["file"]
@@ -136,8 +156,53 @@ class Artifact:
             raise ArtifactError(f"{self.folder / MANIFEST}: no graph '{name}'") from None
 
 
+def _io_entry(io: dict[str, list[dict[str, Any]]], kind: str, name: str, where: str) -> dict[str, Any]:
+    for entry in io[kind]:
+        if entry["name"] == name:
+            return entry
+    raise ArtifactError(f"{where}: the graph has no {kind[:-1]} '{name}'")
+
+
+def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision, int]:
+    """Compare every graph's real inputs/outputs with the manifest, then read precision and query_len from them."""
+    ios = {}
+    for name in GRAPHS:
+        path = folder / manifest["graphs"][name]["file"]
+        try:
+            ios[name] = graph_io(path)
+        except Exception as e:  # protobuf raises assorted types for a file that is not a graph
+            raise ArtifactError(f"{path}: not a readable ONNX graph ({type(e).__name__}: {e})") from None
+        recorded = {k: manifest["graphs"][name].get(k) for k in ("inputs", "outputs")}
+        if recorded != ios[name]:
+            raise ArtifactError(f"{folder / MANIFEST}: graph {name}'s inputs/outputs differ from {path.name}'s")
+    embeds = {
+        name: _io_entry(ios[name], "inputs", io_name, str(folder / f"{name}.onnx"))["dtype"]
+        for name, io_name in (
+            ("vision_encoder", "instruct_embeds"),
+            ("decoder_prefill", "inputs_embeds"),
+            ("decoder_step", "inputs_embeds"),
+        )
+    }
+    if len(set(embeds.values())) != 1:
+        raise ArtifactError(f"{folder}: the graphs disagree on their activation type: {embeds}")
+    precision = Precision.from_onnx_dtype(embeds["vision_encoder"], str(folder / "vision_encoder.onnx"))
+    latents = _io_entry(ios["vision_encoder"], "outputs", "init_latents", str(folder / "vision_encoder.onnx"))
+    vision_pos = _io_entry(ios["decoder_prefill"], "inputs", "vision_pos", str(folder / "decoder_prefill.onnx"))
+    query_len = latents["shape"][1]
+    if not isinstance(query_len, int) or vision_pos["shape"][1] != query_len:
+        raise ArtifactError(f"{folder}: the graphs disagree on query_len ({query_len}, {vision_pos['shape'][1]})")
+    export = manifest["export"]
+    if export["precision"] != precision.value or export["query_len"] != query_len:
+        raise ArtifactError(
+            f"{folder / MANIFEST}: says precision {export['precision']!r} and query_len {export['query_len']!r}, "
+            f"but the graphs are {precision.value} with query_len {query_len}"
+        )
+    return precision, query_len
+
+
 def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
-    """Read manifest.json and check format, version, presence, size and (by default) sha256 of every file."""
+    """Read manifest.json and check format, version, digest, presence, size and (by default) sha256 of every
+    file, and the graphs' inputs and outputs against it."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -146,14 +211,20 @@ def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
         raise ArtifactError(f"{path}: not found (not an exported artifact, or an export that did not finish)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: not a manifest (expected a JSON object)")
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported by this fusion-export "
             f"(reads version {FORMAT_VERSION}); re-export the model"
+        )
+    if manifest.get(DIGEST_KEY) != manifest_digest(manifest):
+        raise ArtifactError(
+            f"{path}: edited after export (its {DIGEST_KEY} does not match its content); re-export the model"
         )
     missing = [f"{section}.{key}" for section, keys in REQUIRED.items() for key in keys
                if not isinstance(manifest.get(section), dict) or key not in manifest[section]]  # fmt: skip
@@ -162,17 +233,18 @@ def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
     if not all(isinstance(e, dict) and {"bytes", "sha256"} <= set(e) for e in manifest["files"].values()):
         raise ArtifactError(f"{path}: malformed manifest, every 'files' entry needs 'bytes' and 'sha256'")
     problems = []
-    for rel, entry in manifest.get("files", {}).items():
+    for rel, entry in manifest["files"].items():
         file = folder / rel
-        if not file.exists():
+        if not file.is_file():
             problems.append(f"{rel}: missing")
         elif file.stat().st_size != entry["bytes"]:
             problems.append(f"{rel}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
         elif verify_hashes and sha256_file(file) != entry["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest (file changed after export)")
-    for name, graph in manifest.get("graphs", {}).items():
-        if graph.get("file") not in manifest.get("files", {}):
-            problems.append(f"graph {name}: file {graph.get('file')!r} is not listed in the manifest")
+    for name, graph in manifest["graphs"].items():
+        if not isinstance(graph, dict) or graph.get("file") not in manifest["files"]:
+            problems.append(f"graph {name}: its file is not listed in the manifest")
     if problems:
         raise ArtifactError(f"{folder}: artifact does not match its manifest:\n  " + "\n  ".join(problems))
-    return Artifact(folder=folder, manifest=manifest)
+    precision, query_len = _read_graph_facts(folder, manifest)
+    return Artifact(folder=folder, manifest=manifest, precision=precision, query_len=query_len)

@@ -20,13 +20,14 @@ from onnx.external_data_helper import ExternalDataInfo
 from safetensors import safe_open
 
 from reference_model.errors import FusionError
-from reference_model.generation import DecodeState, GenerationError
+from reference_model.generation import DecodeState, GenerationError, require_finite
 from reference_model.model import VisionOutputs
 from reference_model.rope import rope_cos_sin
 from reference_model.sequence import PreparedBatch
 
 from .graphs.decoder import cache_names
 from .manifest import Artifact
+from .precision import Precision
 from .providers import Device, resolve_providers
 
 STEP_CACHE = "past_key_values.0.key"
@@ -69,6 +70,7 @@ class OrtModel:
     def __init__(self, artifact: Artifact, device: Device | None = None, threads: int | None = None):
         import onnxruntime as ort
 
+        ort.disable_telemetry_events()  # nothing leaves the machine (tests/test_no_network.py watches for it)
         self.artifact = artifact
         self.config = artifact.config
         self.providers = resolve_providers(device)
@@ -81,7 +83,7 @@ class OrtModel:
         # float32 copy (a full-size fp16 decoder would need ~18 GB per session). fp16 artifacts are for GPUs;
         # to validate them on a CPU, graph rewrites are switched off so weights are cast per call instead,
         # slowly but within the fp16 footprint.
-        fp16_on_cpu = self.on_cpu and artifact.dtype == "fp16"
+        fp16_on_cpu = self.on_cpu and artifact.precision is Precision.fp16
 
         def options() -> ort.SessionOptions:
             opts = ort.SessionOptions()
@@ -177,6 +179,7 @@ class OrtSession:
             },
         )
         self.vision = VisionOutputs(*(torch.from_numpy(x) for x in (image_tokens, init_latents, global_ctx)))
+        require_finite("vision encoder", **vars(self.vision))
         embeds = model.embed(layout.text_ids.numpy())
         for columns, rows in ((layout.image_columns, image_tokens), (layout.vision_pos, init_latents)):
             np.put_along_axis(embeds, columns.numpy()[:, :, None], rows.astype(embeds.dtype), axis=1)
@@ -193,6 +196,7 @@ class OrtSession:
                 "global_ctx": global_ctx,
             },
         )
+        require_finite("decoder prefill", logits=torch.from_numpy(logits))
         return torch.from_numpy(logits)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -208,6 +212,7 @@ class OrtSession:
                 "write_indices": np.full((self.batch_size,), state.length - 1, dtype=np.int64),
             },
         )
+        require_finite("decoder step", logits=torch.from_numpy(logits))
         return torch.from_numpy(logits)
 
     def cache_arrays(self) -> list[np.ndarray]:

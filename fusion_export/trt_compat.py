@@ -9,7 +9,6 @@ what needs attention at engine build time (e.g. a capacity dim a TensorScatter p
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,9 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from reference_model.errors import FusionError
+
+from .output_files import OutputKind, write_json
 from .trt_targets import TrtTarget
 
 _DTYPE_NAMES = {v: k for k, v in onnx.TensorProto.DataType.items()}
@@ -250,8 +252,31 @@ class _GraphChecker:
             )
 
 
+class GraphReadError(FusionError):
+    """A file that is not a readable ONNX graph (the check cannot say anything about it)."""
+
+
+def read_graph(path: Path) -> onnx.ModelProto:
+    """The graph of an .onnx file (weights left on disk), refused clearly when it is empty, corrupt or no graph."""
+    try:
+        size = path.stat().st_size
+        model = onnx.load(path, load_external_data=False)
+    except OSError as e:
+        raise GraphReadError(f"{path}: cannot read ({e.strerror})") from None
+    except Exception as e:  # protobuf raises DecodeError and friends for a corrupt file
+        raise GraphReadError(f"{path}: not an ONNX model ({type(e).__name__}: {e})") from None
+    if size == 0 or not model.graph.node:
+        raise GraphReadError(f"{path}: not an ONNX model ({size} bytes, no graph nodes)")
+    try:
+        onnx.checker.check_model(str(path))  # by path: external data is resolved beside the file, not loaded
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise GraphReadError(f"{path}: not a valid ONNX model ({first})") from None
+    return model
+
+
 def check_graph(path: Path, target: TrtTarget, name: str | None = None) -> tuple[list[Finding], dict[str, int]]:
-    model = onnx.load(path, load_external_data=False)
+    model = read_graph(path)
     checker = _GraphChecker(name or path.stem, model, target)
     checker.check()
     ops: dict[str, int] = {}
@@ -270,4 +295,4 @@ def check_graphs(paths: dict[str, Path], target: TrtTarget) -> CompatReport:
 
 
 def save_report(report: CompatReport, path: Path) -> None:
-    path.write_text(json.dumps(report.to_json(), indent=2))
+    write_json(path, OutputKind.trt_report, report.to_json())

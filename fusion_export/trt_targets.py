@@ -1,4 +1,4 @@
-"""TensorRT targets: which ONNX opset and ops the exported graphs may use (EXPORT_NOTES, TENSORRT_NOTES)."""
+"""TensorRT targets: which ONNX opset and ops the exported graphs may use (docs/export-design.md, docs/tensorrt.md)."""
 
 from __future__ import annotations
 

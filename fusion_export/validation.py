@@ -6,7 +6,7 @@ candidate's argmax differs is exactly where its own greedy output would first di
 vision tokens, init latents, global context, prefill logits, the KV cache after prefill, each decode step's
 logits and the KV cache at the end.
 
-Tolerances (`Tolerances.for_dtype`), with the reason for each number:
+Tolerances (`Tolerances.for_precision`), with the reason for each number:
 - fp32: 1e-4 absolute everywhere, cosine >= 0.99999 and identical greedy ids. Both sides compute in float32;
   reduction order differs between ONNX Runtime and PyTorch kernels, which moves results by ~1e-6..1e-5 on the
   oracle (relative ~1e-6, so cosines agree to ~1e-12; 1e-5 of slack still catches a wrong row or channel).
@@ -20,7 +20,6 @@ Tolerances (`Tolerances.for_dtype`), with the reason for each number:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +27,10 @@ import numpy as np
 import torch
 
 from reference_model import FusionModel, ReferenceSession
+from reference_model.generation import NonFiniteError
 from reference_model.sequence import PreparedBatch
+
+from .precision import Precision
 
 
 class CandidateSession(Protocol):
@@ -52,10 +54,12 @@ class Tolerances:
     min_top1: float  # else: fraction of steps whose argmax must agree
 
     @staticmethod
-    def for_dtype(dtype: str) -> Tolerances:
-        if dtype == "fp32":
+    def for_precision(precision: Precision) -> Tolerances:
+        if precision is Precision.fp32:
             return Tolerances(atol=1e-4, rtol_of_range=None, min_cosine=0.99999, identical_ids=True, min_top1=1.0)
-        return Tolerances(atol=None, rtol_of_range=1e-2, min_cosine=0.9995, identical_ids=False, min_top1=0.9)
+        if precision is Precision.fp16:
+            return Tolerances(atol=None, rtol_of_range=1e-2, min_cosine=0.9995, identical_ids=False, min_top1=0.9)
+        raise ValueError(f"no validation gates for {precision!r}")
 
 
 @dataclass
@@ -79,13 +83,14 @@ class ValidationReport:
     top1_agreement: float
     tolerances: Tolerances
     info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # the candidate stopped (e.g. produced NaN); later stages were not compared
 
     @property
     def passed(self) -> bool:
         ids_ok = self.top1_agreement >= self.tolerances.min_top1 and (
             not self.tolerances.identical_ids or all(d is None for d in self.first_divergence)
         )
-        return ids_ok and all(s.passed for s in self.stages)
+        return self.error is None and ids_ok and all(s.passed for s in self.stages)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +101,7 @@ class ValidationReport:
             "candidate_ids": self.candidate_ids,
             "first_divergence": self.first_divergence,
             "top1_agreement": self.top1_agreement,
+            "error": self.error,
             **self.info,
         }
 
@@ -115,12 +121,10 @@ class ValidationReport:
                 else f"first divergence at step {div}: {self.candidate_ids[b][div]} vs {ref[div]}"
             )
             rows.append(f"row {b} greedy ids {ref}: {where}")
+        if self.error:
+            rows.append(f"candidate stopped: {self.error}")
         rows.append(f"top-1 agreement {self.top1_agreement:.1%}; {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(rows)
-
-    def save(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
 
 
 class _Accumulator:
@@ -182,22 +186,29 @@ def validate_session(
     max_new_tokens: int,
     tolerances: Tolerances,
 ) -> ValidationReport:
+    """Compare `candidate` with the reference stage by stage; a candidate stage that produces NaN/Inf ends the
+    comparison there, as a failed report naming that stage (the reference's own failure is an input error)."""
     reference = ReferenceSession(model, batch, max_new_tokens)
     tol = tolerances
     stages: list[StageMetrics] = []
+    info = {"seq_len": batch.layout.seq_len, "batch": batch.layout.batch_size, "query_len": batch.query_len}
 
     ref_logits = [reference.prefill()]
-    cand_logits = [candidate.prefill()]
+    try:
+        cand_logits = [candidate.prefill()]
+    except NonFiniteError as e:
+        rows = [[] for _ in range(batch.layout.batch_size)]
+        return ValidationReport([], rows, rows, [None] * len(rows), 0.0, tol, info, error=str(e))
     for name in ("image_tokens", "init_latents", "global_ctx"):
         cand, ref = getattr(candidate.vision, name), getattr(reference.vision, name)
         stages.append(compare(name, cand.float().numpy(), ref.float().numpy(), tol))
     stages.append(compare("prefill logits", cand_logits[0].numpy(), ref_logits[0].float().numpy(), tol))
-    S = batch.layout.seq_len
     valid = batch.layout.attention_mask.numpy()
     stages.append(
         _kv_stage("kv cache after prefill", candidate.cache_arrays(), _reference_cache(reference), valid, tol)
     )
 
+    error = None
     ref_ids: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         token = ref_logits[-1].argmax(dim=-1)
@@ -205,15 +216,19 @@ def validate_session(
         if step == max_new_tokens - 1:
             break
         ref_logits.append(reference.step(token))
-        cand_logits.append(candidate.step(token))
+        try:
+            cand_logits.append(candidate.step(token))
+        except NonFiniteError as e:
+            error = str(e)
+            break
         stages.append(compare(f"step {step + 1} logits", cand_logits[-1].numpy(), ref_logits[-1].float().numpy(), tol))
-    written = np.concatenate([valid, np.ones((valid.shape[0], len(ref_logits) - 1), dtype=bool)], axis=1)
-    if max_new_tokens > 1:
+    if max_new_tokens > 1 and error is None:
+        written = np.concatenate([valid, np.ones((valid.shape[0], len(ref_logits) - 1), dtype=bool)], axis=1)
         stages.append(
             _kv_stage("kv cache at the end", candidate.cache_arrays(), _reference_cache(reference), written, tol)
         )
 
-    reference_ids = torch.stack(ref_ids, dim=1)  # (B, N)
+    reference_ids = torch.stack(ref_ids, dim=1)  # (B, N), N = the steps both sides completed
     candidate_ids = torch.stack([logits.argmax(dim=-1) for logits in cand_logits], dim=1)
     agree = (reference_ids == candidate_ids).numpy()
     for s, step_agree in zip([st for st in stages if st.stage.endswith("logits")], agree.T):
@@ -226,5 +241,6 @@ def validate_session(
         first_divergence=divergence,
         top1_agreement=float(agree.mean()),
         tolerances=tol,
-        info={"seq_len": S, "batch": batch.layout.batch_size, "query_len": batch.query_len},
+        info=info,
+        error=error,
     )

@@ -1,29 +1,38 @@
 """A clean PyTorch FUSION-Phi3.5 that loads real checkpoints and reproduces the upstream numbers.
 
 Data path: checkpoint folder -> `load_model` -> `prepare_batch` -> `ReferenceSession` -> `generate`.
+Names are imported on first use, so light modules (`errors`, `limits`) load without torch.
 """
 
-from .checkpoint import CheckpointError, load_model
-from .config import ConfigError, FusionConfig, load_config, preset_config
-from .generation import GenerationConfig, GenerationOutput, ReferenceSession, generate
-from .model import FusionModel, VisionOutputs
-from .sequence import PreparedBatch, Request, make_request, prepare_batch
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "FusionConfig",
-    "FusionModel",
-    "GenerationConfig",
-    "GenerationOutput",
-    "PreparedBatch",
-    "ReferenceSession",
-    "Request",
-    "VisionOutputs",
-    "generate",
-    "load_config",
-    "load_model",
-    "make_request",
-    "prepare_batch",
-    "preset_config",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "load_model": "checkpoint",
+    "ConfigError": "config",
+    "FusionConfig": "config",
+    "load_config": "config",
+    "preset_config": "config",
+    "GenerationConfig": "generation",
+    "GenerationOutput": "generation",
+    "ReferenceSession": "generation",
+    "generate": "generation",
+    "FusionModel": "model",
+    "VisionOutputs": "model",
+    "PreparedBatch": "sequence",
+    "Request": "sequence",
+    "make_request": "sequence",
+    "prepare_batch": "sequence",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -86,6 +86,19 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n    {shown}{more}"
 
 
+def _require_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """A NaN or Inf weight makes every output NaN (and greedy ids 0) without any error: refuse it at load.
+    A float64 sum is finite for every finite checkpoint tensor and costs one read; only a non-finite sum pays
+    for the exact count."""
+    if torch.isfinite(tensor.sum(dtype=torch.float64)):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(
+            f"{path}: tensor {key} holds {bad} NaN/Inf value(s) of {tensor.numel()}; the checkpoint is corrupt"
+        )
+
+
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype | str = torch.float32,
@@ -132,6 +145,7 @@ def load_model(
                 raise CheckpointError(f"{path}: tensor {key} could not be read ({e})") from None
             if not tensor.is_floating_point():
                 raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected a float tensor")
+            _require_finite(path, key, tensor)
             state[name] = tensor.to(device=device, dtype=dtype)
     finally:
         handles.clear()

@@ -62,7 +62,7 @@ class VisionConfig:
 
     @property
     def num_early_layers(self) -> int:
-        """Layers L0..L(half-1) whose instruction rows attend uniformly (FUSION_SPEC section 4)."""
+        """Layers L0..L(half-1) whose instruction rows attend uniformly (docs/semantics.md section 4)."""
         return self.num_layers // 2
 
     @property
@@ -176,6 +176,13 @@ class FusionConfig:
         return 2 * self.vision.patches_per_side
 
     @property
+    def max_question_tokens(self) -> int:
+        """Longest question (token ids) the vision tower is given. Upstream cuts every sequence at
+        `tokenizer_model_max_length`, so no question it was trained or run with was longer; here a longer one
+        is refused, not cut. Without that field: the original (unscaled) RoPE context."""
+        return self.tokenizer_model_max_length or self.decoder.rope.original_max_position_embeddings
+
+    @property
     def default_query_len(self) -> int:
         """64 when the checkpoint was trained with it, else the first length it lists."""
         return 64 if 64 in self.trained_query_lens else self.trained_query_lens[0]
@@ -252,10 +259,46 @@ class FusionConfig:
         return out
 
 
+_MISSING = object()
+
+
 def _require(config: dict[str, Any], key: str, source: str) -> Any:
     if key not in config:
         raise ConfigError(f"{source}: missing required field '{key}'")
     return config[key]
+
+
+def _int(config: dict[str, Any], key: str, source: str, default: Any = _MISSING, minimum: int = 1) -> int:
+    """An integer field (JSON integer, not a string, float or bool) of at least `minimum`."""
+    value = _require(config, key, source) if default is _MISSING else config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(config: dict[str, Any], key: str, source: str, default: Any = _MISSING) -> float:
+    """A finite number > 0 (JSON integer or float)."""
+    value = _require(config, key, source) if default is _MISSING else config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{source}: {key} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _factors(scaling: dict[str, Any], key: str, source: str) -> tuple[float, ...]:
+    value = _require(scaling, key, f"{source} rope_scaling")
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers, got {value!r}")
+    return tuple(_positive_float({f"rope_scaling.{key}[{i}]": x}, f"rope_scaling.{key}[{i}]", source)
+                 for i, x in enumerate(value))  # fmt: skip
+
+
+def _optional_token_id(config: dict[str, Any], key: str, source: str) -> int | None:
+    value = config.get(key)
+    if isinstance(value, list) and key == "eos_token_id":  # transformers allows several EOS ids
+        value = value[0] if value else None
+    if value is None:
+        return None
+    return _int({key: value}, key, source, minimum=0)
 
 
 def parse_query_lens(value: Any, source: str = "config.json") -> tuple[int, ...]:
@@ -264,8 +307,8 @@ def parse_query_lens(value: Any, source: str = "config.json") -> tuple[int, ...]
         lens = tuple(int(x) for x in str(value).split(",") if x.strip())
     except ValueError:
         raise ConfigError(f"{source}: query_len {value!r} is not a comma-separated list of integers") from None
-    if not lens:
-        raise ConfigError(f"{source}: query_len is empty")
+    if not lens or min(lens) < 1:
+        raise ConfigError(f"{source}: query_len {value!r} must list positive integers")
     return lens
 
 
@@ -273,16 +316,22 @@ def vision_config_from_dict(vision: dict[str, Any], source: str) -> VisionConfig
     act = vision.get("hidden_act", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported (SigLIP uses gelu_pytorch_tanh)")
+    hidden, heads = _int(vision, "hidden_size", source), _int(vision, "num_attention_heads", source)
+    if hidden % heads:
+        raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    image_size, patch_size = _int(vision, "image_size", source, 384), _int(vision, "patch_size", source, 14)
+    if patch_size > image_size:
+        raise ConfigError(f"{source}: patch_size {patch_size} is larger than image_size {image_size}")
     return VisionConfig(
-        hidden_size=int(_require(vision, "hidden_size", source)),
-        intermediate_size=int(_require(vision, "intermediate_size", source)),
-        # SigLIP's saved depth; FUSION deletes the last layer before use.
-        num_layers=int(_require(vision, "num_hidden_layers", source)) - 1,
-        num_heads=int(_require(vision, "num_attention_heads", source)),
-        image_size=int(vision.get("image_size", 384)),
-        patch_size=int(vision.get("patch_size", 14)),
-        num_channels=int(vision.get("num_channels", 3)),
-        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
+        hidden_size=hidden,
+        intermediate_size=_int(vision, "intermediate_size", source),
+        # SigLIP's saved depth; FUSION deletes the last layer before use, and the connector needs 2 that run.
+        num_layers=_int(vision, "num_hidden_layers", source, minimum=3) - 1,
+        num_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=_int(vision, "num_channels", source, 3),
+        layer_norm_eps=_positive_float(vision, "layer_norm_eps", source, 1e-6),
     )
 
 
@@ -309,56 +358,66 @@ def config_from_dicts(
         vision_source = "vision_config.json"
     vision_cfg = vision_config_from_dict(vision, vision_source)
     mm_hidden = config.get("mm_hidden_size")
-    if mm_hidden is not None and int(mm_hidden) != vision_cfg.hidden_size:
+    if mm_hidden is not None and _int(config, "mm_hidden_size", source) != vision_cfg.hidden_size:
         raise ConfigError(
             f"{source}: mm_hidden_size {mm_hidden} disagrees with the vision tower width "
             f"{vision_cfg.hidden_size} ({vision_source})"
         )
 
-    hidden = int(_require(config, "hidden_size", source))
-    heads = int(_require(config, "num_attention_heads", source))
+    # head counts first: every derived size (head_dim, RoPE factor counts) depends on them
+    hidden, heads = _int(config, "hidden_size", source), _int(config, "num_attention_heads", source)
+    if hidden % heads:
+        raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     head_dim = hidden // heads
+    if head_dim % 2:
+        raise ConfigError(
+            f"{source}: head size hidden_size / num_attention_heads = {hidden} / {heads} = {head_dim} is odd; "
+            "rotary embeddings rotate pairs of channels"
+        )
     scaling = config.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type != "longrope":
         raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (Phi-3.5 uses longrope)")
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
-    max_pos = int(_require(config, "max_position_embeddings", source))
+    max_pos = _int(config, "max_position_embeddings", source)
     rope = RopeConfig(
         head_dim=head_dim,
-        theta=float(config.get("rope_theta", 10000.0)),
-        short_factor=tuple(float(x) for x in _require(scaling, "short_factor", f"{source} rope_scaling")),
-        long_factor=tuple(float(x) for x in _require(scaling, "long_factor", f"{source} rope_scaling")),
-        original_max_position_embeddings=int(config.get("original_max_position_embeddings", max_pos)),
+        theta=_positive_float(config, "rope_theta", source, 10000.0),
+        short_factor=_factors(scaling, "short_factor", source),
+        long_factor=_factors(scaling, "long_factor", source),
+        original_max_position_embeddings=_int(config, "original_max_position_embeddings", source, max_pos),
         max_position_embeddings=max_pos,
     )
+    kv_heads = config.get("num_key_value_heads")
     decoder = DecoderConfig(
-        vocab_size=int(_require(config, "vocab_size", source)),
+        vocab_size=_int(config, "vocab_size", source),
         hidden_size=hidden,
-        intermediate_size=int(_require(config, "intermediate_size", source)),
-        num_layers=int(_require(config, "num_hidden_layers", source)),
+        intermediate_size=_int(config, "intermediate_size", source),
+        num_layers=_int(config, "num_hidden_layers", source),
         num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        num_kv_heads=heads if kv_heads is None else _int(config, "num_key_value_heads", source),
+        rms_norm_eps=_positive_float(config, "rms_norm_eps", source, 1e-5),
         rope=rope,
     )
     interaction = InteractionConfig(
-        num_layers=int(_require(config, "num_of_vision_sampler_layers", source)),
-        start=int(config.get("start_of_vision_sampler_layers", 0)),
-        stride=int(config.get("stride_of_vision_sampler_layers", 1)),
-        window_size=int(config.get("window_size", 3)),
+        num_layers=_int(config, "num_of_vision_sampler_layers", source),
+        start=_int(config, "start_of_vision_sampler_layers", source, 0, minimum=0),
+        stride=_int(config, "stride_of_vision_sampler_layers", source, 1),
+        window_size=_int(config, "window_size", source, 3),
     )
-    eos = config.get("eos_token_id")
+    max_length = config.get("tokenizer_model_max_length")
     return FusionConfig(
         vision=vision_cfg,
         decoder=decoder,
         interaction=interaction,
         trained_query_lens=parse_query_lens(config.get("query_len", "64"), source),
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        pad_token_id=config.get("pad_token_id"),
-        tokenizer_model_max_length=config.get("tokenizer_model_max_length"),
+        bos_token_id=_optional_token_id(config, "bos_token_id", source),
+        eos_token_id=_optional_token_id(config, "eos_token_id", source),
+        pad_token_id=_optional_token_id(config, "pad_token_id", source),
+        tokenizer_model_max_length=None if max_length is None else _int(config, "tokenizer_model_max_length", source),
         raw=dict(config),
     )
 

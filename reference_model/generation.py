@@ -6,6 +6,7 @@ backend produces tokens by the same rules and the same seeded sampler.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,10 +36,28 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also refuses NaN, which would sample token 0 forever
+            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise GenerationError(f"seed must be in 0..2^63-1, got {self.seed}")
+
+
+class NonFiniteError(GenerationError):
+    """A stage produced NaN or Inf: refused where it first appears instead of decoding garbage from it."""
+
+
+def require_finite(stage: str, **tensors: torch.Tensor) -> None:
+    """Raise NonFiniteError naming the stage and tensor when any value is NaN or Inf."""
+    for name, tensor in tensors.items():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise NonFiniteError(
+                f"{stage} produced {bad} non-finite value(s) in {name} {list(tensor.shape)} "
+                "(NaN/Inf: overflow in a low precision, or corrupt weights or inputs)"
+            )
 
 
 class TokenSampler:
@@ -131,17 +150,22 @@ def generate(
     )
 
 
+def check_positions(layout: SequenceLayout, max_new_tokens: int, max_positions: int) -> None:
+    """The prompt and every token to be generated must fit the model's positions: checked before any work."""
+    longest = int(layout.lengths.max())
+    if longest + max_new_tokens > max_positions:
+        raise GenerationError(
+            f"prompt ({longest} positions after image expansion) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's {max_positions} positions"
+        )
+
+
 class DecodeState:
     """Where a batch stands after its prefill: each row's RoPE position, the valid cache columns, how many
     columns are written. Every backend's session keeps one, so all of them place tokens the same way."""
 
     def __init__(self, layout: SequenceLayout, max_new_tokens: int, max_positions: int):
-        longest = int(layout.lengths.max())
-        if longest + max_new_tokens > max_positions:
-            raise GenerationError(
-                f"prompt ({longest} positions after image expansion) + max_new_tokens ({max_new_tokens}) "
-                f"exceeds the model's {max_positions} positions"
-            )
+        check_positions(layout, max_new_tokens, max_positions)
         self.capacity = layout.seq_len + max_new_tokens  # KV columns a session must allocate
         self.key_valid = torch.zeros(layout.batch_size, self.capacity, dtype=torch.bool)
         self.key_valid[:, : layout.seq_len] = layout.attention_mask
@@ -182,6 +206,7 @@ class ReferenceSession:
         self.vision = model.encode_images(
             self.batch.pixel_values.to(device), self.batch.instructs.to(device), self.batch.query_len
         )
+        require_finite("vision encoder", **vars(self.vision))
         embeds = assemble_embeddings(layout, model.embed_tokens(layout.text_ids.to(device)), self.vision)
         cos, sin = self._rope(layout.position_ids)
         mask = attention_mask(layout.attention_mask.to(device), torch.arange(layout.seq_len, device=device))
@@ -192,8 +217,11 @@ class ReferenceSession:
         self.cache.advance(layout.seq_len)
         if self.keep_prefill_logits:
             self.prefill_logits = model.logits(h)
-            return self.prefill_logits[:, -1]
-        return model.logits(h[:, -1])
+            logits = self.prefill_logits[:, -1]
+        else:
+            logits = model.logits(h[:, -1])
+        require_finite("decoder prefill", logits=logits)
+        return logits
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -203,4 +231,6 @@ class ReferenceSession:
         mask = attention_mask(key_valid, torch.tensor([state.length - 1], device=device))
         h = model.decode(model.embed_tokens(tokens.to(device)[:, None]), cos, sin, mask, self.cache)
         self.cache.advance(1)
-        return model.logits(h[:, -1])
+        logits = model.logits(h[:, -1])
+        require_finite("decoder step", logits=logits)
+        return logits

@@ -1,4 +1,4 @@
-"""Global image context from the four high-resolution crops (FUSION_SPEC section 4, global pass).
+"""Global image context from the four high-resolution crops (docs/semantics.md section 4, global pass).
 
 The crops' 27x27 token grids are laid out 2x2 into one 54x54 grid (crop r*2+c at block (r, c)); adaptive max
 pooling then gives the s x s init latents and the (s*w) x (s*w) context the interaction layers read.

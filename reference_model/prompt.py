@@ -1,4 +1,4 @@
-"""Prompt building and tokenization as upstream FUSION does it (FUSION_SPEC section 3).
+"""Prompt building and tokenization as upstream FUSION does it (docs/semantics.md section 3).
 
 The phi_3 template with `mm_use_im_start_end` puts a latent-image placeholder and an image placeholder before
 the question. The prompt is cut at `<image>`, each piece at `<latent_image>`, every piece is tokenized on its
@@ -27,10 +27,31 @@ class TokenizerError(FusionError):
     """The checkpoint's tokenizer is missing or lacks FUSION's special tokens."""
 
 
+class RequestError(FusionError):
+    """A request cannot be turned into a FUSION input sequence."""
+
+
 def build_prompt(question: str) -> str:
     """The phi_3 conversation for one question about one image."""
     images = f"{VISION_START}{LATENT_TOKEN}{VISION_END}{VISION_START}{IMAGE_TOKEN}{VISION_END}"
     return f"<|system|>\n{SYSTEM_MESSAGE}{END_OF_TURN}\n<|user|>\n{images}\n{question}{END_OF_TURN}\n<|assistant|>\n"
+
+
+def check_question(question: str) -> str:
+    """A question FUSION can be asked: non-empty, valid text, without the prompt's own placeholders.
+
+    Empty questions are refused on purpose: the vision tower reads the question to decide what to look at, and
+    upstream was never run without one. The placeholders would add image slots to the prompt."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"the question is not valid text (undecodable character at position {e.start})") from None
+    if not question.strip():
+        raise RequestError("the question is empty; FUSION's vision tower reads the question, so ask one")
+    for marker in (IMAGE_TOKEN, LATENT_TOKEN, VISION_START, VISION_END):
+        if marker in question:
+            raise RequestError(f"the question contains {marker!r}, a marker the prompt template reserves; remove it")
+    return question
 
 
 def _join_pieces(

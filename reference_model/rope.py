@@ -1,4 +1,4 @@
-"""LongRoPE rotary tables (FUSION_SPEC section 7).
+"""LongRoPE rotary tables (docs/semantics.md section 7).
 
 `inv_freq = 1 / (factor_j * theta^(2j/d))` with the short factors while a forward's largest position + 1 is at
 most `original_max_position_embeddings`, else the long factors; cos and sin carry the constant attention scaling.

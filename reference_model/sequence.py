@@ -1,4 +1,4 @@
-"""Requests, batching and sequence assembly (FUSION_SPEC section 5).
+"""Requests, batching and sequence assembly (docs/semantics.md section 5).
 
 A prompt holds two placeholders: the FIRST one receives the 729 image tokens and the SECOND the s^2 init
 latents (upstream swaps them on purpose). Rows are LEFT padded so every row's last prompt token, the query of
@@ -15,14 +15,9 @@ import torch
 from PIL import Image
 
 from .config import IMAGE_TOKEN_ID, LATENT_TOKEN_ID, FusionConfig
-from .errors import FusionError
-from .image_preprocessing import static_hd_crops
+from .image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, static_hd_crops
 from .model import VisionOutputs
-from .prompt import build_prompt, instruct_ids, tokenize_prompt
-
-
-class RequestError(FusionError):
-    """A request cannot be turned into a FUSION input sequence."""
+from .prompt import RequestError, build_prompt, check_question, instruct_ids, tokenize_prompt
 
 
 @dataclass
@@ -32,12 +27,55 @@ class Request:
     pixel_values: torch.Tensor  # (5, 3, H, W) static_hd crops
 
 
-def make_request(image: Image.Image | str | Path, question: str, tokenizer: Any, config: FusionConfig) -> Request:
+def make_request(
+    image: Image.Image | str | Path,
+    question: str,
+    tokenizer: Any,
+    config: FusionConfig,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Request:
+    """Tokenize and preprocess one question about one image; the question's length is checked before the
+    image is decoded, so an oversized request costs nothing."""
+    check_question(question)
+    instructs = instruct_ids(question, tokenizer)
+    _check_question_length(len(instructs), config)
     return Request(
         input_ids=tokenize_prompt(build_prompt(question), tokenizer),
-        instructs=instruct_ids(question, tokenizer),
-        pixel_values=static_hd_crops(image, config.vision.image_size),
+        instructs=instructs,
+        pixel_values=static_hd_crops(image, config.vision.image_size, max_image_pixels),
     )
+
+
+def _check_question_length(n_tokens: int, config: FusionConfig, where: str = "the question") -> None:
+    if n_tokens > config.max_question_tokens:
+        raise RequestError(
+            f"{where} is {n_tokens} tokens; this model reads questions of at most {config.max_question_tokens} "
+            "tokens (tokenizer_model_max_length in config.json, where upstream cuts every sequence)"
+        )
+
+
+def check_request(request: Request, config: FusionConfig) -> None:
+    """Everything the model indexes or computes with, checked before any compute: crop shape, finite pixels,
+    token ids inside the vocabulary (placeholders aside), a question the vision tower can read."""
+    v, vocab = config.vision, config.decoder.vocab_size
+    expected = (5, v.num_channels, v.image_size, v.image_size)
+    pixels = request.pixel_values
+    if not isinstance(pixels, torch.Tensor) or tuple(pixels.shape) != expected or not pixels.is_floating_point():
+        got = f"{pixels.dtype} {list(pixels.shape)}" if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise RequestError(f"images: {got}, the model reads float crops of shape {list(expected)} (static_hd)")
+    if not bool(torch.isfinite(pixels).all()):
+        raise RequestError("images: holds NaN or Inf values")
+    text = [t for t in request.input_ids if t not in (IMAGE_TOKEN_ID, LATENT_TOKEN_ID)]
+    outside = [t for t in text if not 0 <= t < vocab]
+    if outside:
+        raise RequestError(
+            f"input_ids: id {outside[0]} is outside the model's vocabulary 0..{vocab - 1} "
+            f"({len(outside)} such id(s); a tokenizer that does not belong to this checkpoint?)"
+        )
+    outside = [t for t in request.instructs if not 0 < t < vocab]
+    if outside:
+        raise RequestError(f"instructs: id {outside[0]} is outside 1..{vocab - 1} (0 is padding)")
+    _check_question_length(len(request.instructs), config, "instructs")
 
 
 @dataclass
@@ -130,7 +168,17 @@ class PreparedBatch:
 
 def prepare_batch(requests: list[Request], config: FusionConfig, query_len: int) -> PreparedBatch:
     config.check_query_len(query_len)
+    for i, request in enumerate(requests):
+        try:
+            check_request(request, config)
+        except RequestError as e:
+            raise RequestError(f"request {i}: {e}" if len(requests) > 1 else str(e)) from None
     layout = build_layout([r.input_ids for r in requests], config.vision.num_patches, query_len)
+    positions = config.decoder.rope.max_position_embeddings
+    if int(layout.lengths.max()) > positions:
+        raise RequestError(
+            f"the prompt is {int(layout.lengths.max())} positions after image expansion; the model has {positions}"
+        )
     return PreparedBatch(
         layout=layout,
         instructs=pad_instructs([r.instructs for r in requests]),

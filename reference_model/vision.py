@@ -1,4 +1,4 @@
-"""Text-guided SigLIP tower and FUSION's feature connector (FUSION_SPEC section 4).
+"""Text-guided SigLIP tower and FUSION's feature connector (docs/semantics.md section 4).
 
 The tower runs on `concat(patch_embed + pos_embed, aux_projector(embed_tokens(instructs)))`. In the early half
 of the layers, every instruction row attends uniformly to all of its request's keys: upstream overwrites those

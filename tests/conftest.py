@@ -1,8 +1,12 @@
-"""Shared fixtures: the upstream oracle (../shared/oracle/fusion-phi-tiny) and tiny random checkpoints."""
+"""Shared fixtures: the vendored upstream oracle (tests/data/oracle/fusion-phi-tiny) and tiny random checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_IMAGE = ROOT / "fusion_export" / "assets" / "demo_image.png"
-ORACLE_DIR = Path(os.environ.get("FUSION_ORACLE_DIR", ROOT.parent / "shared" / "oracle" / "fusion-phi-tiny"))
+VENDORED_ORACLE_DIR = ROOT / "tests" / "data" / "oracle" / "fusion-phi-tiny"
+ORACLE_DIR = Path(os.environ.get("FUSION_ORACLE_DIR", VENDORED_ORACLE_DIR))
 
 # Thread count fixed so float reductions are repeatable on shared 2-core CI machines.
 torch.set_num_threads(2)
@@ -83,6 +88,7 @@ def tiny_tokenizer(tiny_checkpoint):
 def export_oracle(oracle_dir, tmp_path_factory):
     """Export the oracle checkpoint once per (query_len, target, dtype) per test session."""
     from fusion_export.export import ExportOptions, export_artifact
+    from fusion_export.precision import Precision
     from fusion_export.trt_targets import TrtTarget
 
     cache: dict[tuple, Path] = {}
@@ -91,8 +97,33 @@ def export_oracle(oracle_dir, tmp_path_factory):
         key = (query_len, target, dtype)
         if key not in cache:
             out = tmp_path_factory.mktemp("artifacts") / f"oracle-q{query_len}-{target}-{dtype}"
-            options = ExportOptions(query_len=query_len, dtype=dtype, trt_target=TrtTarget(target))
-            cache[key] = export_artifact(oracle_dir, out, options, verbose=False)
+            options = ExportOptions(query_len=query_len, precision=Precision(dtype), trt_target=TrtTarget(target))
+            cache[key] = export_artifact(oracle_dir, out, options, verbose=False).folder
         return cache[key]
 
     return get
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(*args: str) -> CliResult:
+    """The CLI's `main` in this process (no interpreter start-up): for the many bad-input cases. Subprocess
+    runs (`test_cli_golden.run_cli`) cover what needs a real process (signals, exit codes from the shell)."""
+    from fusion_export.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse errors
+            code = e.code if isinstance(e.code, int) else 2
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -8,9 +8,27 @@ import shutil
 import pytest
 
 from fusion_export.export import ExportOptions, export_artifact
-from fusion_export.manifest import ArtifactError, open_artifact
+from fusion_export.manifest import ArtifactError, file_entries, manifest_digest, open_artifact, save_manifest
 
+from .conftest import ORACLE_DIR, run_main, sha256
 from .test_cli_golden import run_cli
+
+
+def oracle_model_dir():
+    return ORACLE_DIR.resolve().parent
+
+
+def edit_manifest(folder, change, reseal: bool):
+    """Edit manifest.json like a careless user (reseal=False) or a deliberate one who also recomputes every
+    file hash and the manifest's own digest (reseal=True)."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    if reseal:
+        manifest["files"] = file_entries(folder)
+        save_manifest(folder, manifest)
+    else:
+        path.write_text(json.dumps(manifest, indent=2))
 
 
 @pytest.fixture
@@ -32,6 +50,9 @@ def test_manifest_content(artifact_copy, oracle_model):
     vision = {i["name"]: i["shape"] for i in manifest["graphs"]["vision_encoder"]["inputs"]}
     assert vision["instruct_embeds"] == ["batch", "instruct_len", d.hidden_size]
     assert len(manifest["model"]["config_digest"]) == 64
+    assert manifest["model"]["name"] == "fusion-phi-tiny"  # the folder's name; no exporter path is recorded
+    assert str(oracle_model_dir()) not in (artifact_copy / "manifest.json").read_text()
+    assert manifest["export"]["precision"] == "fp32" and manifest["manifest_sha256"] == manifest_digest(manifest)
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["tool_versions"])
     for rel, entry in manifest["files"].items():
         assert (artifact_copy / rel).stat().st_size == entry["bytes"] and len(entry["sha256"]) == 64
@@ -114,3 +135,85 @@ def test_unavailable_provider_is_a_clear_error(export_oracle, oracle_dir, tmp_pa
     assert proc.returncode == 2 and "--provider cuda: ONNX Runtime here offers only" in proc.stderr
     proc = run_cli("generate", "--artifacts", str(folder), "--image", "x.png", "--question", "q", "--device", "cuda")
     assert proc.returncode == 2 and "--device does not apply to --backend onnxruntime" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("precision", "fp16", "says precision 'fp16' and query_len 16, but the graphs are fp32 with query_len 16"),
+        ("query_len", 36, "says precision 'fp32' and query_len 36, but the graphs are fp32 with query_len 16"),
+    ],
+)
+def test_edited_manifest_is_refused(artifact_copy, field, value, message):
+    def change(manifest):
+        manifest["export"][field] = value
+
+    edit_manifest(artifact_copy, change, reseal=False)
+    with pytest.raises(ArtifactError, match="edited after export"):
+        open_artifact(artifact_copy)
+    edit_manifest(artifact_copy, change, reseal=True)  # digest consistent: the graphs themselves decide
+    with pytest.raises(ArtifactError, match=message):
+        open_artifact(artifact_copy)
+    proc = run_main("validate", str(artifact_copy), "--model", str(ORACLE_DIR))
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_edited_graph_io_is_refused(artifact_copy):
+    def change(manifest):
+        manifest["graphs"]["decoder_step"]["inputs"][0]["shape"][2] = 64
+
+    edit_manifest(artifact_copy, change, reseal=True)
+    with pytest.raises(ArtifactError, match="graph decoder_step's inputs/outputs differ from decoder_step.onnx's"):
+        open_artifact(artifact_copy)
+
+
+def perturb_weight(folder, name: str, delta: float) -> None:
+    """Add `delta` to every element of an external weight in place (the hashes are resealed by the caller)."""
+    import numpy as np
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(folder / "decoder_step.onnx", load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    info = ExternalDataInfo(tensor)
+    with open(folder / info.location, "r+b") as f:
+        f.seek(info.offset)
+        values = np.frombuffer(f.read(info.length), dtype=np.float32) + np.float32(delta)
+        f.seek(info.offset)
+        f.write(values.tobytes())
+
+
+def test_validate_fails_a_perturbed_weight(artifact_copy, tmp_path):
+    """A real negative: one decoder weight moved by +0.01, every hash and the manifest digest updated, so the
+    artifact opens cleanly; only the numbers can tell, and validate must say FAILED (exit 1)."""
+    perturb_weight(artifact_copy, "model.layers.3.mlp.down_proj.weight.T", 0.01)
+    edit_manifest(artifact_copy, lambda m: None, reseal=True)
+    open_artifact(artifact_copy)
+    report = tmp_path / "report.json"
+    proc = run_main(
+        "validate", str(artifact_copy), "--model", str(ORACLE_DIR), "--inputs", str(ORACLE_DIR / "inputs.safetensors"),
+        "--max-new-tokens", "3", "--json", str(report),
+    )  # fmt: skip
+    assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    stages = {s["stage"]: s for s in data["stages"]}
+    assert stages["image_tokens"]["passed"]  # the vision graph is untouched
+    assert not stages["prefill logits"]["passed"] and stages["prefill logits"]["max_abs"] > 1e-3
+    assert data["format"] == "fusion-export-validation-report" and not data["passed"]
+
+
+def test_validate_never_writes_into_the_artifact(artifact_copy, tmp_path, monkeypatch):
+    before = sha256(artifact_copy / "manifest.json")
+    proc = run_main(
+        "validate", str(artifact_copy), "--model", str(ORACLE_DIR), "--json", str(artifact_copy / "manifest.json")
+    )
+    assert proc.returncode == 2 and "is an artifact folder; outputs never go into one" in proc.stderr
+    assert sha256(artifact_copy / "manifest.json") == before
+    open_artifact(artifact_copy)
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    proc = run_main("validate", str(artifact_copy), "--model", str(ORACLE_DIR), "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(work.iterdir()) == []  # no report unless --json asks for one

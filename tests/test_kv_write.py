@@ -41,6 +41,22 @@ def test_translations_match_torch(opset, tmp_path):
     update = rng.standard_normal((3, 3, 2, 4)).astype(np.float32)
     write = np.array([0, 4, 7], dtype=np.int64)  # per-row columns, the last one filling the buffer
     got = ort.InferenceSession(str(path)).run(None, {"cache": cache, "update": update, "write_indices": write})[0]
-    expected = kv_write(torch.from_numpy(cache), torch.from_numpy(update), torch.from_numpy(write)).numpy()
-    np.testing.assert_array_equal(got, expected)
-    assert np.array_equal(expected[1, :, 4:6], update[1]) and np.array_equal(expected[1, :, :4], cache[1, :, :4])
+    expected = independent_write(cache, update, write)
+    np.testing.assert_array_equal(got, expected)  # every row, written and unwritten columns alike
+    torch_op = kv_write(torch.from_numpy(cache), torch.from_numpy(update), torch.from_numpy(write)).numpy()
+    np.testing.assert_array_equal(torch_op, expected)
+    assert not np.array_equal(expected, cache)  # the writes happened
+
+
+def independent_write(cache: np.ndarray, update: np.ndarray, write: np.ndarray) -> np.ndarray:
+    """The semantics spelled out with loops: row b's columns w_b .. w_b + n - 1 take the update, nothing else
+    changes."""
+    out = cache.copy()
+    batch, heads, capacity, head_dim = cache.shape
+    n = update.shape[2]
+    for b in range(batch):
+        for h in range(heads):
+            for c in range(capacity):
+                if write[b] <= c < write[b] + n:
+                    out[b, h, c] = update[b, h, c - write[b]]
+    return out

@@ -12,6 +12,7 @@ import pytest
 from fusion_export.manifest import open_artifact
 from fusion_export.onnx_export import INLINE_BYTES
 from fusion_export.ort_runtime import OrtModel
+from fusion_export.precision import Precision
 from fusion_export.validation import Tolerances, validate_session
 from reference_model import GenerationConfig, ReferenceSession, generate, make_request, prepare_batch
 from reference_model.prompt import load_tokenizer
@@ -37,7 +38,9 @@ def test_oracle_export_matches_reference_and_oracle(
 
     runtime = OrtModel(artifact)
     batch = prepare_batch([oracle_request], oracle_model.config, query_len)
-    report = validate_session(oracle_model, batch, runtime.session(batch, 5), 5, Tolerances.for_dtype("fp32"))
+    report = validate_session(
+        oracle_model, batch, runtime.session(batch, 5), 5, Tolerances.for_precision(Precision.fp32)
+    )
     assert report.passed, report.table()
     assert {s.stage for s in report.stages} >= {"image_tokens", "init_latents", "global_ctx", "prefill logits"}
 
@@ -94,12 +97,14 @@ def test_sixteen_steps_match_reference(export_oracle, oracle_model, batch_size):
 
 def test_fp16_export_within_fp16_tolerances(export_oracle, oracle_model, oracle_request):
     artifact = open_artifact(export_oracle(16, dtype="fp16"))
-    assert artifact.dtype == "fp16"
+    assert artifact.precision is Precision.fp16
     inputs = {i["name"]: i["dtype"] for i in artifact.manifest["graphs"]["decoder_step"]["inputs"]}
     assert inputs["inputs_embeds"] == "FLOAT16" and inputs["rope_cos"] == "FLOAT"
     batch = prepare_batch([oracle_request], oracle_model.config, 16)
     runtime = OrtModel(artifact)
-    report = validate_session(oracle_model, batch, runtime.session(batch, 5), 5, Tolerances.for_dtype("fp16"))
+    report = validate_session(
+        oracle_model, batch, runtime.session(batch, 5), 5, Tolerances.for_precision(Precision.fp16)
+    )
     assert report.passed, report.table()
     assert max(s.max_rel for s in report.stages) < 5e-3  # measured 1.4e-3
 

@@ -24,7 +24,7 @@ def test_tables_match_transformers(preset, first, last):
     config = preset_config(preset)
     positions = torch.arange(first, last)[None]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # transformers' float32 cos is not repeatable multi-threaded (FUSION_SPEC 7)
+    torch.set_num_threads(1)  # transformers' float32 cos is not repeatable multi-threaded (docs/semantics.md section 7)
     try:
         cos_hf, sin_hf = Phi3RotaryEmbedding(hf_config(config))(torch.zeros(1), positions)
     finally:

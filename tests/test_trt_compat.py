@@ -107,10 +107,15 @@ def test_check_trt_cli(export_oracle, tmp_path):
     proc = run_cli("check-trt", str(folder), "--json", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "TensorRT compatibility (trt-10.3): OK" in proc.stdout
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "b", [], [vi("z")])
     cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
-    bad = save(tmp_path, [helper.make_node("If", ["c"], ["y"])], [cond], [vi("y")], name="bad")
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)
+    bad = save(tmp_path, [node], [cond, vi("x")], [vi("y")], name="bad")
     proc = run_cli("check-trt", str(bad))
-    assert proc.returncode == 1 and "FAILED" in proc.stdout
+    assert proc.returncode == 1 and "FAILED" in proc.stdout  # a readable graph TensorRT would reject: 1
+    broken = save(tmp_path, [helper.make_node("If", ["c"], ["y"])], [cond], [vi("y")], name="broken")
+    proc = run_cli("check-trt", str(broken))
+    assert proc.returncode == 2 and "not a valid ONNX model (Required attribute 'else_branch'" in proc.stderr
 
 
 def test_more_rules_and_subgraphs(tmp_path):
@@ -129,15 +134,17 @@ def test_more_rules_and_subgraphs(tmp_path):
         [
             helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
             helper.make_node("Identity", ["c"], ["c_out"]),
+            helper.make_node("Identity", ["acc"], ["acc_out"]),
         ],
         "body",
         [
             helper.make_tensor_value_info("i", TensorProto.INT64, []),
             helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            vi("acc"),
         ],
-        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), vi("acc_out")],
     )
     n = helper.make_tensor("n", TensorProto.INT64, [], [2])
-    loop = helper.make_node("Loop", ["n", ""], [], body=body)
-    path = save(tmp_path, [loop], [vi("x")], [], initializers=[n], name="loop")
+    loop = helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)
+    path = save(tmp_path, [loop], [vi("x")], [vi("y")], initializers=[n], name="loop")
     assert any("DynamicQuantizeLinear is not supported" in m for m in errors(path))

@@ -43,17 +43,23 @@ def demo_config():
 
 def run(args: argparse.Namespace) -> int:
     from reference_model import GenerationConfig, ReferenceSession, generate, load_model, make_request, prepare_batch
+    from reference_model.errors import FusionError
     from reference_model.prompt import build_prompt, load_tokenizer, stop_token_ids
     from reference_model.synthetic import write_random_checkpoint
 
     from ..export import ExportOptions, export_artifact
     from ..manifest import open_artifact
     from ..ort_runtime import OrtModel
+    from ..output_files import check_output_folder, protected_folder
     from ..text_stream import TextStreamer
     from ..validation import Tolerances, validate_session
 
     out = Path(args.out)
     model_dir, artifact_dir = out / "tiny-random-fusion", out / "onnx-fp32"
+    if not out.exists():
+        check_output_folder(out, "--out")
+    elif not out.is_dir() or protected_folder(out):
+        raise FusionError(f"--out {out}: not a demo work folder (it is a file, a checkpoint or an artifact)")
     started = time.perf_counter()
 
     t = _step("1. checkpoint")
@@ -112,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
     size_mb = sum(f["bytes"] for f in files.values()) / 1e6
     print(f"{len(files)} files, {size_mb:.1f} MB; TensorRT check ({trt['target']}): {'OK' if trt['ok'] else 'FAILED'}")
 
-    _step("5. validate the graphs against the reference (ONNX Runtime, fp32 tolerance 1e-4)")
+    _step(f"5. validate the graphs against the reference (ONNX Runtime, {artifact.precision} gates)")
     runtime = OrtModel(artifact)
-    report = validate_session(model, batch, runtime.session(batch, 8), 8, Tolerances.for_dtype("fp32"))
+    report = validate_session(model, batch, runtime.session(batch, 8), 8, Tolerances.for_precision(artifact.precision))
     print(report.table())
 
     onnx = answer(runtime.session(batch, config.max_new_tokens), "6. ONNX Runtime")

@@ -1,7 +1,8 @@
 """`fusion-export export`: a checkpoint -> an artifact folder of ONNX graphs with a manifest.
 
-The graphs are checked with the ONNX checker and the static TensorRT check for --trt-target on every export;
-a failing export leaves nothing behind. The folder appears only when complete (built under a temporary name).
+The graphs are checked with the ONNX checker and the static TensorRT check for --trt-target on every export,
+and the check's result is printed; a failing export leaves nothing behind. The folder appears only when
+complete (built under a temporary name, removed on Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from .options import add_query_len_option
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..precision import Precision
     from ..trt_targets import TrtTarget
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX graphs", description=__doc__)
     p.add_argument("--model", required=True, metavar="DIR", help="FUSION checkpoint folder")
     p.add_argument("--out", required=True, metavar="ART", help="artifact folder to create (must not exist)")
     add_query_len_option(p, note=" (fixed per export)")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default fp32)")
+    p.add_argument(
+        "--dtype", type=Precision, choices=list(Precision), default=Precision.fp32, help="graph precision (fp32)"
+    )
     p.add_argument(
         "--trt-target",
         type=TrtTarget,
@@ -28,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "trt-10.15 (opset 24, TensorScatter in-place KV updates), trt-11",
     )
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the target's highest)")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--quiet", action="store_true", help="no progress display (the TensorRT check is still shown)")
     p.set_defaults(run=run)
 
 
@@ -36,9 +40,13 @@ def run(args: argparse.Namespace) -> int:
     from reference_model import load_config
 
     from ..export import ExportOptions, export_artifact
+    from ..output_files import check_output_folder
     from .options import resolve_query_len
 
+    check_output_folder(args.out, "--out", inputs=[args.model])
     query_len = resolve_query_len(args.query_len, load_config(args.model))  # names the flag in its error
-    options = ExportOptions(query_len=query_len, dtype=args.dtype, trt_target=args.trt_target, opset=args.opset)
-    export_artifact(args.model, args.out, options, verbose=not args.quiet)
+    args.trt_target.resolve_opset(args.opset)  # a bad --opset is refused before the weights are read
+    options = ExportOptions(query_len=query_len, precision=args.dtype, trt_target=args.trt_target, opset=args.opset)
+    result = export_artifact(args.model, args.out, options, verbose=not args.quiet)
+    print(result.trt_report.table())
     return 0

@@ -9,6 +9,7 @@ Batched rows are left padded, so row b of `logits` ends at the last column.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .options import add_model_options, add_query_len_option, positive_int, resolve_query_len
 
@@ -25,28 +26,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import __version__
-    from ..golden import GoldenSettings, capture_golden, read_requests, save_golden
-    from .options import load_reference
+    from reference_model import load_config
+    from reference_model.generation import check_positions
 
-    requests = read_requests(args.inputs)
-    model = load_reference(args.model, args.dtype, args.device)
+    from .. import __version__
+    from ..golden import GoldenSettings, capture_golden, read_batch, save_golden
+    from ..output_files import OutputKind, check_output_file
+    from .options import load_reference, torch_device
+
+    # every input and the output path are checked before the weights are read or anything runs
+    out = check_output_file(args.out, "--out", OutputKind.golden, inputs=[args.inputs, args.model])
+    config = load_config(args.model)
+    torch_device(args.device)
     settings = GoldenSettings(
-        query_len=resolve_query_len(args.query_len, model.config),
+        query_len=resolve_query_len(args.query_len, config),
         max_new_tokens=args.max_new_tokens,
         hidden_states=args.hidden_states,
     )
-    golden = capture_golden(model, requests, settings)
+    batch = read_batch(args.inputs, config, settings.query_len)
+    check_positions(batch.layout, settings.max_new_tokens, config.decoder.rope.max_position_embeddings)
+    model = load_reference(args.model, args.dtype, args.device)
+    golden = capture_golden(model, batch, settings)
     metadata = {
         "fusion_export_version": __version__,
-        "model": str(args.model),
+        "model": Path(args.model).resolve().name,
         "dtype": args.dtype.value,
         "query_len": settings.query_len,
         "max_new_tokens": settings.max_new_tokens,
     }
-    save_golden(golden, args.out, metadata)
+    save_golden(golden, out, metadata)
     print(
-        f"wrote {args.out}: {len(golden)} tensors, batch {len(requests)}, "
+        f"wrote {out}: {len(golden)} tensors, batch {batch.layout.batch_size}, "
         f"logits {list(golden['logits'].shape)}, generated_ids {golden['generated_ids'].tolist()}"
     )
     return 0

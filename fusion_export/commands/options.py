@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from enum import Enum
 
 
@@ -23,6 +24,48 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < math.inf:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2^63-1, got {value}")
+    return value
+
+
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    from reference_model.limits import DEFAULT_MAX_IMAGE_PIXELS
+
+    parser.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metavar="N",
+        help=f"refuse larger images before decoding them (default {DEFAULT_MAX_IMAGE_PIXELS:,}, 8000x8000)",
+    )
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +93,10 @@ def add_query_len_option(parser: argparse.ArgumentParser, note: str = "") -> Non
     )
 
 
-def load_reference(model_dir: str, dtype: Dtype, device: str):
-    """Load a checkpoint for the reference backend, with the flag named in any error."""
+def torch_device(device: str):
+    """--device as a torch device that exists on this machine."""
     import torch
 
-    from reference_model import load_model
     from reference_model.errors import FusionError
 
     try:
@@ -63,14 +105,22 @@ def load_reference(model_dir: str, dtype: Dtype, device: str):
         raise FusionError(f"--device {device!r} is not a torch device ({e})") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise FusionError(f"--device {device}: CUDA is not available on this machine")
-    return load_model(model_dir, dtype=dtype.value, device=torch_device)
+    return torch_device
+
+
+def load_reference(model_dir: str, dtype: Dtype, device: str):
+    """Load a checkpoint for the reference backend, with the flag named in any error."""
+    from reference_model import load_model
+
+    return load_model(model_dir, dtype=dtype.value, device=torch_device(device))
 
 
 def resolve_query_len(query_len: int | None, config) -> int:
     from reference_model.errors import FusionError
 
+    source = "--query-len" if query_len is not None else "the checkpoint's default query_len (config.json)"
     query_len = config.default_query_len if query_len is None else query_len
     try:
         return config.check_query_len(query_len)
     except FusionError as e:
-        raise FusionError(f"--query-len: {e}") from None
+        raise FusionError(f"{source}: {e}") from None

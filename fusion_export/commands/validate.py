@@ -2,8 +2,9 @@
 
 Reports vision tokens, init latents, global context, prefill logits, the KV cache, each decode step's logits
 (teacher-forced on the reference's greedy tokens) and the first divergent generated token: max abs / max rel
-error, cosine and top-1 agreement, as a table and as JSON. Exit status 1 when a tolerance is exceeded
-(fp32 defaults: 1e-4 absolute, identical greedy ids).
+error, cosine and top-1 agreement, as a table (and as JSON with --json). Exit status 1 when a tolerance is
+exceeded (fp32 defaults: 1e-4 absolute, identical greedy ids), 2 on bad input. The gates follow the precision of
+the artifact's graphs, never a manifest field.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from ..providers import Device
-from .options import positive_int
+from .options import add_image_options, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=positive_int, default=8, metavar="N", help="decode steps compared (default 8)"
     )
     p.add_argument("--atol", type=float, default=None, help="override the absolute tolerance on every stage")
-    p.add_argument("--json", default="validation.json", metavar="PATH", help="JSON report (default ./validation.json)")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    add_image_options(p)
     p.add_argument(
         "--provider",
         type=Device,
@@ -42,41 +44,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reference_model import load_model, make_request, prepare_batch
+    from reference_model import load_config, load_model, make_request, prepare_batch
     from reference_model.errors import FusionError
     from reference_model.prompt import load_tokenizer
 
-    from ..golden import read_requests
+    from ..golden import read_batch
     from ..manifest import config_digest, open_artifact
     from ..ort_runtime import OrtModel
+    from ..output_files import OutputKind, check_output_file, write_json
     from ..validation import Tolerances, validate_session
     from .demo import DEMO_IMAGE, DEMO_QUESTION
 
-    if not Path(args.json).resolve().parent.is_dir():
-        raise FusionError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    if args.json:
+        inputs = [p for p in (args.artifact, args.model, args.inputs, args.image) if p]
+        check_output_file(args.json, "--json", OutputKind.validation_report, inputs=inputs)
+    if args.inputs is None and (args.image is None) != (args.question is None):
+        raise FusionError("--image and --question go together")
     artifact = open_artifact(args.artifact)
-    model = load_model(args.model)  # the float32 reference is the truth for every artifact precision
-    if config_digest(model.config) != artifact.manifest["model"]["config_digest"]:
+    config = artifact.config
+    if config_digest(load_config(args.model)) != artifact.manifest["model"]["config_digest"]:
         raise FusionError(f"{args.model}: its config differs from the one {args.artifact} was exported from")
     if args.inputs:
-        requests = read_requests(args.inputs)
+        batch = read_batch(args.inputs, config, artifact.query_len)
     else:
-        if (args.image is None) != (args.question is None):
-            raise FusionError("--image and --question go together")
         tokenizer = load_tokenizer(artifact.model_dir)
         image, question = args.image or DEMO_IMAGE, args.question or DEMO_QUESTION
-        requests = [make_request(image, question, tokenizer, model.config)]
-    batch = prepare_batch(requests, model.config, artifact.query_len)
-
+        request = make_request(image, question, tokenizer, config, args.max_image_pixels)
+        batch = prepare_batch([request], config, artifact.query_len)
     runtime = OrtModel(artifact, device=args.provider)
-    tolerances = Tolerances.for_dtype(artifact.dtype)
+    session = runtime.session(batch, args.max_new_tokens)  # checks the positions before any work
+    model = load_model(args.model)  # the float32 reference is the truth for every artifact precision
+
+    tolerances = Tolerances.for_precision(artifact.precision)
     if args.atol is not None:
         tolerances = dataclasses.replace(tolerances, atol=args.atol)
-    report = validate_session(
-        model, batch, runtime.session(batch, args.max_new_tokens), args.max_new_tokens, tolerances
+    report = validate_session(model, batch, session, args.max_new_tokens, tolerances)
+    report.info.update(
+        artifact=str(Path(args.artifact).resolve()), precision=artifact.precision.value, providers=runtime.providers
     )
-    report.info.update(artifact=str(Path(args.artifact).resolve()), dtype=artifact.dtype, providers=runtime.providers)
     print(report.table())
-    report.save(args.json)
-    print(f"report: {args.json}")
+    if args.json:
+        write_json(args.json, OutputKind.validation_report, report.to_json())
+        print(f"report: {args.json}")
     return 0 if report.passed else 1

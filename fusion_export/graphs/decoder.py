@@ -29,8 +29,8 @@ past_key_values.{i}.key|value   [batch, kv_heads, capacity, head_dim]
 -> logits                       [batch, vocab]                       float32 of the last new token
 -> present.{i}.key|value        [batch, kv_heads, capacity, head_dim]
 ```
-RoPE cos/sin are inputs because LongRoPE switches tables per forward (FUSION_SPEC 7); the runtime computes them
-with the reference's own function, so positions past 4096 are never silently wrong.
+RoPE cos/sin are inputs because LongRoPE switches tables per forward (docs/semantics.md section 7); the runtime
+computes them with the reference's own function, so positions past 4096 are never silently wrong.
 """
 
 from __future__ import annotations
