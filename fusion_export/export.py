@@ -50,6 +50,7 @@ class ExportOptions:
     precision: Precision = Precision.fp32  # bf16: not yet validated on any runtime
     trt_target: TrtTarget = TrtTarget.trt_10_3
     opset: int | None = None  # None: the target's highest
+    max_context: int | None = None  # fixed KV capacity; None: the target's default (resolve_max_context)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,25 @@ def _copy_model_files(model_dir: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
 
 
+def resolve_max_context(requested: int | None, config, opset: int, query_len: int) -> int | None:
+    """The decoder graphs' fixed KV capacity, or None for a dynamic one.
+
+    TensorRT's KV-cache update (what TensorScatter maps to, opset >= 24) needs a static cache length, so those
+    graphs always get one: by default the model's original (unscaled) context, 4096 for Phi-3.5, which holds
+    every request upstream itself could run. ScatterElements graphs (opset <= 23) keep a dynamic capacity unless
+    one is asked for."""
+    if requested is None:
+        return config.decoder.rope.original_max_position_embeddings if opset >= TENSOR_SCATTER_OPSET else None
+    shortest = config.vision.num_patches + query_len + 2  # image tokens, latents, one text token, one new token
+    positions = config.decoder.rope.max_position_embeddings
+    if not shortest <= requested <= positions:
+        raise FusionError(
+            f"--max-context {requested}: must hold the image tokens and latents of a prompt and fit the model's "
+            f"positions ({shortest}..{positions})"
+        )
+    return requested
+
+
 def export_artifact(
     model_dir: str | Path, out_dir: str | Path, options: ExportOptions, verbose: bool = True
 ) -> ExportResult:
@@ -83,7 +103,12 @@ def export_artifact(
     model = load_model(model_dir, dtype=DTYPES[precision.value])
     config = model.config
     query_len = config.check_query_len(options.query_len or config.default_query_len)
-    specs = [vision_encoder_spec(model, query_len), decoder_prefill_spec(model, query_len), decoder_step_spec(model)]
+    capacity = resolve_max_context(options.max_context, config, opset, query_len)
+    specs = [
+        vision_encoder_spec(model, query_len),
+        decoder_prefill_spec(model, query_len, capacity),
+        decoder_step_spec(model, capacity),
+    ]
 
     with staging_folder(out_dir) as tmp:
         traced = {}
@@ -134,9 +159,10 @@ def export_artifact(
                     "precision": precision.value,
                     "opset": opset,
                     "trt_target": options.trt_target.value,
+                    "max_context": capacity,  # fixed KV columns, or null: sized per request
                     "kv_cache": {
                         "layout": "fixed-capacity buffer per layer, updated in place at write columns",
-                        "shape": ["batch", d.num_kv_heads, "capacity", d.head_dim],
+                        "shape": ["batch", d.num_kv_heads, capacity or "capacity", d.head_dim],
                         "update_op": "TensorScatter" if opset >= TENSOR_SCATTER_OPSET else "ScatterElements",
                     },
                     "rope": "rope_cos/rope_sin inputs computed by the runtime (LongRoPE, per forward)",

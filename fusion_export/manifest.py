@@ -95,22 +95,64 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def file_entries(folder: Path, data_hashes: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+def file_entries(
+    folder: Path, data_hashes: dict[str, str] | None = None, manifest_name: str = MANIFEST
+) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file in the folder but the manifest (hashes already known are reused)."""
     data_hashes = data_hashes or {}
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != manifest_name):
         rel = path.relative_to(folder).as_posix()
         files[rel] = {"bytes": path.stat().st_size, "sha256": data_hashes.get(rel) or sha256_file(path)}
     return files
 
 
-def save_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def save_manifest(folder: Path, manifest: dict[str, Any], name: str = MANIFEST) -> dict[str, Any]:
     """Seal the manifest with its digest (last key) and write it."""
     manifest = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
     manifest[DIGEST_KEY] = manifest_digest(manifest)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / name).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def read_sealed_manifest(path: Path, fmt: str, version: int, error: type[FusionError]) -> dict[str, Any]:
+    """A manifest file, checked for format, version and its own digest (an edited manifest is refused)."""
+    if not path.exists():
+        raise error(f"{path}: not found (not a finished {fmt} folder)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise error(f"{path}: not a manifest (expected a JSON object)")
+    if manifest.get("format") != fmt:
+        raise error(f"{path}: format is {manifest.get('format')!r}, expected {fmt!r}")
+    if manifest.get("format_version") != version:
+        raise error(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported by this fusion-export "
+            f"(reads version {version}); rebuild it"
+        )
+    if manifest.get(DIGEST_KEY) != manifest_digest(manifest):
+        raise error(f"{path}: edited after it was written (its {DIGEST_KEY} does not match its content)")
+    return manifest
+
+
+def verify_files(folder: Path, files: Any, verify_hashes: bool = True) -> list[str]:
+    """Problems with the files a manifest lists: missing, resized, or (by default) changed content."""
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and {"bytes", "sha256"} <= set(e) for e in files.values()
+    ):
+        return ["malformed manifest: every 'files' entry needs 'bytes' and 'sha256'"]
+    problems = []
+    for rel, entry in files.items():
+        file = folder / rel
+        if not file.is_file():
+            problems.append(f"{rel}: missing")
+        elif file.stat().st_size != entry["bytes"]:
+            problems.append(f"{rel}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif verify_hashes and sha256_file(file) != entry["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest (file changed after it was written)")
+    return problems
 
 
 def write_manifest(folder: Path, content: dict[str, Any], data_hashes: dict[str, str]) -> dict[str, Any]:
@@ -134,6 +176,7 @@ class Artifact:
     manifest: dict[str, Any]
     precision: Precision
     query_len: int
+    max_context: int | None  # the decoder graphs' fixed KV capacity, or None when it is sized per request
 
     @property
     def config(self) -> FusionConfig:
@@ -163,8 +206,9 @@ def _io_entry(io: dict[str, list[dict[str, Any]]], kind: str, name: str, where: 
     raise ArtifactError(f"{where}: the graph has no {kind[:-1]} '{name}'")
 
 
-def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision, int]:
-    """Compare every graph's real inputs/outputs with the manifest, then read precision and query_len from them."""
+def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision, int, int | None]:
+    """Compare every graph's real inputs/outputs with the manifest, then read precision, query_len and the KV
+    capacity (a number when fixed at export) from them."""
     ios = {}
     for name in GRAPHS:
         path = folder / manifest["graphs"][name]["file"]
@@ -191,60 +235,44 @@ def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision
     query_len = latents["shape"][1]
     if not isinstance(query_len, int) or vision_pos["shape"][1] != query_len:
         raise ArtifactError(f"{folder}: the graphs disagree on query_len ({query_len}, {vision_pos['shape'][1]})")
+    capacities = {
+        _io_entry(ios[name], "inputs", "past_key_values.0.key", str(folder / f"{name}.onnx"))["shape"][2]
+        for name in ("decoder_prefill", "decoder_step")
+    }
+    capacity = capacities.pop() if len(capacities) == 1 else None
+    if capacities or not (capacity == "capacity" or isinstance(capacity, int)):
+        raise ArtifactError(f"{folder}: the decoder graphs disagree on their KV capacity")
+    capacity = capacity if isinstance(capacity, int) else None
     export = manifest["export"]
-    if export["precision"] != precision.value or export["query_len"] != query_len:
+    recorded = (export["precision"], export["query_len"], export.get("max_context"))
+    if recorded != (precision.value, query_len, capacity):
         raise ArtifactError(
-            f"{folder / MANIFEST}: says precision {export['precision']!r} and query_len {export['query_len']!r}, "
-            f"but the graphs are {precision.value} with query_len {query_len}"
+            f"{folder / MANIFEST}: says precision {recorded[0]!r}, query_len {recorded[1]!r} and max_context "
+            f"{recorded[2]!r}, but the graphs are {precision.value} with query_len {query_len} and max_context "
+            f"{capacity!r}"
         )
-    return precision, query_len
+    return precision, query_len, capacity
 
 
 def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
     """Read manifest.json and check format, version, digest, presence, size and (by default) sha256 of every
     file, and the graphs' inputs and outputs against it."""
     folder = Path(folder)
-    path = folder / MANIFEST
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: artifact folder not found")
+    path = folder / MANIFEST
     if not path.exists():
         raise ArtifactError(f"{path}: not found (not an exported artifact, or an export that did not finish)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: not a manifest (expected a JSON object)")
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: format_version {manifest.get('format_version')!r} is not supported by this fusion-export "
-            f"(reads version {FORMAT_VERSION}); re-export the model"
-        )
-    if manifest.get(DIGEST_KEY) != manifest_digest(manifest):
-        raise ArtifactError(
-            f"{path}: edited after export (its {DIGEST_KEY} does not match its content); re-export the model"
-        )
+    manifest = read_sealed_manifest(path, FORMAT, FORMAT_VERSION, ArtifactError)
     missing = [f"{section}.{key}" for section, keys in REQUIRED.items() for key in keys
                if not isinstance(manifest.get(section), dict) or key not in manifest[section]]  # fmt: skip
     if missing:
         raise ArtifactError(f"{path}: malformed manifest, missing {', '.join(missing)}")
-    if not all(isinstance(e, dict) and {"bytes", "sha256"} <= set(e) for e in manifest["files"].values()):
-        raise ArtifactError(f"{path}: malformed manifest, every 'files' entry needs 'bytes' and 'sha256'")
-    problems = []
-    for rel, entry in manifest["files"].items():
-        file = folder / rel
-        if not file.is_file():
-            problems.append(f"{rel}: missing")
-        elif file.stat().st_size != entry["bytes"]:
-            problems.append(f"{rel}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
-        elif verify_hashes and sha256_file(file) != entry["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the manifest (file changed after export)")
+    problems = verify_files(folder, manifest["files"], verify_hashes)
     for name, graph in manifest["graphs"].items():
         if not isinstance(graph, dict) or graph.get("file") not in manifest["files"]:
             problems.append(f"graph {name}: its file is not listed in the manifest")
     if problems:
         raise ArtifactError(f"{folder}: artifact does not match its manifest:\n  " + "\n  ".join(problems))
-    precision, query_len = _read_graph_facts(folder, manifest)
-    return Artifact(folder=folder, manifest=manifest, precision=precision, query_len=query_len)
+    precision, query_len, max_context = _read_graph_facts(folder, manifest)
+    return Artifact(folder=folder, manifest=manifest, precision=precision, query_len=query_len, max_context=max_context)

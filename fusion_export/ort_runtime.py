@@ -2,10 +2,11 @@
 
 - The decoder's prefill and step sessions share one copy of the weights on CPU: both get the tensors of
   `decoder.onnx.data` as memory-mapped initializers instead of loading the file twice.
-- The KV cache is one buffer pair per layer, sized prompt + max_new_tokens, bound as both `past_*` input and
-  `present_*` output (IOBinding), so the graphs' scatter updates it in place and no step copies it.
-- Token embeddings are gathered on the host from the artifact's single table; RoPE tables come from the
-  reference's LongRoPE function, per forward.
+- The KV cache is one buffer pair per layer, sized prompt + max_new_tokens (or the fixed capacity of graphs
+  exported with --max-context), bound as both `past_*` input and `present_*` output (IOBinding), so the graphs'
+  scatter updates it in place and no step copies it.
+- Graph inputs (embedding gather from the artifact's single table, image-token scatter, LongRoPE tables, masks,
+  write columns) are prepared by `graph_inputs`, the same code every graph backend uses.
 - CUDA is used when onnxruntime-gpu provides it (or when asked); CPU otherwise.
 """
 
@@ -22,10 +23,9 @@ from safetensors import safe_open
 from reference_model.errors import FusionError
 from reference_model.generation import DecodeState, GenerationError, require_finite
 from reference_model.model import VisionOutputs
-from reference_model.rope import rope_cos_sin
 from reference_model.sequence import PreparedBatch
 
-from .graphs.decoder import cache_names
+from .graph_inputs import LOGITS, past_names, prefill_inputs, present_names, step_inputs, vision_inputs
 from .manifest import Artifact
 from .precision import Precision
 from .providers import Device, resolve_providers
@@ -65,16 +65,36 @@ class SharedInitializers:
 
 
 class OrtModel:
-    """An opened artifact in ONNX Runtime: vision encoder, decoder prefill and step sessions, embeddings."""
+    """An artifact in ONNX Runtime (the `onnxruntime` backend): vision encoder, decoder prefill and step sessions,
+    the embedding table. Opening checks the artifact and the provider; the sessions are created on first use."""
+
+    kind = "onnxruntime"
 
     def __init__(self, artifact: Artifact, device: Device | None = None, threads: int | None = None):
+        self.artifact, self.threads = artifact, threads
+        self.config = artifact.config
+        self.model_dir = artifact.model_dir
+        self.precision, self.query_len = artifact.precision, artifact.query_len
+        self.max_context = artifact.max_context
+        self.providers = resolve_providers(device)
+        self.on_cpu = self.providers[0] == "CPUExecutionProvider"
+        cache_input = next(i for i in artifact.manifest["graphs"]["decoder_step"]["inputs"] if i["name"] == STEP_CACHE)
+        self.cache_dtype = np.dtype(
+            onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(cache_input["dtype"]))
+        )
+        self._loaded = False
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.providers[0]}, {self.precision} graphs from {self.artifact.folder}"
+
+    def load(self) -> OrtModel:
+        """Create the sessions and read the embedding table (once)."""
+        if self._loaded:
+            return self
         import onnxruntime as ort
 
         ort.disable_telemetry_events()  # nothing leaves the machine (tests/test_no_network.py watches for it)
-        self.artifact = artifact
-        self.config = artifact.config
-        self.providers = resolve_providers(device)
-        self.on_cpu = self.providers[0] == "CPUExecutionProvider"
+        artifact, threads = self.artifact, self.threads
         embeddings = artifact.manifest["embeddings"]
         with safe_open(artifact.folder / embeddings["file"], "np") as f:
             self.embed_table = f.get_tensor(embeddings["tensor"])
@@ -117,103 +137,72 @@ class OrtModel:
                     opts.add_initializer(init_name, value)
             sessions.append(session(path, opts))
         self.prefill_session, self.step_session = sessions
-        cache_input = next(i for i in artifact.manifest["graphs"]["decoder_step"]["inputs"] if i["name"] == STEP_CACHE)
-        self.cache_dtype = np.dtype(
-            onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(cache_input["dtype"]))
-        )
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.embed_table[ids]
+        self._loaded = True
+        return self
 
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
         return OrtSession(self, batch, max_new_tokens)
 
 
+def open_backend(path: Path, options) -> OrtModel:
+    """The `onnxruntime` backend over an artifact folder (engines/backends.py)."""
+    from .manifest import open_artifact
+
+    return OrtModel(open_artifact(path), device=options.provider, threads=options.threads)
+
+
 class OrtSession:
-    """One batch on ONNX Runtime (DecoderSession)."""
+    """One batch on ONNX Runtime (DecoderSession); inputs prepared by `graph_inputs`, as for every graph backend."""
 
     def __init__(self, model: OrtModel, batch: PreparedBatch, max_new_tokens: int):
-        if batch.query_len != model.artifact.query_len:
+        model.load()
+        if batch.query_len != model.query_len:
             raise GenerationError(
-                f"the artifact was exported for query_len {model.artifact.query_len}, the request asks for "
+                f"the artifact was exported for query_len {model.query_len}, the request asks for "
                 f"{batch.query_len}; re-export with --query-len {batch.query_len}"
             )
         import onnxruntime as ort
 
-        self.state = DecodeState(batch.layout, max_new_tokens, model.config.decoder.rope.max_position_embeddings)
+        d = model.config.decoder
+        self.state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
         self.model, self.batch = model, batch
         self.batch_size = batch.layout.batch_size
-        d = model.config.decoder
         shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
         zeros = np.zeros(shape, dtype=model.cache_dtype)  # unwritten columns are masked, but must not be NaN
         device = "cpu" if model.on_cpu else "cuda"
         self.cache = [ort.OrtValue.ortvalue_from_numpy(zeros.copy(), device) for _ in range(2 * d.num_layers)]
-        self.past_names = cache_names(d.num_layers, "past_key_values")
-        self.present_names = cache_names(d.num_layers, "present")
+        self.past_names, self.present_names = past_names(d.num_layers), present_names(d.num_layers)
         self.vision: VisionOutputs | None = None
 
     def _run(self, session, inputs: dict[str, np.ndarray]) -> np.ndarray:
         binding = session.io_binding()
         for name, value in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output("logits", "cpu")  # first bound output = get_outputs()[0]
+        binding.bind_output(LOGITS, "cpu")  # first bound output = get_outputs()[0]
         for past, present, value in zip(self.past_names, self.present_names, self.cache):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # aliased: the scatter writes in place
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
-    def _rope(self, position_ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        cos, sin = rope_cos_sin(position_ids, self.model.config.decoder.rope)
-        return cos.numpy(), sin.numpy()
+    def synchronize(self) -> None:
+        """run_with_iobinding returns when the outputs are on the host: nothing is left queued."""
 
     def prefill(self) -> torch.Tensor:
-        model, layout = self.model, self.batch.layout
-        instructs = self.batch.instructs.numpy()
-        image_tokens, init_latents, global_ctx = model.vision.run(
-            None,
-            {
-                "pixel_values": self.batch.pixel_values.numpy(),
-                "instruct_embeds": model.embed(instructs),
-                "instruct_mask": (instructs != 0).astype(np.int64),
-            },
-        )
-        self.vision = VisionOutputs(*(torch.from_numpy(x) for x in (image_tokens, init_latents, global_ctx)))
+        model, rope = self.model, self.model.config.decoder.rope
+        outputs = model.vision.run(None, vision_inputs(self.batch, model.embed_table))
+        self.vision = VisionOutputs(*(torch.from_numpy(x) for x in outputs))
         require_finite("vision encoder", **vars(self.vision))
-        embeds = model.embed(layout.text_ids.numpy())
-        for columns, rows in ((layout.image_columns, image_tokens), (layout.vision_pos, init_latents)):
-            np.put_along_axis(embeds, columns.numpy()[:, :, None], rows.astype(embeds.dtype), axis=1)
-        cos, sin = self._rope(layout.position_ids)
-        logits = self._run(
-            model.prefill_session,
-            {
-                "inputs_embeds": embeds,
-                "attention_mask": layout.attention_mask.numpy().astype(np.int64),
-                "rope_cos": cos,
-                "rope_sin": sin,
-                "vision_pos": layout.vision_pos.numpy(),
-                "instruct_pos": layout.instruct_pos.numpy(),
-                "global_ctx": global_ctx,
-            },
-        )
-        require_finite("decoder prefill", logits=torch.from_numpy(logits))
-        return torch.from_numpy(logits)
+        inputs = prefill_inputs(self.batch, model.embed_table, *outputs, rope)
+        logits = torch.from_numpy(self._run(model.prefill_session, inputs))
+        require_finite("decoder prefill", logits=logits)
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        state = self.state
-        cos, sin = self._rope(state.advance())
-        logits = self._run(
-            self.model.step_session,
-            {
-                "inputs_embeds": self.model.embed(tokens.numpy()[:, None]),
-                "attention_mask": state.key_valid.numpy().astype(np.int64),
-                "rope_cos": cos,
-                "rope_sin": sin,
-                "write_indices": np.full((self.batch_size,), state.length - 1, dtype=np.int64),
-            },
-        )
-        require_finite("decoder step", logits=torch.from_numpy(logits))
-        return torch.from_numpy(logits)
+        inputs = step_inputs(tokens, self.state, self.model.embed_table, self.model.config.decoder.rope)
+        logits = torch.from_numpy(self._run(self.model.step_session, inputs))
+        require_finite("decoder step", logits=logits)
+        return logits
 
     def cache_arrays(self) -> list[np.ndarray]:
         """The KV buffers (B, kv_heads, capacity, head_dim), layer by layer (key, value), as numpy copies."""

@@ -2,7 +2,7 @@
 
 The rules, for every file or folder a command creates:
 - never over one of the command's own inputs (the same file by any path, links included);
-- never into a checkpoint folder or an artifact folder, nor below one;
+- never into a checkpoint, artifact or engine folder, nor below one;
 - an existing file is replaced only when it is a regular file of the kind the command writes (its format
   marker says so) and is writable; anything else is refused with the flag named;
 - the folder must take a new file (probed by creating one, which also catches read-only mounts and root);
@@ -56,9 +56,11 @@ class OutputKind(Enum):
 
 
 def protected_folder(folder: Path) -> str | None:
-    """'an artifact folder' or 'a checkpoint folder' when `folder` is one, else None."""
+    """'an artifact folder', 'an engine folder' or 'a checkpoint folder' when `folder` is one, else None."""
     if (folder / "manifest.json").is_file():
         return "an artifact folder"
+    if (folder / "engines.json").is_file():
+        return "an engine folder"
     if (folder / "config.json").is_file() and any(
         (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
     ):

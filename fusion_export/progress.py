@@ -25,8 +25,12 @@ class Progress:
 
     def bytes(self, done: int, total: int) -> None:
         """Report bytes written in the current step (redrawn in place on a terminal)."""
+        self.detail(f"{done / 1e9:.2f}/{total / 1e9:.2f} GB")
+
+    def detail(self, text: str) -> None:
+        """Where the current step stands (redrawn in place on a terminal, dropped elsewhere)."""
         if self._tty:
-            self._write(f"[{self.step_no}/{self.total}] {self._title} ... {done / 1e9:.2f}/{total / 1e9:.2f} GB", False)
+            self._write(f"[{self.step_no}/{self.total}] {self._title} ... {text}", False)
 
     def done(self) -> float:
         self._finish()

@@ -1,10 +1,12 @@
 """Static TensorRT-compatibility check of ONNX graphs against the parser's published operator support.
 
-TensorRT cannot run here, so every exported graph is checked against `trt_operator_tables/<target>.json`
-(onnx-tensorrt `docs/operators.md` at the target's release, see its README): opset range, op support, attribute
+The TensorRT versions users deploy (10.3 on JetPack 6, 10.x, 11.x) cannot all be installed here, so every exported
+graph is checked against `trt_operator_tables/<target>.json` (onnx-tensorrt `docs/operators.md` at the target's
+release, see its README): opset range, op support, attribute
 values, inputs that must be constants or absent, outputs that must be absent, dtypes, named dynamic dims, plus
-this project's own rules (no `If`, no custom domains). Errors are what the parser would reject; warnings are
-what needs attention at engine build time (e.g. a capacity dim a TensorScatter profile must pin).
+this project's own rules (no `If`, no custom domains), and the rules TensorRT's real parser taught us (tested
+against TensorRT-RTX, `tests/test_trt_build.py`). Errors are what the parser would reject; warnings are rules
+this check cannot evaluate statically.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ class _GraphChecker:
             i = rule["output_index"]
             if rule["rule"] == "must be absent" and i < len(node.output) and node.output[i]:
                 self.add("error", where, f"output {i} ({rule['output_name']}) must be absent")
-        self.tensor_scatter_note(node, where)
+        self.kv_cache_update_rule(node, where)
         for attr in node.attribute:  # Loop / Scan bodies are parsed too
             for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 for k, inner in enumerate(body.node):
@@ -242,13 +244,25 @@ class _GraphChecker:
                     return onnx.numpy_helper.to_array(a.t)
         return None
 
-    def tensor_scatter_note(self, node: onnx.NodeProto, where: str) -> None:
-        if node.op_type == "TensorScatter":
+    def kv_cache_update_rule(self, node: onnx.NodeProto, where: str) -> None:
+        """Learned from TensorRT's own parser (TensorRT-RTX 1.7, the onnx-tensorrt importer): TensorScatter maps to
+        the KV-cache update layer, whose cache "must be a network input and have a static sequence length
+        dimension" (KVCacheUpdate operator page); a symbolic capacity is rejected at parse time, before any
+        optimization profile could pin it."""
+        if node.op_type != "TensorScatter" or not node.input:
+            return
+        inputs = {v.name: v for v in self.model.graph.input}
+        cache = inputs.get(node.input[0])
+        if cache is None:
+            self.add("error", where, "TensorRT's KV-cache update needs the cache to be a network input")
+            return
+        dims = cache.type.tensor_type.shape.dim
+        if len(dims) < 2 or not dims[-2].HasField("dim_value"):
             self.add(
-                "warning",
+                "error",
                 where,
-                "TensorRT's KV-cache update needs a static cache sequence dim: pin 'capacity' (min = opt = max) "
-                "in the engine's optimization profile",
+                f"The KV cache tensor must have a static sequence length dimension (TensorRT's parser): "
+                f"'{cache.name}' has '{dims[-2].dim_param if len(dims) >= 2 else '?'}'; export with --max-context N",
             )
 
 

@@ -86,6 +86,17 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n    {shown}{more}"
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine, or a clear error naming it."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise FusionError(f"--device {device!r} is not a torch device ({e})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FusionError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
 def _require_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
     """A NaN or Inf weight makes every output NaN (and greedy ids 0) without any error: refuse it at load.
     A float64 sum is finite for every finite checkpoint tensor and costs one read; only a non-finite sum pays

@@ -95,6 +95,10 @@ class DecoderSession(Protocol):
         """Feed one token per row (B,) int64 -> logits (B, V) float32."""
         ...
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a no-op on the host): called before every timer read."""
+        ...
+
 
 @dataclass
 class GenerationOutput:
@@ -119,8 +123,10 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool)
     kept: list[torch.Tensor] = []
 
+    session.synchronize()
     t0 = time.perf_counter()
     logits = session.prefill()
+    session.synchronize()  # a GPU backend's timer must not stop before its queue has drained
     t_prefill = time.perf_counter() - t0
     for step in range(config.max_new_tokens):
         if keep_logits:
@@ -135,6 +141,7 @@ def generate(
         if bool(finished.all()) or step == config.max_new_tokens - 1:
             break
         logits = session.step(torch.where(finished, filler, tokens))
+    session.synchronize()
     elapsed = time.perf_counter() - t0
     n_steps = max(len(t) for t in tokens_out)
     reasons = ["stop" if t and t[-1] in config.stop_token_ids else "length" for t in tokens_out]
@@ -164,9 +171,17 @@ class DecodeState:
     """Where a batch stands after its prefill: each row's RoPE position, the valid cache columns, how many
     columns are written. Every backend's session keeps one, so all of them place tokens the same way."""
 
-    def __init__(self, layout: SequenceLayout, max_new_tokens: int, max_positions: int):
+    def __init__(self, layout: SequenceLayout, max_new_tokens: int, max_positions: int, capacity: int | None = None):
+        """capacity: the KV columns of graphs exported with a fixed one (None: prompt + max_new_tokens)."""
         check_positions(layout, max_new_tokens, max_positions)
-        self.capacity = layout.seq_len + max_new_tokens  # KV columns a session must allocate
+        needed = layout.seq_len + max_new_tokens
+        if capacity is not None and needed > capacity:
+            raise GenerationError(
+                f"the request needs {needed} KV-cache columns (prompt {layout.seq_len} + max_new_tokens "
+                f"{max_new_tokens}); these graphs hold {capacity} (export --max-context); use fewer new tokens, "
+                "a shorter prompt, or re-export with a larger --max-context"
+            )
+        self.capacity = capacity or needed  # KV columns a session allocates
         self.key_valid = torch.zeros(layout.batch_size, self.capacity, dtype=torch.bool)
         self.key_valid[:, : layout.seq_len] = layout.attention_mask
         self.positions = layout.position_ids[:, -1].clone()  # each row's last RoPE position
@@ -195,6 +210,10 @@ class ReferenceSession:
         self.keep_prefill_logits = False  # set True to keep every position's prefill logits
         self.prefill_logits: torch.Tensor | None = None  # (B, S, V) float32 when kept
         self.hidden_states: list[torch.Tensor] | None = None  # set to [] to record the prefill's
+
+    def synchronize(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
 
     def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = rope_cos_sin(position_ids, self.model.config.decoder.rope)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import os
 from dataclasses import dataclass
@@ -18,8 +19,37 @@ DEMO_IMAGE = ROOT / "fusion_export" / "assets" / "demo_image.png"
 VENDORED_ORACLE_DIR = ROOT / "tests" / "data" / "oracle" / "fusion-phi-tiny"
 ORACLE_DIR = Path(os.environ.get("FUSION_ORACLE_DIR", VENDORED_ORACLE_DIR))
 
-# Thread count fixed so float reductions are repeatable on shared 2-core CI machines.
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers. Tests that share a session's exports must run in the same worker,
+# or each worker would export the same graphs again: these nodeid prefixes name the groups (checked in order).
+EXPORT_GROUPS = [
+    ("tests/test_trt_build.py::test_oracle_checkpoint_builds", "oracle-exports"),
+    ("tests/test_properties.py::test_reference_and_onnxruntime_agree", "oracle-exports"),
+    ("tests/test_onnx_parity.py::test_fp16_export_within_fp16_tolerances", "demo-exports"),
+    ("tests/test_artifact.py", "oracle-exports"),
+    ("tests/test_no_network.py", "oracle-exports"),
+    ("tests/test_onnx_parity.py", "oracle-exports"),
+    ("tests/test_trt_compat.py", "oracle-exports"),
+    ("tests/test_trt_build.py::test_small_shape_builds", "small-build"),  # independent: balances the workers
+    ("tests/test_trt_build.py", "demo-exports"),
+]
+
+if importlib.util.find_spec("xdist") is not None:
+
+    def pytest_xdist_make_scheduler(config, log):
+        """Whole export groups per worker, every other test on its own (xdist's loadgroup ignores module marks
+        under pytest 9, so the grouping is by nodeid here)."""
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ExportGroups(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return next((group for prefix, group in EXPORT_GROUPS if nodeid.startswith(prefix)), nodeid)
+
+        return ExportGroups(config, log)
+
+
+# Thread count fixed so float reductions are repeatable on shared 2-core CI machines: 2 threads in a serial run,
+# 1 per worker when `make test` runs two pytest-xdist workers (the oracle gates hold at both, measured).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +157,39 @@ def run_main(*args: str) -> CliResult:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """The demo's model: the oracle's decoder shape with a 4-layer tower (quick to export and build)."""
+    from fusion_export.commands.demo import DEMO_SEED, demo_config
+    from reference_model.synthetic import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("demo") / "tiny-demo", demo_config(), seed=DEMO_SEED)
+
+
+# Every export flavour and precision that exists, as (TensorRT target, precision, max_context).
+FLAVOURS = [("trt-10.3", "fp32", None), ("trt-10.3", "fp16", None), ("trt-10.15", "fp32", 1024),
+            ("trt-10.15", "fp16", 1024)]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def export_demo(demo_checkpoint, tmp_path_factory):
+    """Export the demo model once per (target, precision, max_context) per test session."""
+    from fusion_export.export import ExportOptions, export_artifact
+    from fusion_export.precision import Precision
+    from fusion_export.trt_targets import TrtTarget
+
+    cache: dict[tuple, Path] = {}
+
+    def get(target: str, precision: str = "fp32", max_context: int | None = None) -> Path:
+        key = (target, precision, max_context)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("demo-artifacts") / f"demo-{target}-{precision}-{max_context}"
+            options = ExportOptions(
+                query_len=16, precision=Precision(precision), trt_target=TrtTarget(target), max_context=max_context
+            )
+            cache[key] = export_artifact(demo_checkpoint, out, options, verbose=False).folder
+        return cache[key]
+
+    return get

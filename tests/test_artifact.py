@@ -140,8 +140,13 @@ def test_unavailable_provider_is_a_clear_error(export_oracle, oracle_dir, tmp_pa
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("precision", "fp16", "says precision 'fp16' and query_len 16, but the graphs are fp32 with query_len 16"),
-        ("query_len", 36, "says precision 'fp32' and query_len 36, but the graphs are fp32 with query_len 16"),
+        ("precision", "fp16", "says precision 'fp16', query_len 16 and max_context None, but the graphs are fp32"),
+        (
+            "query_len",
+            36,
+            "says precision 'fp32', query_len 36 and max_context None, but the graphs are fp32 with query_len 16",
+        ),
+        ("max_context", 4096, "max_context 4096, but the graphs are fp32 with query_len 16 and max_context None"),
     ],
 )
 def test_edited_manifest_is_refused(artifact_copy, field, value, message):
@@ -149,7 +154,7 @@ def test_edited_manifest_is_refused(artifact_copy, field, value, message):
         manifest["export"][field] = value
 
     edit_manifest(artifact_copy, change, reseal=False)
-    with pytest.raises(ArtifactError, match="edited after export"):
+    with pytest.raises(ArtifactError, match="edited after it was written"):
         open_artifact(artifact_copy)
     edit_manifest(artifact_copy, change, reseal=True)  # digest consistent: the graphs themselves decide
     with pytest.raises(ArtifactError, match=message):

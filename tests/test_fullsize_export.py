@@ -1,5 +1,6 @@
 """Opt-in (`pytest -m slow -s`): the full-size fusion-phi3.5-3b preset, random fp16 weights, exported in fp16 on
-a 24 GB / 2-core CPU machine, then compared stage by stage with the reference: vision outputs, prefill logits and
+a 24 GB / 2-core CPU machine, built into TensorRT engines by TensorRT-RTX (when installed; no GPU needed), then
+compared stage by stage with the reference on ONNX Runtime: vision outputs, prefill logits and
 teacher-forced decode steps, under the same fp16 gates as `fusion-export validate` (stage range 1e-2, cosine
 >= 0.9995, top-1 agreement >= 90%), plus the greedy agreement length.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engines.trt_api import TrtFlavour, installed_flavours
 from fusion_export.precision import Precision
 from fusion_export.validation import Tolerances, compare
 from reference_model import FusionModel, preset_config
@@ -146,6 +148,18 @@ def measure(ckpt: Path, art: Path, write: str, work: Path) -> None:
     )
     assert sizes["decoder.onnx.data"] == pytest.approx(2 * decoder_params, rel=0.001)  # once, not twice
 
+    build_note = "TensorRT-RTX not installed: no engines built"
+    if TrtFlavour.tensorrt_rtx in installed_flavours():  # the same artifact through a real TensorRT builder
+        eng = work / "fusion-phi3.5-3b-fp16-engines"
+        build = [*cli, "build", str(art), "--out", str(eng), "--trt", "tensorrt-rtx", "--quiet"]
+        code, out, t_build, peak_build = run_measured(build, work / "build.log")
+        assert code == 0, out
+        built = json.loads((eng / "engines.json").read_text())["engines"]
+        engines = ", ".join(f"{n} {e['layers']} layers {e['bytes'] / 1e9:.2f} GB" for n, e in built.items())
+        build_note = f"TensorRT-RTX build {t_build / 60:.1f} min, peak RSS {peak_build:.1f} GiB ({engines})"
+        if not os.environ.get("FUSION_SLOW_KEEP"):
+            shutil.rmtree(eng, ignore_errors=True)
+
     ref_out, ort_out = work / "reference.pt", work / "onnxruntime.pt"
     args = [sys.executable, "-c", REFERENCE_SCRIPT, str(ckpt), str(ref_out), str(STEPS)]
     code, out, t_ref, peak_ref = run_measured(args, work / "reference.log")
@@ -169,7 +183,8 @@ def measure(ckpt: Path, art: Path, write: str, work: Path) -> None:
     print(
         f"\ncheckpoint {t_ckpt:.0f} s; export {t_export / 60:.1f} min, peak RSS {peak_export:.1f} GiB; "
         f"artifact {sum(sizes.values()) / 1e9:.2f} GB ({big}); reference (fp32 compute) {t_ref:.0f} s, peak RSS "
-        f"{peak_ref:.1f} GiB; ONNX Runtime {t_ort:.0f} s, peak RSS {peak_ort:.1f} GiB; {result}\n{table}\n"
+        f"{peak_ref:.1f} GiB; ONNX Runtime {t_ort:.0f} s, peak RSS {peak_ort:.1f} GiB; {result}\n"
+        f"{build_note}\n{table}\n"
         f"  top-1 agreement {sum(agree)}/{len(agree)}, greedy agreement length {greedy_agreement}"
     )
     assert all(s.passed for s in stages), table

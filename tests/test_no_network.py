@@ -12,7 +12,10 @@ import pytest
 
 from .conftest import DEMO_IMAGE, ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch system calls")
+pytestmark = [
+    pytest.mark.xdist_group("oracle-exports"),
+    pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch system calls"),
+]
 
 
 def network_calls(tmp_path, *args: str) -> list[str]:

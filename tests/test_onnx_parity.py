@@ -95,18 +95,23 @@ def test_sixteen_steps_match_reference(export_oracle, oracle_model, batch_size):
     assert (ours.step_logits - ref.step_logits).abs().max().item() <= 1e-4
 
 
-def test_fp16_export_within_fp16_tolerances(export_oracle, oracle_model, oracle_request):
-    artifact = open_artifact(export_oracle(16, dtype="fp16"))
+def test_fp16_export_within_fp16_tolerances(export_demo, demo_checkpoint):
+    from reference_model import load_model
+
+    artifact = open_artifact(export_demo("trt-10.3", "fp16"))
     assert artifact.precision is Precision.fp16
     inputs = {i["name"]: i["dtype"] for i in artifact.manifest["graphs"]["decoder_step"]["inputs"]}
     assert inputs["inputs_embeds"] == "FLOAT16" and inputs["rope_cos"] == "FLOAT"
-    batch = prepare_batch([oracle_request], oracle_model.config, 16)
-    runtime = OrtModel(artifact)
+    model = load_model(demo_checkpoint)  # the float32 reference of the same checkpoint
+    request = make_request(
+        DEMO_IMAGE, "What is in front of the house?", load_tokenizer(artifact.model_dir), model.config
+    )
+    batch = prepare_batch([request], model.config, 16)
     report = validate_session(
-        oracle_model, batch, runtime.session(batch, 5), 5, Tolerances.for_precision(Precision.fp16)
+        model, batch, OrtModel(artifact).session(batch, 5), 5, Tolerances.for_precision(Precision.fp16)
     )
     assert report.passed, report.table()
-    assert max(s.max_rel for s in report.stages) < 5e-3  # measured 1.4e-3
+    assert max(s.max_rel for s in report.stages) < 5e-3  # measured 1.5e-3 on the demo model
 
 
 @pytest.mark.parametrize("query_len,target", CASES)

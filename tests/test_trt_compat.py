@@ -7,6 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from engines.trt_api import TrtFlavour, installed_flavours, load_trt
 from fusion_export.trt_compat import check_graph, check_graphs
 from fusion_export.trt_targets import TrtTarget
 
@@ -38,6 +39,9 @@ def test_exported_graphs_pass_their_target(export_oracle, query_len, target):
     report = check_graphs(paths, TrtTarget(target))
     assert report.ok, report.table()
     assert "If" not in {op for ops in report.ops.values() for op in ops}
+    if TrtFlavour.tensorrt_rtx in installed_flavours():  # and the real parser agrees (tests/test_trt_build.py)
+        trt = load_trt(TrtFlavour.tensorrt_rtx)
+        assert {name: trt.parse(path)[2] for name, path in paths.items()} == dict.fromkeys(paths, [])
 
 
 def test_opset24_graphs_fail_on_jetpack6(export_oracle):

@@ -20,6 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--trt-target", type=TrtTarget, choices=list(TrtTarget), default=None, help="default: the artifact's target"
     )
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument(
+        "--parser",
+        action="store_true",
+        help="also parse every graph with the installed TensorRT (or TensorRT-RTX) and report disagreements",
+    )
     p.set_defaults(run=run)
 
 
@@ -47,6 +52,27 @@ def run(args: argparse.Namespace) -> int:
             raise FusionError(f"{path}: neither an artifact folder nor an existing .onnx file")
     report = check_graphs(graphs, target or TrtTarget.trt_10_3)  # GraphReadError (exit 2) for unreadable files
     print(report.table())
+    parsed_ok = True
+    if args.parser:
+        parsed_ok = _real_parser(graphs, report)
     if args.json:
         save_report(report, Path(args.json))
-    return 0 if report.ok else 1
+    return 0 if report.ok and parsed_ok else 1
+
+
+def _real_parser(graphs: dict[str, Path], report) -> bool:
+    """Parse each graph with the installed TensorRT and print its verdict next to the static one."""
+    from engines.trt_api import load_trt
+
+    trt = load_trt()
+    print(f"TensorRT's own parser ({trt.describe()}; the check's target {report.target} may differ from it):")
+    all_ok = True
+    for name, path in graphs.items():
+        _, _, errors = trt.parse(path)
+        static_ok = not [f for f in report.errors if f.graph == name]
+        agree = "" if static_ok == (not errors) else "  <- DISAGREES with the static check"
+        print(f"  {name}: {'parses' if not errors else 'REJECTED'}{agree}")
+        for error in errors[:5]:
+            print(f"    {error}")
+        all_ok &= not errors
+    return all_ok

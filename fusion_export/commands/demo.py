@@ -2,8 +2,9 @@
 
 Builds a small random FUSION checkpoint in the real format (once, under --out), answers a question about the
 bundled picture with the PyTorch reference, exports the model to ONNX (once), validates the graphs stage by
-stage against the reference, and answers again with ONNX Runtime. The weights are random, so the answer is
-noise; the point is the pipeline and its numbers.
+stage against the reference, answers again with ONNX Runtime, and builds TensorRT engines from the export when a
+TensorRT is installed (run and validated when there is a GPU). The weights are random, so the answer is noise;
+the point is the pipeline and its numbers.
 """
 
 from __future__ import annotations
@@ -126,6 +127,49 @@ def run(args: argparse.Namespace) -> int:
     onnx = answer(runtime.session(batch, config.max_new_tokens), "6. ONNX Runtime")
     same = onnx.token_ids == reference.token_ids
     print(f"\nONNX Runtime tokens {'identical to' if same else 'DIFFER from'} the reference's")
-    print(f"demo finished in {time.perf_counter() - started:.1f} s")
+
+    engines_ok = build_demo_engines(artifact_dir, out / "engines", model, batch, config, answer, reference)
+    print(f"\ndemo finished in {time.perf_counter() - started:.1f} s")
     print("(random weights: the answer is noise; `fusion-export generate --model DIR ...` runs a real checkpoint)")
-    return 0 if same and report.passed else 1
+    return 0 if same and report.passed and engines_ok else 1
+
+
+def build_demo_engines(artifact_dir: Path, engine_dir: Path, model, batch, config, answer, reference) -> bool:
+    """Step 7: TensorRT engines from the export, when a TensorRT is installed; run and validated on a GPU."""
+    import torch
+
+    from engines.backends import BackendKind, open_backend
+    from engines.build import BuildOptions, build_engines
+    from engines.build_plan import BuildLimits
+    from engines.trt_api import TrtUnavailableError, load_trt
+
+    from ..validation import Tolerances, validate_session
+
+    _step("7. build TensorRT engines (one per graph, strongly typed)")
+    try:
+        trt = load_trt()
+    except TrtUnavailableError as e:
+        print(f"skipped: {e}")
+        return True
+    if engine_dir.exists():
+        print(f"reusing {engine_dir}")
+    else:
+        options = BuildOptions(limits=BuildLimits(max_context=1024))
+        result = build_engines(artifact_dir, engine_dir, options, verbose=True)
+        for name, engine in result.engines.items():
+            print(f"{name}: {engine['layers']} layers, {engine['bytes'] / 1e6:.1f} MB in {engine['build_s']:.1f} s")
+    backend = open_backend(BackendKind.tensorrt, engine_dir)
+    print(f"{backend.describe()}; KV capacity {backend.max_context}")
+    if not torch.cuda.is_available():
+        print(
+            f"built with {trt.describe()} without a GPU; running the engines needs an NVIDIA GPU: "
+            f"fusion-export generate --engines {engine_dir} --image PATH --question TEXT"
+        )
+        return True
+    _step("8. validate the engines against the reference (TensorRT)")
+    report = validate_session(model, batch, backend.session(batch, 8), 8, Tolerances.for_precision(backend.precision))
+    print(report.table())
+    engines = answer(backend.session(batch, config.max_new_tokens), "9. TensorRT")
+    same = engines.token_ids == reference.token_ids
+    print(f"\nTensorRT tokens {'identical to' if same else 'DIFFER from'} the reference's")
+    return same and report.passed

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_query_len_option
+from .options import add_query_len_option, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "trt-10.15 (opset 24, TensorScatter in-place KV updates), trt-11",
     )
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the target's highest)")
+    p.add_argument(
+        "--max-context",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="fix the decoder graphs' KV capacity (prompt + generated tokens) at N; TensorRT's KV-cache update needs "
+        "it (trt-10.15, trt-11: default the model's original context, 4096 for Phi-3.5); trt-10.3: default dynamic",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display (the TensorRT check is still shown)")
     p.set_defaults(run=run)
 
@@ -39,14 +47,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from reference_model import load_config
 
-    from ..export import ExportOptions, export_artifact
+    from ..export import ExportOptions, export_artifact, resolve_max_context
     from ..output_files import check_output_folder
     from .options import resolve_query_len
 
     check_output_folder(args.out, "--out", inputs=[args.model])
-    query_len = resolve_query_len(args.query_len, load_config(args.model))  # names the flag in its error
-    args.trt_target.resolve_opset(args.opset)  # a bad --opset is refused before the weights are read
-    options = ExportOptions(query_len=query_len, precision=args.dtype, trt_target=args.trt_target, opset=args.opset)
+    config = load_config(args.model)
+    query_len = resolve_query_len(args.query_len, config)  # names the flag in its error
+    opset = args.trt_target.resolve_opset(args.opset)  # bad flags are refused before the weights are read
+    resolve_max_context(args.max_context, config, opset, query_len)
+    options = ExportOptions(
+        query_len=query_len,
+        precision=args.dtype,
+        trt_target=args.trt_target,
+        opset=args.opset,
+        max_context=args.max_context,
+    )
     result = export_artifact(args.model, args.out, options, verbose=not args.quiet)
     print(result.trt_report.table())
     return 0

@@ -27,17 +27,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reference_model import load_config
+    from reference_model.checkpoint import resolve_device
     from reference_model.generation import check_positions
 
     from .. import __version__
     from ..golden import GoldenSettings, capture_golden, read_batch, save_golden
     from ..output_files import OutputKind, check_output_file
-    from .options import load_reference, torch_device
+    from .options import load_reference
 
     # every input and the output path are checked before the weights are read or anything runs
     out = check_output_file(args.out, "--out", OutputKind.golden, inputs=[args.inputs, args.model])
     config = load_config(args.model)
-    torch_device(args.device)
+    resolve_device(args.device)
     settings = GoldenSettings(
         query_len=resolve_query_len(args.query_len, config),
         max_new_tokens=args.max_new_tokens,

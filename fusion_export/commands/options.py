@@ -93,26 +93,12 @@ def add_query_len_option(parser: argparse.ArgumentParser, note: str = "") -> Non
     )
 
 
-def torch_device(device: str):
-    """--device as a torch device that exists on this machine."""
-    import torch
-
-    from reference_model.errors import FusionError
-
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as e:
-        raise FusionError(f"--device {device!r} is not a torch device ({e})") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise FusionError(f"--device {device}: CUDA is not available on this machine")
-    return torch_device
-
-
 def load_reference(model_dir: str, dtype: Dtype, device: str):
     """Load a checkpoint for the reference backend, with the flag named in any error."""
     from reference_model import load_model
+    from reference_model.checkpoint import resolve_device
 
-    return load_model(model_dir, dtype=dtype.value, device=torch_device(device))
+    return load_model(model_dir, dtype=dtype.value, device=resolve_device(device))
 
 
 def resolve_query_len(query_len: int | None, config) -> int:

@@ -1,10 +1,11 @@
-"""`fusion-export validate`: run the reference and an artifact's graphs on the same inputs, stage by stage.
+"""`fusion-export validate`: run the reference and a deployment (an artifact's graphs on ONNX Runtime, or an
+engine folder on TensorRT) on the same inputs, stage by stage.
 
 Reports vision tokens, init latents, global context, prefill logits, the KV cache, each decode step's logits
 (teacher-forced on the reference's greedy tokens) and the first divergent generated token: max abs / max rel
 error, cosine and top-1 agreement, as a table (and as JSON with --json). Exit status 1 when a tolerance is
 exceeded (fp32 defaults: 1e-4 absolute, identical greedy ids), 2 on bad input. The gates follow the precision of
-the artifact's graphs, never a manifest field.
+the deployment's graphs, never a manifest field.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from .options import add_image_options, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="stage-by-stage parity of an artifact vs the reference", description=__doc__)
-    p.add_argument("artifact", metavar="ART", help="artifact folder from `fusion-export export`")
-    p.add_argument("--model", required=True, metavar="DIR", help="the checkpoint the artifact was exported from")
+    p = sub.add_parser("validate", help="stage-by-stage parity of a deployment vs the reference", description=__doc__)
+    p.add_argument("deployment", metavar="ART|ENG", help="artifact folder (export) or engine folder (build)")
+    p.add_argument("--model", required=True, metavar="DIR", help="the checkpoint it was exported from")
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--inputs", metavar="INPUTS.safetensors", help="oracle-format inputs (input_ids, instructs, images)"
@@ -34,53 +35,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     add_image_options(p)
     p.add_argument(
-        "--provider",
-        type=Device,
-        choices=list(Device),
-        default=None,
-        help="ONNX Runtime device (default: cuda if available)",
+        "--provider", type=Device, choices=list(Device), default=None, help="ONNX Runtime device (default: cuda if any)"
     )
+    p.add_argument("--device", help="TensorRT: CUDA device (default cuda:0)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.backends import BackendKind, BackendOptions, kind_of_folder, open_backend
     from reference_model import load_config, load_model, make_request, prepare_batch
     from reference_model.errors import FusionError
     from reference_model.prompt import load_tokenizer
 
     from ..golden import read_batch
-    from ..manifest import config_digest, open_artifact
-    from ..ort_runtime import OrtModel
+    from ..manifest import config_digest
     from ..output_files import OutputKind, check_output_file, write_json
     from ..validation import Tolerances, validate_session
     from .demo import DEMO_IMAGE, DEMO_QUESTION
 
     if args.json:
-        inputs = [p for p in (args.artifact, args.model, args.inputs, args.image) if p]
+        inputs = [p for p in (args.deployment, args.model, args.inputs, args.image) if p]
         check_output_file(args.json, "--json", OutputKind.validation_report, inputs=inputs)
     if args.inputs is None and (args.image is None) != (args.question is None):
         raise FusionError("--image and --question go together")
-    artifact = open_artifact(args.artifact)
-    config = artifact.config
-    if config_digest(load_config(args.model)) != artifact.manifest["model"]["config_digest"]:
-        raise FusionError(f"{args.model}: its config differs from the one {args.artifact} was exported from")
+    kind = kind_of_folder(args.deployment)
+    if kind not in (BackendKind.onnxruntime, BackendKind.tensorrt):
+        raise FusionError(f"{args.deployment}: neither an artifact folder (export) nor an engine folder (build)")
+    if kind is BackendKind.onnxruntime and args.device is not None:
+        raise FusionError("--device applies to engine folders (TensorRT); ONNX Runtime takes --provider")
+    if kind is BackendKind.tensorrt and args.provider is not None:
+        raise FusionError("--provider applies to artifact folders (ONNX Runtime); TensorRT takes --device")
+    candidate = open_backend(kind, args.deployment, BackendOptions(provider=args.provider, device=args.device))
+    config = candidate.config
+    if config_digest(load_config(args.model)) != config_digest(config):
+        raise FusionError(f"{args.model}: its config differs from the one {args.deployment} was exported from")
     if args.inputs:
-        batch = read_batch(args.inputs, config, artifact.query_len)
+        batch = read_batch(args.inputs, config, candidate.query_len)
     else:
-        tokenizer = load_tokenizer(artifact.model_dir)
+        tokenizer = load_tokenizer(candidate.model_dir)
         image, question = args.image or DEMO_IMAGE, args.question or DEMO_QUESTION
         request = make_request(image, question, tokenizer, config, args.max_image_pixels)
-        batch = prepare_batch([request], config, artifact.query_len)
-    runtime = OrtModel(artifact, device=args.provider)
-    session = runtime.session(batch, args.max_new_tokens)  # checks the positions before any work
-    model = load_model(args.model)  # the float32 reference is the truth for every artifact precision
+        batch = prepare_batch([request], config, candidate.query_len)
+    session = candidate.session(batch, args.max_new_tokens)  # request limits checked before any heavy work
+    model = load_model(args.model)  # the float32 reference is the truth for every precision
 
-    tolerances = Tolerances.for_precision(artifact.precision)
+    tolerances = Tolerances.for_precision(candidate.precision)
     if args.atol is not None:
         tolerances = dataclasses.replace(tolerances, atol=args.atol)
     report = validate_session(model, batch, session, args.max_new_tokens, tolerances)
     report.info.update(
-        artifact=str(Path(args.artifact).resolve()), precision=artifact.precision.value, providers=runtime.providers
+        deployment=str(Path(args.deployment).resolve()),
+        backend=candidate.describe(),
+        precision=candidate.precision.value,
     )
     print(report.table())
     if args.json:

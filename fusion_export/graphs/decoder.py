@@ -5,7 +5,9 @@ place at write columns (`kv_write`). That layout is the only one exported, becau
 need (a static-capacity buffer aliased between input and output, no per-step reallocation or concat copy) and
 ONNX Runtime runs it at a constant cost per step with IOBinding aliasing; one layout also means one set of
 graphs to validate. The cost is that attention reads the whole capacity under a mask, so runtimes size the
-capacity per request (prompt + max_new_tokens).
+capacity per request (prompt + max_new_tokens). `capacity` is a dynamic dim by default; exported with a fixed one
+(`--max-context N`, which TensorRT's KV-cache update requires) it is the number N in every cache shape and in the
+step's attention mask, and runtimes allocate exactly N columns.
 
 Prefill (starts a sequence at column 0; its attention reads only its own tokens):
 ```text
@@ -43,16 +45,9 @@ from torch import nn
 from reference_model import FusionModel
 from reference_model.decoder import attention_mask
 
+from ..graph_inputs import LOGITS, PREFILL_INPUTS, STEP_INPUTS, past_names, present_names
 from . import kv_write as _kv_write  # noqa: F401  registers torch.ops.fusion_export.kv_write
 from .spec import GraphSpec
-
-PREFILL_INPUTS = ["inputs_embeds", "attention_mask", "rope_cos", "rope_sin", "vision_pos", "instruct_pos", "global_ctx"]
-STEP_INPUTS = ["inputs_embeds", "attention_mask", "rope_cos", "rope_sin", "write_indices"]
-
-
-def cache_names(num_layers: int, prefix: str) -> list[str]:
-    """`past_key_values.{i}.key|value` or `present.{i}.key|value`, layer by layer (Optimum / onnxruntime-genai)."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 class BufferCache:
@@ -131,14 +126,19 @@ def _cache_example(model: FusionModel, batch: int, capacity: int) -> tuple[torch
     return tuple(torch.zeros(shape, dtype=model.dtype) for _ in range(2 * d.num_layers))
 
 
-def _dims(model: FusionModel) -> tuple[torch.export.Dim, torch.export.Dim]:
+def _dims(model: FusionModel, capacity: int | None) -> tuple[torch.export.Dim, dict[int, torch.export.Dim]]:
+    """The batch dim, and the cache's dynamic dims: batch and, unless it is fixed, capacity."""
     positions = model.config.decoder.rope.max_position_embeddings
-    return torch.export.Dim("batch", max=1024), torch.export.Dim("capacity", max=positions)
+    batch = torch.export.Dim("batch", max=1024)
+    cache = {0: batch} if capacity else {0: batch, 2: torch.export.Dim("capacity", max=positions)}
+    return batch, cache
 
 
-def decoder_prefill_spec(model: FusionModel, query_len: int) -> GraphSpec:
+def decoder_prefill_spec(model: FusionModel, query_len: int, capacity: int | None = None) -> GraphSpec:
+    """capacity: fixed KV columns, or None for a dynamic `capacity` dim."""
     cfg = model.config
-    B, S, C = 2, query_len + 11, query_len + 17  # example sizes distinct from every static dim
+    B, S = 2, query_len + 11  # example sizes distinct from every static dim
+    C = capacity or query_len + 17
     D, hd = cfg.decoder.hidden_size, cfg.decoder.head_dim
     ctx = (math.isqrt(query_len) * cfg.interaction.window_size) ** 2
     example = (
@@ -151,15 +151,15 @@ def decoder_prefill_spec(model: FusionModel, query_len: int) -> GraphSpec:
         torch.randn(B, ctx, D, dtype=model.dtype),
         _cache_example(model, B, C),
     )
-    batch, capacity = _dims(model)
-    seq = torch.export.Dim("seq", max=cfg.decoder.rope.max_position_embeddings)
+    batch, cache_dims = _dims(model, capacity)
+    seq = torch.export.Dim("seq", max=capacity or cfg.decoder.rope.max_position_embeddings)
     n_cache = 2 * cfg.decoder.num_layers
     return GraphSpec(
         name="decoder_prefill",
         module=DecoderPrefillGraph(model),
         example_inputs=example,
-        input_names=PREFILL_INPUTS + cache_names(cfg.decoder.num_layers, "past_key_values"),
-        output_names=["logits"] + cache_names(cfg.decoder.num_layers, "present"),
+        input_names=[*PREFILL_INPUTS, *past_names(cfg.decoder.num_layers)],
+        output_names=[LOGITS, *present_names(cfg.decoder.num_layers)],
         dynamic_shapes={
             "inputs_embeds": {0: batch, 1: seq},
             "attention_mask_": {0: batch, 1: seq},
@@ -168,15 +168,17 @@ def decoder_prefill_spec(model: FusionModel, query_len: int) -> GraphSpec:
             "vision_pos": {0: batch},
             "instruct_pos": {0: batch},
             "global_ctx": {0: batch},
-            "past_key_values": tuple({0: batch, 2: capacity} for _ in range(n_cache)),
+            "past_key_values": tuple(dict(cache_dims) for _ in range(n_cache)),
         },
         weights_group="decoder",
     )
 
 
-def decoder_step_spec(model: FusionModel) -> GraphSpec:
+def decoder_step_spec(model: FusionModel, capacity: int | None = None) -> GraphSpec:
+    """capacity: fixed KV columns, or None for a dynamic `capacity` dim."""
     cfg = model.config
-    B, N, C = 2, 3, 23  # example sizes distinct from every static dim
+    B, N = 2, 3  # example sizes distinct from every static dim
+    C = capacity or 23
     D, hd = cfg.decoder.hidden_size, cfg.decoder.head_dim
     example = (
         torch.randn(B, N, D, dtype=model.dtype),
@@ -186,22 +188,22 @@ def decoder_step_spec(model: FusionModel) -> GraphSpec:
         torch.full((B,), 5, dtype=torch.int64),
         _cache_example(model, B, C),
     )
-    batch, capacity = _dims(model)
+    batch, cache_dims = _dims(model, capacity)
     new = torch.export.Dim("new_tokens", max=256)
     n_cache = 2 * cfg.decoder.num_layers
     return GraphSpec(
         name="decoder_step",
         module=DecoderStepGraph(model),
         example_inputs=example,
-        input_names=STEP_INPUTS + cache_names(cfg.decoder.num_layers, "past_key_values"),
-        output_names=["logits"] + cache_names(cfg.decoder.num_layers, "present"),
+        input_names=[*STEP_INPUTS, *past_names(cfg.decoder.num_layers)],
+        output_names=[LOGITS, *present_names(cfg.decoder.num_layers)],
         dynamic_shapes={
             "inputs_embeds": {0: batch, 1: new},
-            "attention_mask_": {0: batch, 1: capacity},
+            "attention_mask_": {0: batch, 1: cache_dims[2]} if 2 in cache_dims else {0: batch},
             "rope_cos": {0: batch, 1: new},
             "rope_sin": {0: batch, 1: new},
             "write_indices": {0: batch},
-            "past_key_values": tuple({0: batch, 2: capacity} for _ in range(n_cache)),
+            "past_key_values": tuple(dict(cache_dims) for _ in range(n_cache)),
         },
         weights_group="decoder",
     )

@@ -21,11 +21,9 @@ from torch import nn
 
 from reference_model import FusionModel
 
+from ..graph_inputs import VISION_INPUTS, VISION_OUTPUTS
 from .spec import GraphSpec
 from .window_pool import WindowMaxPool
-
-INPUTS = ["pixel_values", "instruct_embeds", "instruct_mask"]
-OUTPUTS = ["image_tokens", "init_latents", "global_ctx"]
 
 
 class VisionEncoderGraph(nn.Module):
@@ -61,8 +59,8 @@ def vision_encoder_spec(model: FusionModel, query_len: int) -> GraphSpec:
         name="vision_encoder",
         module=VisionEncoderGraph(model, query_len),
         example_inputs=example,
-        input_names=INPUTS,
-        output_names=OUTPUTS,
+        input_names=list(VISION_INPUTS),
+        output_names=list(VISION_OUTPUTS),
         dynamic_shapes={
             "pixel_values": {0: batch},
             "instruct_embeds": {0: batch, 1: instruct_len},

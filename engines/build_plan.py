@@ -1,0 +1,299 @@
+"""What `fusion-export build` will build, computed without TensorRT: one optimization profile per graph, the
+device memory the engines will need, the largest context that fits a device, and the equivalent command lines.
+
+Profiles come from the artifact manifest (which dims are symbolic) and the build limits:
+
+| dim | graphs | min | opt | max |
+| --- | --- | --- | --- | --- |
+| `batch` | all | 1 | `opt_batch` | `max_batch` |
+| `instruct_len` | vision encoder | 1 | min(32, max) | `max_question_tokens` |
+| `seq` | prefill | image tokens + latents + 1 | min(typical prompt, max) | `max_prompt` (capacity - 1) |
+| `new_tokens` | step | 1 | 1 | `max_step_tokens` |
+| `capacity` | prefill, step (when not fixed at export) | C | C | C |
+
+The KV capacity C is fixed per engine (min = opt = max): the runtime allocates the cache once, so decode steps
+never reallocate and can be captured in a CUDA graph.
+
+Memory, estimated per request shape (an engine's real scratch size is only known after deserializing it, on the
+target): engine weights (the prefill engine holds the decoder and the interaction layers, the step engine the
+decoder again: TensorRT engines do not share weights), the KV cache at capacity C, the largest of the three
+engines' activations (the runtime gives all three contexts one scratch buffer: they never run at once), and a
+fixed runtime overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from reference_model.errors import FusionError
+
+GB = 1e9
+RUNTIME_OVERHEAD_BYTES = int(1.0 * GB)  # CUDA context, TensorRT runtime, cuBLAS/cuDNN handles (an assumption)
+TYPICAL_PROMPT_TEXT = 64  # text tokens of a typical prompt (template + question), for the `seq` opt point
+DEFAULT_MAX_QUESTION_TOKENS = 512  # vision engine profile: the tower's attention grows as (image + question)^2
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    total_gb: float
+    reserved_gb: float  # kept for what is not the engines (OS and CPU side on Jetson's shared memory, display)
+    note: str
+
+    @property
+    def usable_bytes(self) -> int:
+        return int((self.total_gb - self.reserved_gb) * GB)
+
+
+DEVICE_PRESETS = {
+    "agx-orin-64": DeviceMemory(64, 8, "Jetson AGX Orin 64 GB: memory shared with the CPU; 8 GB kept for the OS"),
+    "orin-nx-16": DeviceMemory(16, 3, "Jetson Orin NX 16 GB: memory shared with the CPU; 3 GB kept for the OS"),
+    "orin-nano-8": DeviceMemory(8, 2, "Jetson Orin Nano 8 GB: memory shared with the CPU; 2 GB kept for the OS"),
+    "rtx-4090": DeviceMemory(24, 1, "GeForce RTX 4090 24 GB; 1 GB kept for the display and driver"),
+    "h100-80": DeviceMemory(80, 1, "H100 80 GB (TensorRT 10/11 only: TensorRT-RTX has no SM90 target)"),
+}
+
+
+def parse_device_memory(text: str) -> DeviceMemory:
+    """A preset name, or a number of GB that the engines may use entirely."""
+    if text in DEVICE_PRESETS:
+        return DEVICE_PRESETS[text]
+    try:
+        gb = float(text)
+    except ValueError:
+        raise FusionError(
+            f"--device-memory {text!r}: a preset ({', '.join(DEVICE_PRESETS)}) or a number of GB"
+        ) from None
+    if not 0 < gb < math.inf:
+        raise FusionError(f"--device-memory {text!r}: must be a positive number of GB")
+    return DeviceMemory(gb, 0, f"{gb:g} GB given on the command line")
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    """What the engines must accept; None: the default (the graph's own fixed value where it has one)."""
+
+    max_batch: int = 1
+    opt_batch: int = 1
+    max_prompt: int | None = None  # prefill positions; default capacity - 1
+    max_question_tokens: int | None = None  # vision encoder question length; default min(model's, 512)
+    max_step_tokens: int = 1  # tokens per decode step (1: plain decoding)
+    max_context: int | None = None  # KV capacity of dynamic-capacity graphs; fixed graphs keep theirs
+
+
+@dataclass
+class GraphPlan:
+    name: str
+    onnx: str  # file name in the artifact
+    profile: dict[str, dict[str, list[int]]]  # input -> {"min", "opt", "max"} shapes (inputs with symbolic dims)
+    activation_bytes: int  # estimated scratch at the profile's max
+
+
+@dataclass
+class BuildPlan:
+    precision: str
+    query_len: int
+    capacity: int
+    capacity_fixed_at_export: bool
+    limits: dict[str, int]
+    graphs: list[GraphPlan]
+    memory: dict[str, int]  # weights, kv_cache, activations, overhead, total (bytes)
+    device: dict[str, Any] | None = None  # the device budget checked against, when one was given
+    largest_context: int | None = None  # the largest capacity that fits the device
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bytes_per_value(precision: str) -> int:
+    return {"fp32": 4, "fp16": 2}[precision]
+
+
+def _shape(dims: list, values: dict[str, int]) -> list[int]:
+    return [values[d] if isinstance(d, str) else int(d) for d in dims]
+
+
+def _profile(inputs: list[dict[str, Any]], ranges: dict[str, tuple[int, int, int]]) -> dict[str, dict[str, list]]:
+    profile = {}
+    for entry in inputs:
+        symbolic = [d for d in entry["shape"] if isinstance(d, str)]
+        if not symbolic:
+            continue
+        unknown = [d for d in symbolic if d not in ranges]
+        if unknown:
+            raise FusionError(f"input {entry['name']}: no profile range for dim(s) {', '.join(unknown)}")
+        profile[entry["name"]] = {
+            point: _shape(entry["shape"], {d: r[i] for d, r in ranges.items()})
+            for i, point in enumerate(("min", "opt", "max"))
+        }
+    return profile
+
+
+def _activations(config, precision: str, batch: int, prompt: int, question: int, step: int, capacity: int):
+    """Estimated scratch per engine at the profile's max (bytes). Upper bounds on purpose: every intermediate of
+    one layer alive at once, attention scores materialised (fp32 attention is decomposed into MatMul/Softmax)."""
+    d, v = config.decoder, config.vision
+    act = _bytes_per_value(precision)
+    scores = 4  # softmax in float32
+    n_img = v.num_patches
+    vision = batch * (
+        5 * (n_img + question) * (6 * v.hidden_size + 2 * v.intermediate_size) * act
+        + v.num_heads * (4 * n_img**2 + (n_img + question) ** 2) * scores
+        + 4 * n_img * 3 * v.hidden_size * act  # the connector's concatenated features
+    )
+
+    def decoder(tokens: int, keys: int) -> int:
+        layer = tokens * (6 * d.hidden_size + 3 * d.intermediate_size) * act
+        attention = d.num_heads * tokens * keys * scores
+        return batch * (layer + attention + d.vocab_size * 4)
+
+    return {
+        "vision_encoder": vision,
+        "decoder_prefill": decoder(prompt, prompt),
+        "decoder_step": decoder(step, capacity),
+    }
+
+
+def _weight_bytes(artifact) -> dict[str, int]:
+    """Per engine: the vision weights; the decoder with its interaction layers (prefill); without them (step)."""
+    files = artifact.manifest["files"]
+    config = artifact.config
+    d, i = config.decoder, config.interaction
+    act = _bytes_per_value(artifact.precision.value)
+    interaction = i.num_layers * 9 * d.hidden_size**2 * act  # 9 D^2 per layer (docs/semantics.md section 1)
+    vision = sum(e["bytes"] for n, e in files.items() if n.startswith("vision_encoder.onnx"))
+    decoder = (
+        files["decoder.onnx.data"]["bytes"]
+        + sum(e["bytes"] for n, e in files.items() if n in ("decoder_prefill.onnx", "decoder_step.onnx")) // 2
+    )
+    return {"vision_encoder": vision, "decoder_prefill": decoder, "decoder_step": max(decoder - interaction, 0)}
+
+
+def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None) -> BuildPlan:
+    """Profiles and memory for the artifact's three graphs; refuses limits the graphs or the device cannot hold."""
+    config = artifact.config
+    d = config.decoder
+    positions = d.rope.max_position_embeddings
+    shortest = config.vision.num_patches + artifact.query_len + 1
+    notes = []
+
+    fixed = artifact.max_context
+    if fixed is not None and limits.max_context not in (None, fixed):
+        raise FusionError(
+            f"--max-context {limits.max_context}: the graphs were exported with a fixed KV capacity of {fixed} "
+            "(re-export with --max-context to change it)"
+        )
+    capacity = fixed or limits.max_context or d.rope.original_max_position_embeddings
+    if not shortest < capacity <= positions:
+        raise FusionError(f"--max-context {capacity}: must be in {shortest + 1}..{positions}")
+    max_prompt = limits.max_prompt or capacity - 1
+    if not shortest <= max_prompt < capacity:
+        raise FusionError(
+            f"--max-prompt {max_prompt}: must be in {shortest}..{capacity - 1} (image tokens + latents + 1 .. "
+            "the KV capacity minus one generated token)"
+        )
+    max_question = limits.max_question_tokens or min(config.max_question_tokens, DEFAULT_MAX_QUESTION_TOKENS)
+    if not 1 <= max_question <= config.max_question_tokens:
+        raise FusionError(f"--max-question-tokens {max_question}: must be in 1..{config.max_question_tokens}")
+    if not 1 <= limits.opt_batch <= limits.max_batch:
+        raise FusionError(f"--opt-batch {limits.opt_batch}: must be in 1..--max-batch ({limits.max_batch})")
+    if not 1 <= limits.max_step_tokens <= 256:
+        raise FusionError(f"--max-step-tokens {limits.max_step_tokens}: must be in 1..256 (the graphs' bound)")
+
+    B = limits.max_batch
+    ranges = {
+        "batch": (1, limits.opt_batch, B),
+        "instruct_len": (1, min(32, max_question), max_question),
+        "seq": (shortest, min(shortest + TYPICAL_PROMPT_TEXT, max_prompt), max_prompt),
+        "new_tokens": (1, 1, limits.max_step_tokens),
+        "capacity": (capacity, capacity, capacity),
+    }
+    activations = _activations(config, artifact.precision.value, B, max_prompt, max_question,
+                               limits.max_step_tokens, capacity)  # fmt: skip
+    graphs = [
+        GraphPlan(name, artifact.manifest["graphs"][name]["file"],
+                  _profile(artifact.manifest["graphs"][name]["inputs"], ranges), activations[name])
+        for name in ("vision_encoder", "decoder_prefill", "decoder_step")
+    ]  # fmt: skip
+
+    weights = sum(_weight_bytes(artifact).values())
+    kv_per_column = 2 * d.num_layers * d.num_kv_heads * d.head_dim * _bytes_per_value(artifact.precision.value) * B
+
+    def total(cap: int, prompt: int) -> dict[str, int]:
+        acts = _activations(config, artifact.precision.value, B, prompt, max_question, limits.max_step_tokens, cap)
+        memory = {
+            "weights": weights,
+            "kv_cache": kv_per_column * cap,
+            "activations": max(acts.values()),
+            "overhead": RUNTIME_OVERHEAD_BYTES,
+        }
+        memory["total"] = sum(memory.values())
+        return memory
+
+    memory = total(capacity, max_prompt)
+    plan = BuildPlan(
+        precision=artifact.precision.value,
+        query_len=artifact.query_len,
+        capacity=capacity,
+        capacity_fixed_at_export=fixed is not None,
+        limits={
+            "max_batch": B,
+            "opt_batch": limits.opt_batch,
+            "max_prompt": max_prompt,
+            "max_question_tokens": max_question,
+            "max_step_tokens": limits.max_step_tokens,
+            "max_context": capacity,
+        },
+        graphs=graphs,
+        memory=memory,
+        notes=notes,
+    )
+    if device is not None:
+        budget = device.usable_bytes
+        plan.device = {"total_gb": device.total_gb, "reserved_gb": device.reserved_gb, "note": device.note}
+        plan.largest_context = _largest_context(lambda c: total(c, c - 1)["total"], budget, shortest + 1, positions)
+        if memory["total"] > budget:
+            fits = plan.largest_context
+            advice = (
+                f"the largest KV capacity that fits is {fits} (--max-context {fits}"
+                + (", which needs a re-export: the graphs fix it)" if fixed is not None else ")")
+                if fits
+                else "even the shortest context does not fit: the weights alone need "
+                f"{(weights + RUNTIME_OVERHEAD_BYTES) / GB:.1f} GB"
+            )
+            raise FusionError(
+                f"--device-memory: the engines need about {memory['total'] / GB:.1f} GB at capacity {capacity} "
+                f"(weights {weights / GB:.1f}, KV {memory['kv_cache'] / GB:.1f}, activations "
+                f"{memory['activations'] / GB:.1f}, overhead {RUNTIME_OVERHEAD_BYTES / GB:.1f}); {device.note} leaves "
+                f"{budget / GB:.1f} GB; {advice}"
+            )
+    return plan
+
+
+def _largest_context(need, budget: int, lo: int, hi: int) -> int | None:
+    """The largest capacity c in lo..hi with need(c) <= budget (need grows with c), or None."""
+    if need(lo) > budget:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
+def command_lines(plan: BuildPlan, artifact_dir: str, engine_dir: str, tool: str, strongly_typed: bool) -> list[str]:
+    """trtexec (TensorRT) or tensorrt_rtx (TensorRT-RTX SDK; trtexec's flags) lines building the same engines."""
+
+    def shapes(graph: GraphPlan, point: str) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, p[point]))}" for name, p in graph.profile.items())
+
+    lines = []
+    for graph in plan.graphs:
+        parts = [tool, f"--onnx={artifact_dir}/{graph.onnx}", f"--saveEngine={engine_dir}/{graph.name}.engine"]
+        if strongly_typed:
+            parts.append("--stronglyTyped")
+        if graph.profile:
+            parts += [f"--{p}Shapes={shapes(graph, p)}" for p in ("min", "opt", "max")]
+        lines.append(" ".join(parts))
+    return lines

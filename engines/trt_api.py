@@ -1,0 +1,228 @@
+"""Every difference between the TensorRT flavours this toolkit builds with, in one module.
+
+- `tensorrt` (module `tensorrt`, 10.3 on JetPack 6 up to 10.x and 11.x): strong typing is opt-in in 10.x
+  (`STRONGLY_TYPED`) and always on in 11.x; timing caches; builds for the GPU it runs on.
+- `tensorrt-rtx` (module `tensorrt_rtx`, 1.x): TensorRT 11's API, always strongly typed; builds ahead of time
+  without a GPU for a list of compute capabilities; timing caches are no-ops (deprecated since 1.2).
+
+Sources (docs/tensorrt.md): `NetworkDefinitionCreationFlag.STRONGLY_TYPED` and its renumbering (NvInfer.h at v10.16 /
+v11.1); `IProgressMonitor` (10.0+); `IAttention.decomposable` (10.14+, the fix for "Attention operation was not
+supported by a dedicated kernel"); `Runtime.get_engine_validity` / `engine_header_size` (TensorRT-RTX bindings);
+`BuilderConfig.set_compute_capability` (TensorRT-RTX). What was measured with TensorRT-RTX 1.7.1 on a CPU-only
+machine is in docs/tensorrt.md section 3.
+"""
+
+from __future__ import annotations
+
+import importlib
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+from reference_model.errors import FusionError
+
+
+class TrtFlavour(str, Enum):
+    tensorrt = "tensorrt"
+    tensorrt_rtx = "tensorrt-rtx"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def module_name(self) -> str:
+        return {TrtFlavour.tensorrt: "tensorrt", TrtFlavour.tensorrt_rtx: "tensorrt_rtx"}[self]
+
+    @property
+    def pip_package(self) -> str:
+        return {TrtFlavour.tensorrt: "tensorrt-cu12", TrtFlavour.tensorrt_rtx: "tensorrt-rtx-cu12"}[self]
+
+
+class TrtUnavailableError(FusionError):
+    """No usable TensorRT module is installed (or not the one asked for)."""
+
+
+# The first logger a process creates is the one TensorRT keeps; later ones are ignored with a warning.
+_LOGGERS: dict[str, Any] = {}
+
+
+@dataclass
+class Trt:
+    """An imported TensorRT flavour and what it supports."""
+
+    flavour: TrtFlavour
+    module: ModuleType
+
+    @property
+    def version(self) -> str:
+        return str(self.module.__version__)
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    def describe(self) -> str:
+        return f"{self.flavour} {self.version}"
+
+    def logger(self) -> Any:
+        """The process-wide logger that records messages, so errors can be reported with the build's failure."""
+        trt = self.module
+        if self.module.__name__ not in _LOGGERS:
+
+            class RecordingLogger(trt.ILogger):
+                def __init__(self) -> None:
+                    trt.ILogger.__init__(self)
+                    self.messages: list[tuple[Any, str]] = []
+
+                def log(self, severity, message) -> None:
+                    self.messages.append((severity, message))
+
+                def errors(self) -> list[str]:
+                    return [m for s, m in self.messages if s <= trt.ILogger.ERROR]
+
+            _LOGGERS[self.module.__name__] = RecordingLogger()
+        return _LOGGERS[self.module.__name__]
+
+    # --- building ------------------------------------------------------------------------------------------
+
+    def network_flags(self) -> int:
+        """Strongly typed networks everywhere: precision comes from the ONNX (10.x opts in; 11.x and RTX always
+        are, and RTX's enum value for the flag is 0, so the shift is computed, never written as a number)."""
+        flag = getattr(self.module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        return 0 if flag is None else 1 << int(flag)
+
+    @property
+    def has_timing_cache(self) -> bool:
+        return self.flavour is TrtFlavour.tensorrt  # TensorRT-RTX: "Timing cache operations are no-ops"
+
+    @property
+    def has_progress_monitor(self) -> bool:
+        return hasattr(self.module, "IProgressMonitor")
+
+    @property
+    def builds_without_gpu(self) -> bool:
+        return self.flavour is TrtFlavour.tensorrt_rtx
+
+    def parse(self, onnx_path) -> tuple[Any, Any, list[str]]:
+        """Parse an ONNX file with this TensorRT's own parser: (builder, network, errors); errors [] when it parses.
+        External weights are read from beside the file."""
+        module, logger = self.module, self.logger()
+        logger.messages.clear()
+        where = "TensorRT builds on the GPU it targets; TensorRT-RTX builds without one"
+        try:
+            builder = module.Builder(logger)
+        except (RuntimeError, TypeError) as e:
+            raise FusionError(f"{self.describe()} cannot create a builder here ({e}; {where})") from None
+        if builder is None:
+            raise FusionError(f"{self.describe()} cannot create a builder here ({where})")
+        network = builder.create_network(self.network_flags())
+        parser = module.OnnxParser(network, logger)
+        if parser.parse_from_file(str(onnx_path.resolve())):
+            return builder, network, []
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        return builder, network, [f"{e.node_name() or '?'} ({e.node_operator() or '?'}): {e.desc()}" for e in errors]
+
+    def attention_layers(self, network: Any) -> list[Any]:
+        """The network's IAttention objects. The parser maps ONNX Attention to a pair of ATTENTION_INPUT /
+        ATTENTION_OUTPUT boundary layers; the IAttention is reached through them (the layer's Python class has to
+        be set first, as for every layer that `get_layer` returns)."""
+        trt = self.module
+        kinds = {
+            getattr(trt.LayerType, "ATTENTION_INPUT", None): getattr(trt, "IAttentionInputLayer", None),
+            getattr(trt.LayerType, "ATTENTION_OUTPUT", None): getattr(trt, "IAttentionOutputLayer", None),
+        }
+        kinds.pop(None, None)
+        found: dict[str, Any] = {}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            cls = kinds.get(layer.type)
+            if cls is not None:
+                layer.__class__ = cls
+                found.setdefault(layer.attention.name, layer.attention)
+        return list(found.values())
+
+    def compute_capabilities(self) -> list[str]:
+        """Names accepted by --compute-capability (TensorRT-RTX); [] where the builder targets its own GPU."""
+        enum = getattr(self.module, "ComputeCapability", None)
+        if enum is None:
+            return []
+        return [name for name in enum.__members__ if name.startswith("SM")]
+
+    def set_compute_capabilities(self, config: Any, names: list[str]) -> None:
+        enum = self.module.ComputeCapability
+        config.num_compute_capabilities = len(names)
+        for index, name in enumerate(names):
+            if not config.set_compute_capability(enum.__members__[name], index):
+                raise FusionError(f"--compute-capability {name}: refused by {self.describe()}")
+
+    # --- loading -------------------------------------------------------------------------------------------
+
+    def check_plan(self, plan: bytes, where: str) -> dict[str, Any]:
+        """What can be checked of a serialized engine before deserializing it (no GPU needed): the flavour's
+        header and, for TensorRT-RTX, the plan size it records (a truncated copy is caught) and the compute
+        capabilities it was built for. Raises with the file named; returns the header facts."""
+        if self.flavour is TrtFlavour.tensorrt_rtx:
+            return read_rtx_plan_header(plan, where)
+        if len(plan) < 28 or struct.unpack_from("<I", plan, 0)[0] != TRT_PLAN_MAGIC:
+            raise FusionError(f"{where}: not a TensorRT engine (its header is not a TensorRT plan's)")
+        return {"bytes": len(plan)}
+
+    def engine_validity(self, plan: bytes) -> tuple[str, list[str]] | None:
+        """The runtime's own validity verdict, where the flavour has the query (TensorRT-RTX): ("VALID" |
+        "SUBOPTIMAL" | "INVALID", diagnostics). Needs a GPU to say VALID; None where the query is missing."""
+        runtime = self.module.Runtime(self.logger())
+        if not hasattr(runtime, "get_engine_validity"):
+            return None
+        validity, diagnostics = runtime.get_engine_validity(plan)
+        flags = self.module.EngineInvalidityDiagnostics
+        named = [name for name, value in flags.__members__.items() if int(diagnostics) & int(value)]
+        return validity.name, named
+
+
+# TensorRT 8.6+ plans start with this magic ('ftrt'); trtexec's --getPlanVersionOnly reads it (sampleEngines.cpp).
+TRT_PLAN_MAGIC = 0x74727466
+RTX_PLAN_MAGIC = b"vtrt"  # TensorRT-RTX 1.x plans, read off 1.7.1 engines (docs/tensorrt.md section 3)
+RTX_CC_BITS = {"SM80": 0x02, "SM86": 0x04, "SM89": 0x08, "SM120": 0x10, "SM121": 0x20}
+
+
+def read_rtx_plan_header(plan: bytes, where: str) -> dict[str, Any]:
+    """The TensorRT-RTX plan header as read off 1.7.1 engines (undocumented, so only what was confirmed): magic,
+    total size (u64 at 16), version bytes (24..26), compute-capability mask (u32 at 32)."""
+    if len(plan) < 64 or plan[:4] != RTX_PLAN_MAGIC:
+        raise FusionError(f"{where}: not a TensorRT-RTX engine (wrong header)")
+    (total,) = struct.unpack_from("<Q", plan, 16)
+    if total != len(plan):
+        raise FusionError(f"{where}: truncated or padded engine ({len(plan)} bytes, its header says {total})")
+    (mask,) = struct.unpack_from("<I", plan, 32)
+    return {
+        "bytes": total,
+        "version": ".".join(str(b) for b in plan[24:27]),
+        "compute_capabilities": [name for name, bit in RTX_CC_BITS.items() if mask & bit],
+    }
+
+
+@cache
+def _import(flavour: TrtFlavour) -> ModuleType | None:
+    try:
+        return importlib.import_module(flavour.module_name)
+    except ImportError:
+        return None
+
+
+def load_trt(flavour: TrtFlavour | str | None = None) -> Trt:
+    """The requested flavour, or the installed one (enterprise TensorRT first: it is what datacenter GPUs and
+    Jetsons run); a clear error naming the pip package when none is installed."""
+    flavours = [TrtFlavour(flavour)] if flavour else [TrtFlavour.tensorrt, TrtFlavour.tensorrt_rtx]
+    for candidate in flavours:
+        module = _import(candidate)
+        if module is not None:
+            return Trt(candidate, module)
+    wanted = " or ".join(f"{f} (pip install {f.pip_package})" for f in flavours)
+    raise TrtUnavailableError(f"TensorRT is not installed: {wanted}; JetPack ships `tensorrt` with the system")
+
+
+def installed_flavours() -> list[TrtFlavour]:
+    return [f for f in TrtFlavour if _import(f) is not None]

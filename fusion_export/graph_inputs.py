@@ -1,0 +1,93 @@
+"""What the runtime feeds the exported graphs: names, and the host-side preparation every graph backend shares.
+
+The graphs leave to the runtime what is cheap on the host and awkward in a graph: the token-embedding gather
+(one table, stored once), scattering image tokens and latents into the prompt, the LongRoPE tables (decided per
+forward, docs/semantics.md section 7), the attention masks and the KV write columns. ONNX Runtime and TensorRT
+backends call the same functions, so they place every token exactly as the reference does.
+
+Light on purpose: numpy and the reference's RoPE function only, never the exporter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from reference_model.generation import DecodeState
+from reference_model.rope import rope_cos_sin
+from reference_model.sequence import PreparedBatch
+
+VISION_INPUTS = ("pixel_values", "instruct_embeds", "instruct_mask")
+VISION_OUTPUTS = ("image_tokens", "init_latents", "global_ctx")
+PREFILL_INPUTS = ("inputs_embeds", "attention_mask", "rope_cos", "rope_sin", "vision_pos", "instruct_pos", "global_ctx")
+STEP_INPUTS = ("inputs_embeds", "attention_mask", "rope_cos", "rope_sin", "write_indices")
+LOGITS = "logits"
+
+
+def cache_names(num_layers: int, prefix: str) -> list[str]:
+    """`past_key_values.{i}.key|value` or `present.{i}.key|value`, layer by layer (Optimum / onnxruntime-genai)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def past_names(num_layers: int) -> list[str]:
+    return cache_names(num_layers, "past_key_values")
+
+
+def present_names(num_layers: int) -> list[str]:
+    return cache_names(num_layers, "present")
+
+
+def _rope(position_ids: torch.Tensor, rope) -> tuple[np.ndarray, np.ndarray]:
+    cos, sin = rope_cos_sin(position_ids, rope)
+    return cos.numpy(), sin.numpy()
+
+
+def vision_inputs(batch: PreparedBatch, embed_table: np.ndarray) -> dict[str, np.ndarray]:
+    """The vision encoder's inputs: crops, the question's embeddings from the shared table, its padding mask."""
+    instructs = batch.instructs.numpy()
+    return {
+        "pixel_values": np.ascontiguousarray(batch.pixel_values.numpy()),
+        "instruct_embeds": embed_table[instructs],
+        "instruct_mask": (instructs != 0).astype(np.int64),
+    }
+
+
+def prefill_inputs(
+    batch: PreparedBatch,
+    embed_table: np.ndarray,
+    image_tokens: np.ndarray,
+    init_latents: np.ndarray,
+    global_ctx: np.ndarray,
+    rope,
+) -> dict[str, np.ndarray]:
+    """The prefill's inputs (KV buffers aside): the prompt embedded with the image tokens at the first
+    placeholder's columns and the latents at the second's (docs/semantics.md section 5)."""
+    layout = batch.layout
+    embeds = embed_table[layout.text_ids.numpy()]
+    for columns, rows in ((layout.image_columns, image_tokens), (layout.vision_pos, init_latents)):
+        np.put_along_axis(embeds, columns.numpy()[:, :, None], rows.astype(embeds.dtype), axis=1)
+    cos, sin = _rope(layout.position_ids, rope)
+    return {
+        "inputs_embeds": embeds,
+        "attention_mask": layout.attention_mask.numpy().astype(np.int64),
+        "rope_cos": cos,
+        "rope_sin": sin,
+        "vision_pos": layout.vision_pos.numpy(),
+        "instruct_pos": layout.instruct_pos.numpy(),
+        "global_ctx": global_ctx,
+    }
+
+
+def step_inputs(tokens: torch.Tensor, state: DecodeState, embed_table: np.ndarray, rope) -> dict[str, np.ndarray]:
+    """One decode step's inputs: advances `state` by one column and returns the new token's embedding, the
+    valid columns of the whole buffer, its RoPE tables and the column it is written to."""
+    positions = state.advance()
+    cos, sin = _rope(positions, rope)
+    batch = tokens.shape[0]
+    return {
+        "inputs_embeds": embed_table[tokens.numpy()[:, None]],
+        "attention_mask": state.key_valid.numpy().astype(np.int64),
+        "rope_cos": cos,
+        "rope_sin": sin,
+        "write_indices": np.full((batch,), state.length - 1, dtype=np.int64),
+    }
