@@ -91,9 +91,15 @@ def _io(network) -> dict[str, list[dict[str, Any]]]:
 
 
 def build_graph(
-    trt: Trt, onnx_path: Path, graph: GraphPlan, options: BuildOptions, progress: Progress, timing_cache: bytes | None
-) -> tuple[bytes, dict[str, Any], bytes | None]:
-    """Parse and build one graph: (plan bytes, what to record, the updated timing cache or None)."""
+    trt: Trt,
+    onnx_path: Path,
+    graph: GraphPlan,
+    options: BuildOptions,
+    progress: Progress,
+    timing_cache: bytes | None,
+    engine_path: Path,
+) -> tuple[dict[str, Any], bytes | None]:
+    """Parse and build one graph into `engine_path`: (what to record, the updated timing cache or None)."""
     module, logger = trt.module, trt.logger()
     builder, network, errors = trt.parse(onnx_path)
     if errors:
@@ -124,9 +130,9 @@ def build_graph(
         raise EngineBuildError(f"{onnx_path}: TensorRT refused the optimization profile {graph.profile}")
 
     started = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    built = trt.write_plan(builder, network, config, engine_path)
     seconds = time.perf_counter() - started
-    if plan is None:
+    if not built:
         messages = "\n  ".join(logger.errors()[-8:]) or "(no message)"
         raise EngineBuildError(f"{onnx_path}: {trt.describe()} failed to build the engine:\n  {messages}")
     info = {
@@ -137,8 +143,8 @@ def build_graph(
         "profile": graph.profile,
     }
     updated = bytes(memoryview(config.get_timing_cache().serialize())) if cache is not None else None
-    del monitor
-    return bytes(memoryview(plan)), info, updated
+    del monitor, network, builder  # the parsed weights go before the next graph is parsed
+    return info, updated
 
 
 def build_engines(
@@ -162,13 +168,12 @@ def build_engines(
     with staging_folder(out_dir) as tmp:
         for graph in plan.graphs:
             progress.step(f"build {graph.name} ({trt.describe()}, {plan.precision})")
-            data, info, timing_cache = build_graph(
-                trt, artifact.folder / graph.onnx, graph, options, progress, timing_cache
-            )
             file = f"{graph.name}{ENGINE_SUFFIX}"
-            (tmp / file).write_bytes(data)
-            header = trt.check_plan(data, str(tmp / file))  # what a reader will check, checked once here
-            engines[graph.name] = {"file": file, "bytes": len(data), **info, "header": header}
+            info, timing_cache = build_graph(
+                trt, artifact.folder / graph.onnx, graph, options, progress, timing_cache, tmp / file
+            )
+            header = trt.check_plan(tmp / file)  # what a reader will check, checked once here
+            engines[graph.name] = {"file": file, "bytes": header["bytes"], **info, "header": header}
         progress.step("copy model files, write the manifest")
         shutil.copy2(artifact.folder / artifact.manifest["embeddings"]["file"], tmp / EMBEDDINGS_FILE)
         shutil.copytree(artifact.model_dir, tmp / MODEL_SUBDIR)

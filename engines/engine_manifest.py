@@ -98,7 +98,7 @@ def check_runtime(engines: EngineFolder, trt) -> None:
         )
     for name in GRAPHS:
         path = engines.engine_path(name)
-        header = trt.check_plan(path.read_bytes(), str(path))
+        header = trt.check_plan(path)
         wanted = built.get("compute_capabilities") or []
         got = header.get("compute_capabilities")
         if got is not None and wanted and sorted(got) != sorted(wanted):

@@ -160,15 +160,41 @@ class Trt:
 
     # --- loading -------------------------------------------------------------------------------------------
 
-    def check_plan(self, plan: bytes, where: str) -> dict[str, Any]:
-        """What can be checked of a serialized engine before deserializing it (no GPU needed): the flavour's
-        header and, for TensorRT-RTX, the plan size it records (a truncated copy is caught) and the compute
-        capabilities it was built for. Raises with the file named; returns the header facts."""
+    def check_plan(self, path) -> dict[str, Any]:
+        """What can be checked of a serialized engine file before deserializing it (no GPU needed, 64 bytes read):
+        the flavour's header and, for TensorRT-RTX, the plan size it records (a truncated copy is caught) and the
+        compute capabilities it was built for. Raises with the file named; returns the header facts."""
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size = path.stat().st_size
         if self.flavour is TrtFlavour.tensorrt_rtx:
-            return read_rtx_plan_header(plan, where)
-        if len(plan) < 28 or struct.unpack_from("<I", plan, 0)[0] != TRT_PLAN_MAGIC:
-            raise FusionError(f"{where}: not a TensorRT engine (its header is not a TensorRT plan's)")
-        return {"bytes": len(plan)}
+            return read_rtx_plan_header(head, size, str(path))
+        if len(head) < 28 or struct.unpack_from("<I", head, 0)[0] != TRT_PLAN_MAGIC:
+            raise FusionError(f"{path}: not a TensorRT engine (its header is not a TensorRT plan's)")
+        return {"bytes": size}
+
+    def write_plan(self, builder: Any, network: Any, config: Any, path) -> bool:
+        """Build and write the plan to `path` without holding it in memory where the builder can stream it
+        (`build_serialized_network_to_stream`, TensorRT 10.x later releases and TensorRT-RTX): a full-size plan
+        is as large as its weights. Returns False when the build failed."""
+        if hasattr(builder, "build_serialized_network_to_stream"):
+            base = self.module.IStreamWriter
+            with open(path, "wb") as f:
+
+                class FileWriter(base):
+                    def __init__(self) -> None:
+                        base.__init__(self)
+
+                    def write(self, data) -> int:
+                        return f.write(data)
+
+                return bool(builder.build_serialized_network_to_stream(network, config, FileWriter()))
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            return False
+        with open(path, "wb") as f:
+            f.write(memoryview(plan))  # no bytes() copy of a multi-GB plan
+        return True
 
     def engine_validity(self, plan: bytes) -> tuple[str, list[str]] | None:
         """The runtime's own validity verdict, where the flavour has the query (TensorRT-RTX): ("VALID" |
@@ -188,18 +214,19 @@ RTX_PLAN_MAGIC = b"vtrt"  # TensorRT-RTX 1.x plans, read off 1.7.1 engines (docs
 RTX_CC_BITS = {"SM80": 0x02, "SM86": 0x04, "SM89": 0x08, "SM120": 0x10, "SM121": 0x20}
 
 
-def read_rtx_plan_header(plan: bytes, where: str) -> dict[str, Any]:
-    """The TensorRT-RTX plan header as read off 1.7.1 engines (undocumented, so only what was confirmed): magic,
-    total size (u64 at 16), version bytes (24..26), compute-capability mask (u32 at 32)."""
-    if len(plan) < 64 or plan[:4] != RTX_PLAN_MAGIC:
+def read_rtx_plan_header(head: bytes, size: int, where: str) -> dict[str, Any]:
+    """The TensorRT-RTX plan header (the first 64 bytes of a plan of `size` bytes) as read off 1.7.1 engines
+    (undocumented, so only what was confirmed): magic, total size (u64 at 16), version bytes (24..26),
+    compute-capability mask (u32 at 32)."""
+    if len(head) < 64 or head[:4] != RTX_PLAN_MAGIC:
         raise FusionError(f"{where}: not a TensorRT-RTX engine (wrong header)")
-    (total,) = struct.unpack_from("<Q", plan, 16)
-    if total != len(plan):
-        raise FusionError(f"{where}: truncated or padded engine ({len(plan)} bytes, its header says {total})")
-    (mask,) = struct.unpack_from("<I", plan, 32)
+    (total,) = struct.unpack_from("<Q", head, 16)
+    if total != size:
+        raise FusionError(f"{where}: truncated or padded engine ({size} bytes, its header says {total})")
+    (mask,) = struct.unpack_from("<I", head, 32)
     return {
         "bytes": total,
-        "version": ".".join(str(b) for b in plan[24:27]),
+        "version": ".".join(str(b) for b in head[24:27]),
         "compute_capabilities": [name for name, bit in RTX_CC_BITS.items() if mask & bit],
     }
 
