@@ -31,6 +31,10 @@ class ReferenceBackend:
             self._model = load_model(self.model_dir, dtype=self.dtype, device=self.device)
         return self._model
 
+    def load(self) -> ReferenceBackend:
+        self.model  # noqa: B018  (reads the weights)
+        return self
+
     def describe(self) -> str:
         return f"reference (PyTorch {self.dtype} on {self.device}) from {self.model_dir}"
 

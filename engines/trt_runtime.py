@@ -38,7 +38,7 @@ from fusion_export.graph_inputs import (
 )
 from fusion_export.precision import Precision
 from reference_model.errors import FusionError
-from reference_model.generation import DecodeState, GenerationError, require_finite
+from reference_model.generation import DecodeState, GenerationError, StageClock, require_finite
 from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
@@ -219,17 +219,21 @@ class TrtSession:
     def prefill(self) -> torch.Tensor:
         model = self.model
         rope = model.config.decoder.rope
+        clock = StageClock(self.synchronize)
         with torch.cuda.stream(model.stream):
             vision_session = model.sessions["vision_encoder"]
             vision = self._run(
                 "vision_encoder", self._device(vision_inputs(self.batch, model.embed_table), vision_session)
             )
-            host = [vision[name].float().cpu().numpy() for name in VISION_OUTPUTS]  # synchronises the stream
+            clock.lap("vision_encoder")
+            host = [vision[name].float().cpu().numpy() for name in VISION_OUTPUTS]
             self.vision = VisionOutputs(*(torch.from_numpy(x) for x in host))
             require_finite("vision encoder", **vars(self.vision))
             arrays = prefill_inputs(self.batch, model.embed_table, *host, rope)
             prefill = self._run("decoder_prefill", self._device(arrays, model.sessions["decoder_prefill"]))
             logits = prefill[LOGITS].float().cpu()
+            clock.lap("decoder_prefill")
+            self.stage_seconds = clock.seconds
         require_finite("decoder prefill", logits=logits)
         return logits
 

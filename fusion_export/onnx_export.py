@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .graphs.kv_write import translation_table
+from .graphs import attention, kv_write
 from .graphs.spec import GraphSpec
 
 INLINE_BYTES = 1024  # smaller constants stay inside the .onnx file
@@ -43,7 +43,7 @@ def trace(spec: GraphSpec, opset: int) -> ir.Model:
                 input_names=spec.input_names,
                 output_names=spec.output_names,
                 dynamic_shapes=spec.dynamic_shapes,
-                custom_translation_table=translation_table(opset),
+                custom_translation_table={**kv_write.translation_table(opset), **attention.translation_table(opset)},
                 optimize=False,
                 verbose=False,
             )

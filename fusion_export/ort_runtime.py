@@ -21,7 +21,7 @@ from onnx.external_data_helper import ExternalDataInfo
 from safetensors import safe_open
 
 from reference_model.errors import FusionError
-from reference_model.generation import DecodeState, GenerationError, require_finite
+from reference_model.generation import DecodeState, GenerationError, StageClock, require_finite
 from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
@@ -190,11 +190,15 @@ class OrtSession:
 
     def prefill(self) -> torch.Tensor:
         model, rope = self.model, self.model.config.decoder.rope
+        clock = StageClock(self.synchronize)
         outputs = model.vision.run(None, vision_inputs(self.batch, model.embed_table))
+        clock.lap("vision_encoder")
         self.vision = VisionOutputs(*(torch.from_numpy(x) for x in outputs))
         require_finite("vision encoder", **vars(self.vision))
         inputs = prefill_inputs(self.batch, model.embed_table, *outputs, rope)
         logits = torch.from_numpy(self._run(model.prefill_session, inputs))
+        clock.lap("decoder_prefill")
+        self.stage_seconds = clock.seconds
         require_finite("decoder prefill", logits=logits)
         return logits
 

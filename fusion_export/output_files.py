@@ -33,6 +33,8 @@ class OutputKind(Enum):
     golden = ("fusion-export-golden", "golden outputs file")
     validation_report = ("fusion-export-validation-report", "validation report")
     trt_report = ("fusion-export-trt-check", "TensorRT check report")
+    bench_report = ("fusion-export-bench", "benchmark report")
+    bench_plot = ("png", "benchmark plot")
 
     def __init__(self, marker: str, description: str):
         self.marker, self.description = marker, description
@@ -47,12 +49,24 @@ class OutputKind(Enum):
                     return (f.metadata() or {}).get("format") == self.marker
             except Exception:  # any unreadable file is simply not a golden file
                 return False
+        if self is OutputKind.bench_plot:  # a PNG that a benchmark wrote carries its own text chunk
+            return _png_text(path).get("Software") == "fusion-export bench"
         if path.stat().st_size > MAX_REPORT_BYTES:
             return False
         try:
             return json.loads(path.read_bytes()).get("format") == self.marker
         except (ValueError, AttributeError, OSError):
             return False
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return dict(getattr(image, "text", {}) or {})
+    except Exception:  # not an image: not ours
+        return {}
 
 
 def protected_folder(folder: Path) -> str | None:

@@ -99,6 +99,26 @@ class DecoderSession(Protocol):
         """Wait for the device's queued work (a no-op on the host): called before every timer read."""
         ...
 
+    # after prefill(): seconds of its stages, "vision_encoder" and "decoder_prefill" (device-synchronised)
+    stage_seconds: dict[str, float]
+
+
+class StageClock:
+    """Times the stages of one call: each lap synchronises the device first, so a GPU stage is not credited
+    to the next one."""
+
+    def __init__(self, synchronize: Callable[[], None]):
+        self.synchronize = synchronize
+        self.seconds: dict[str, float] = {}
+        synchronize()
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        self.synchronize()
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
+
 
 @dataclass
 class GenerationOutput:
@@ -222,9 +242,11 @@ class ReferenceSession:
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
         model, layout, device = self.model, self.batch.layout, self.model.device
+        clock = StageClock(self.synchronize)
         self.vision = model.encode_images(
             self.batch.pixel_values.to(device), self.batch.instructs.to(device), self.batch.query_len
         )
+        clock.lap("vision_encoder")
         require_finite("vision encoder", **vars(self.vision))
         embeds = assemble_embeddings(layout, model.embed_tokens(layout.text_ids.to(device)), self.vision)
         cos, sin = self._rope(layout.position_ids)
@@ -239,6 +261,8 @@ class ReferenceSession:
             logits = self.prefill_logits[:, -1]
         else:
             logits = model.logits(h[:, -1])
+        clock.lap("decoder_prefill")
+        self.stage_seconds = clock.seconds
         require_finite("decoder prefill", logits=logits)
         return logits
 

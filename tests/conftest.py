@@ -31,6 +31,7 @@ EXPORT_GROUPS = [
     ("tests/test_trt_compat.py", "oracle-exports"),
     ("tests/test_trt_build.py::test_small_shape_builds", "small-build"),  # independent: balances the workers
     ("tests/test_trt_build.py", "demo-exports"),
+    ("tests/test_bench.py", "demo-exports"),
 ]
 
 if importlib.util.find_spec("xdist") is not None:

@@ -10,11 +10,13 @@ Reference and ONNX Runtime run in separate processes, one after the other, so th
 
 Needs ~21 GB of free disk (checkpoint + artifact) under FUSION_SLOW_TMP (default: pytest's tmp dir); both are
 removed afterwards unless FUSION_SLOW_KEEP=1. Figures are printed at the end (`-s`). Measured on a 2-core,
-24 GB CPU machine (`FUSION_SLOW_TMP=/work/fullsize pytest -m slow -s tests/test_fullsize_export.py`, 10 min 28 s):
-checkpoint 75 s; export 4.1 min, peak RSS 10.5 GiB; artifact 10.19 GB (decoder.onnx.data 9.14 GB, stored once);
-reference (fp32 compute) 152 s, peak RSS 14.7 GiB; ONNX Runtime 151 s, peak RSS 22.5 GiB (prefill of 870
-positions 88 s, 12 s per step: fp16 weights are cast per call on CPU); max rel error per stage 3.9e-4 .. 9.0e-4,
-cosines 1.000000 (6 decimals), top-1 agreement 4/4, greedy agreement length 4.
+24 GB CPU machine (`FUSION_SLOW_TMP=/work/fullsize pytest -m slow -s tests/test_fullsize_export.py`, 12 min 10 s):
+checkpoint 69 s; export 3.5 min, peak RSS 10.9 GiB; artifact 10.19 GB (decoder.onnx.data 9.14 GB, stored once);
+TensorRT-RTX build 2.7 min, peak RSS 22.0 GiB (vision encoder 3,897 layers 0.86 GB, prefill 9,601 layers
+9.17 GB, step 8,834 layers 7.45 GB: each decoder engine holds its own weights); reference (fp32 compute) 136 s,
+peak RSS 14.5 GiB; ONNX Runtime 154 s, peak RSS 22.9 GiB (prefill of 870 positions 98 s, 11.6 s per step: fp16
+weights are cast per call on CPU); max rel error per stage 3.9e-4 .. 9.0e-4, cosines 1.000000 (6 decimals), top-1
+agreement 4/4, greedy agreement length 4.
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ from reference_model.sequence import assemble_embeddings
 from .conftest import DEMO_IMAGE
 
 
-def recompute_logits(model, batch, generated: list[int]) -> torch.Tensor:
-    """Logits of the last position after prefilling prompt + generated tokens without any cache."""
+def recompute_logits(model, batch, vision, generated: list[int]) -> torch.Tensor:
+    """Logits of the last position after prefilling prompt + generated tokens without any cache (the vision
+    outputs do not depend on the generated tokens, so they are computed once by the caller)."""
     layout = batch.layout
     with torch.inference_mode():
-        vision = model.encode_images(batch.pixel_values, batch.instructs, batch.query_len)
         embeds = assemble_embeddings(layout, model.embed_tokens(layout.text_ids), vision)
         extra = torch.tensor([generated], dtype=torch.int64)
         embeds = torch.cat((embeds, model.embed_tokens(extra)), dim=1)
@@ -35,7 +35,9 @@ def test_cached_decoding_equals_recomputation(tiny_model, tiny_tokenizer):
     ids = out.token_ids[0]
     assert len(ids) == 17
     assert len(set(ids)) > 1, "degenerate model: every step produced the same token"
+    with torch.inference_mode():
+        vision = tiny_model.encode_images(batch.pixel_values, batch.instructs, batch.query_len)
     for step in range(17):
-        logits = recompute_logits(tiny_model, batch, ids[:step])
+        logits = recompute_logits(tiny_model, batch, vision, ids[:step])
         assert int(logits.argmax()) == ids[step], step
         assert (logits - out.step_logits[:, step]).abs().max().item() <= 1e-4, step

@@ -1,0 +1,110 @@
+"""Benchmark reports: JSON (machine, versions, settings, every contender's stages with spread, roofline), a
+side-by-side table with ratios to the first contender, and `compare` over several saved reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fusion_export.output_files import OutputKind
+from reference_model.errors import FusionError
+
+FORMAT = "fusion-export-bench"
+STAGES = ("preprocess", "session", "vision_encoder", "decoder_prefill", "ttft", "decode", "end_to_end")
+
+
+def result_json(result) -> dict[str, Any]:
+    return {
+        "label": result.label,
+        "kind": result.kind,
+        "precision": result.precision,
+        "text_only": result.text_only,
+        "stages_s": {name: asdict(stats) for name, stats in result.stage_stats().items()},
+        "decode_step_s": asdict(result.step_stats()),
+        "tokens_per_s": result.tokens_per_s,
+        "load_s": result.load_s,
+        "rss_after_load_bytes": result.rss_after_load,
+        "roofline": result.roofline.to_json() if result.roofline else None,
+        "roofline_fraction": result.roofline.fraction(result.tokens_per_s) if result.roofline else None,
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    """Medians per contender, ratios to the first one, the roofline line."""
+    results = report["results"]
+    base = results[0]
+    head = (f"{'contender':<44} {'preproc':>8} {'vision':>8} {'prefill':>8} {'TTFT':>8} {'step p50':>9} "
+            f"{'p90':>7} {'p99':>7} {'tok/s':>7} {'vs 1st':>7} {'bound':>6}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+
+    def ms(stages: dict, name: str) -> str:
+        return f"{stages[name]['median'] * 1e3:>8.1f}" if name in stages else f"{'-':>8}"
+
+    for r in results:
+        s = r["stages_s"]
+        step = r["decode_step_s"]
+        fraction = f"{r['roofline_fraction']:>6.0%}" if r["roofline_fraction"] is not None else f"{'-':>6}"
+        label = r["label"] + (" *" if r["text_only"] else "")
+        lines.append(
+            f"{label:<44} {ms(s, 'preprocess')} {ms(s, 'vision_encoder')} {ms(s, 'decoder_prefill')} {ms(s, 'ttft')} "
+            f"{step['median'] * 1e3:>9.2f} {step['p90'] * 1e3:>7.2f} {step['p99'] * 1e3:>7.2f} "
+            f"{r['tokens_per_s']:>7.1f} {r['tokens_per_s'] / base['tokens_per_s']:>6.2f}x {fraction}"
+        )
+    bw = report["bandwidth_bytes_per_s"]
+    lines.append(
+        f"times in ms (medians of {report['settings']['iters']} interleaved rounds); * text decoder only (no vision "
+        "encoder, no interaction layers)"
+    )
+    threads = report["settings"]["threads"]
+    lines.append(
+        f"roofline: {bw / 1e9:.1f} GB/s measured in this run ({threads} threads); "
+        "'bound' = measured tok/s / (bandwidth / bytes a step must read)"
+    )
+    for r in results:
+        if r["roofline"]:
+            rl = r["roofline"]
+            lines.append(
+                f"  {r['label']}: {rl['weight_bytes'] / 1e6:.0f} MB weights + {rl['kv_bytes'] / 1e6:.0f} MB KV per "
+                f"step -> bound {rl['bound_tokens_per_s']:.0f} tok/s"
+            )
+    return "\n".join(lines)
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FusionError(f"{path}: not a readable benchmark report ({e})") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise FusionError(f"{path}: not a fusion-export benchmark report (format {report.get('format')!r})")
+    return report
+
+
+def compare(paths: list[str]) -> str:
+    """Every contender of every report, side by side, with ratios to the first row."""
+    rows = []
+    for path in paths:
+        report = load_report(path)
+        for r in report["results"]:
+            rows.append((Path(path).name, report, r))
+    base = rows[0][2]
+    head = f"{'report':<22} {'contender':<40} {'TTFT ms':>9} {'tok/s':>8} {'TTFT x':>7} {'tok/s x':>8} {'bound':>6}"
+    lines = [head, "-" * len(head)]
+    for name, _, r in rows:
+        ttft = r["stages_s"]["ttft"]["median"]
+        fraction = f"{r['roofline_fraction']:>6.0%}" if r["roofline_fraction"] is not None else f"{'-':>6}"
+        lines.append(
+            f"{name:<22} {r['label']:<40} {ttft * 1e3:>9.1f} {r['tokens_per_s']:>8.1f} "
+            f"{ttft / base['stages_s']['ttft']['median']:>6.2f}x {r['tokens_per_s'] / base['tokens_per_s']:>7.2f}x "
+            f"{fraction}"
+        )
+    machines = {(r[1]["machine"]["cpu"], r[1]["machine"]["gpu"]) for r in rows}
+    if len(machines) > 1:
+        lines.append("note: the reports come from different machines; ratios across them mean little")
+    return "\n".join(lines)
+
+
+OUTPUT_KIND = OutputKind.bench_report

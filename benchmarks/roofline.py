@@ -1,0 +1,49 @@
+"""The memory-bandwidth bound of a decode step: what one token must read, and the tokens/s that allows.
+
+Per step a decoder reads every weight of its layers, the final norm and the LM head (the embedding lookup reads
+one row), plus the KV columns its attention reads: the valid ones for a backend that reads only those (the
+reference, onnxruntime-genai, transformers), the whole buffer for graphs that attend over a fixed capacity under a
+mask. Weights and cache are counted at the run's precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Roofline:
+    weight_bytes: float
+    kv_bytes: float
+    bandwidth_bytes_per_s: float
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.weight_bytes + self.kv_bytes
+
+    @property
+    def bound_tokens_per_s(self) -> float:
+        return self.bandwidth_bytes_per_s / self.bytes_per_step
+
+    def fraction(self, tokens_per_s: float) -> float:
+        return tokens_per_s / self.bound_tokens_per_s
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "bytes_per_step": self.bytes_per_step, "bound_tokens_per_s": self.bound_tokens_per_s}
+
+
+def decoder_weight_values(config) -> int:
+    """Weights a decode step reads: every decoder layer, the final norm, the LM head (one embedding row aside)."""
+    d = config.decoder
+    q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    layer = d.hidden_size * (q + 2 * kv) + q * d.hidden_size + 3 * d.hidden_size * d.intermediate_size
+    layer += 2 * d.hidden_size  # the two RMSNorm scales
+    return d.num_layers * layer + d.hidden_size + d.hidden_size * d.vocab_size
+
+
+def decode_roofline(
+    config, weight_value_bytes: float, kv_value_bytes: float, kv_columns: float, batch: int, bandwidth: float
+) -> Roofline:
+    d = config.decoder
+    kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_columns * batch * kv_value_bytes
+    return Roofline(decoder_weight_values(config) * weight_value_bytes, kv, bandwidth)
