@@ -44,6 +44,7 @@ class BackendOptions:
     dtype: str | None = None  # reference: weight dtype fp32 | fp16 | bf16 (default fp32)
     provider: Any = None  # onnxruntime: providers.Device (default: cuda when available)
     threads: int | None = None  # onnxruntime: intra-op threads
+    ort_weights: str | None = None  # onnxruntime on CPU: auto | shared | packed (OrtModel)
 
 
 class Backend(Protocol):
@@ -55,6 +56,8 @@ class Backend(Protocol):
     precision: Any  # Precision of the graphs; None for the reference
 
     def describe(self) -> str: ...
+
+    def load(self) -> Backend: ...  # weights or engines, once (the first session does it otherwise)
 
     def session(self, batch: Any, max_new_tokens: int) -> Any: ...
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from reference_model.generation import DecodeState
-from reference_model.rope import rope_cos_sin
+from reference_model.rope import decode_cos_sin, rope_cos_sin
 from reference_model.sequence import PreparedBatch
 
 VISION_INPUTS = ("pixel_values", "instruct_embeds", "instruct_mask")
@@ -76,6 +76,40 @@ def prefill_inputs(
         "instruct_pos": layout.instruct_pos.numpy(),
         "global_ctx": global_ctx,
     }
+
+
+class StepFeeds:
+    """The step graph's inputs as persistent host arrays, refreshed in place at each step, so a runtime binds them
+    once. RoPE rows are computed up front for every position the session can reach (`decode_cos_sin`: the same
+    numbers as one `rope_cos_sin` per step); the valid-column mask is kept as the graph's int64 and one column is
+    set per step. Same values as `step_inputs`, without a per-step allocation or table computation."""
+
+    def __init__(self, state: DecodeState, embed_table: np.ndarray, rope, max_new_tokens: int):
+        self.state, self.embed_table = state, embed_table
+        batch = state.key_valid.shape[0]
+        ahead = state.positions[:, None] + torch.arange(1, max_new_tokens + 1)  # (B, N) positions of later steps
+        cos, sin = decode_cos_sin(ahead, rope)
+        self.cos, self.sin = cos.numpy(), sin.numpy()
+        self.arrays = {
+            "inputs_embeds": np.zeros((batch, 1, embed_table.shape[1]), dtype=embed_table.dtype),
+            "attention_mask": state.key_valid.numpy().astype(np.int64),
+            "rope_cos": np.zeros((batch, 1, self.cos.shape[-1]), dtype=np.float32),
+            "rope_sin": np.zeros((batch, 1, self.sin.shape[-1]), dtype=np.float32),
+            "write_indices": np.zeros((batch,), dtype=np.int64),
+        }
+        self.steps = 0
+
+    def advance(self, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+        """Advance the state by one column and write that step's inputs into the arrays (returned)."""
+        self.state.advance()
+        column, step = self.state.length - 1, self.steps
+        a = self.arrays
+        a["inputs_embeds"][:, 0] = self.embed_table[tokens.numpy()]
+        a["attention_mask"][:, column] = 1
+        a["rope_cos"][:, 0], a["rope_sin"][:, 0] = self.cos[:, step], self.sin[:, step]
+        a["write_indices"][:] = column
+        self.steps += 1
+        return a
 
 
 def step_inputs(tokens: torch.Tensor, state: DecodeState, embed_table: np.ndarray, rope) -> dict[str, np.ndarray]:

@@ -44,6 +44,18 @@ def rope_cos_sin(position_ids: torch.Tensor, rope: RopeConfig) -> tuple[torch.Te
     return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
+def decode_cos_sin(position_ids: torch.Tensor, rope: RopeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, N, head_dim] for N single-token forwards at once: each position decides its own factors, as
+    its own forward would (equal to rope_cos_sin(position_ids[:, j:j+1]) for every j)."""
+    position_ids = position_ids.detach().to("cpu", torch.int64)
+    short, long = inverse_frequencies(rope)
+    inv_freq = torch.where((position_ids + 1 > rope.original_max_position_embeddings)[..., None], long, short)
+    angles = position_ids.float()[:, :, None] * inv_freq  # (B, N, d/2), one float32 rounding
+    angles = torch.cat((angles, angles), dim=-1).double()
+    scale = rope.attention_scaling
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -40,3 +40,16 @@ def test_bench_writes_report_and_plot(demo_checkpoint, export_demo, tmp_path):
     assert result.returncode == 2 and "not a readable benchmark report" in result.stderr
     result = run_main("bench", "--model", str(demo_checkpoint), "--out", str(demo_checkpoint / "x.json"))
     assert result.returncode == 2 and "is a checkpoint folder" in result.stderr
+
+
+def test_bench_refuses_missing_optional_modules_before_work(demo_checkpoint, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in {"matplotlib",
+                        "onnxruntime_genai"} else real(name, *a))  # fmt: skip
+    result = run_main("bench", "--model", str(demo_checkpoint), "--plot", str(tmp_path / "b.png"))
+    assert result.returncode == 2 and "--plot needs the Python module 'matplotlib'" in result.stderr
+    result = run_main("bench", "--model", str(demo_checkpoint), "--peers", "genai-int4")
+    assert result.returncode == 2 and "'onnxruntime_genai'" in result.stderr and "fusion-export[bench]" in result.stderr
+    assert not (tmp_path / "b.png").exists()

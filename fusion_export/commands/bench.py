@@ -42,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=64, metavar="N")
     p.add_argument("--query-len", type=positive_int, metavar="N", help="latents per image (default 64)")
     p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="CPU threads per backend (2)")
+    p.add_argument(
+        "--ort-weights",
+        choices=["auto", "shared", "packed"],
+        default="auto",
+        help="ONNX Runtime on CPU: decoder weights shared by the sessions or prepacked per session",
+    )
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="rounds dropped first (1)")
     p.add_argument("--iters", type=positive_int, default=3, metavar="N", help="measured rounds (3)")
     p.add_argument("--sweep", metavar="CONTEXTS", help="also decode latency at these contexts, e.g. 512,1024,2048")
@@ -90,6 +96,16 @@ def _exports(args: argparse.Namespace, model_dir: Path, query_len: int, progress
     return out
 
 
+def _require(module: str, flag: str) -> None:
+    """Refuse before any compute when an optional dependency of a flag is missing."""
+    import importlib.util
+
+    from reference_model.errors import FusionError
+
+    if importlib.util.find_spec(module) is None:
+        raise FusionError(f"{flag} needs the Python module {module!r}: pip install 'fusion-export[bench]'")
+
+
 def run(args: argparse.Namespace) -> int:
     from reference_model.errors import FusionError
 
@@ -129,12 +145,15 @@ def run_bench(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out", OutputKind.bench_report)
     if args.plot:
         check_output_file(args.plot, "--plot", OutputKind.bench_plot)
+        _require("matplotlib", "--plot")
     if args.model and args.preset:
         raise FusionError("--model and --preset go separately: the preset is a random checkpoint of that shape")
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise FusionError(f"--peers {','.join(unknown)}: choose from {', '.join(PEERS)}")
+    if any(p.startswith("genai") for p in peers):
+        _require("onnxruntime_genai", "--peers genai*")
     sweep = [int(c) for c in args.sweep.split(",")] if args.sweep else []
     settings = BenchSettings(
         batch=args.batch,
@@ -161,7 +180,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.export:
         artifacts += _exports(args, model_dir, resolve_query_len(args.query_len, config), progress)
     for folder in artifacts:
-        backend = open_backend(BackendKind.onnxruntime, folder, BackendOptions(threads=args.threads))
+        options = BackendOptions(threads=args.threads, ort_weights=args.ort_weights)
+        backend = open_backend(BackendKind.onnxruntime, folder, options)
         target = backend.artifact.manifest["export"]["trt_target"]
         contenders.append(BackendContender(f"onnxruntime {target} {backend.precision} ({Path(folder).name})",
                                            backend, settings))  # fmt: skip

@@ -46,7 +46,9 @@ from reference_model import FusionModel
 from reference_model.decoder import attention_mask
 
 from ..graph_inputs import LOGITS, PREFILL_INPUTS, STEP_INPUTS, past_names, present_names
-from . import kv_write as _kv_write  # noqa: F401  registers torch.ops.fusion_export.kv_write
+from .attention import use_export_attention
+from .kv_write import scatter_index  # (and registers torch.ops.fusion_export.kv_write)
+from .rms_norm import use_export_norms
 from .spec import GraphSpec
 
 
@@ -56,6 +58,7 @@ class BufferCache:
     def __init__(self, past: tuple[torch.Tensor, ...], write_indices: torch.Tensor, attend_to_buffer: bool):
         self.past, self.write_indices, self.attend_to_buffer = past, write_indices, attend_to_buffer
         self.presents: list[torch.Tensor] = list(past)
+        self.index: torch.Tensor | None = None  # kv_write's scatter index, computed once for every layer
 
     def layer(self, index: int) -> _BufferLayer:
         return _BufferLayer(self, index)
@@ -65,17 +68,25 @@ class _BufferLayer:
     def __init__(self, cache: BufferCache, index: int):
         self.cache, self.index = cache, index
 
+    @property
+    def decode(self) -> bool:
+        """A decode step: the queries attend to the whole buffer (the export attention's cue, graphs/attention.py)."""
+        return self.cache.attend_to_buffer
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, i = self.cache, 2 * self.index
-        c.presents[i] = torch.ops.fusion_export.kv_write(c.past[i], k, c.write_indices)
-        c.presents[i + 1] = torch.ops.fusion_export.kv_write(c.past[i + 1], v, c.write_indices)
+        if c.index is None:  # a prefill writes whole rows (ScatterND); a step single columns (ScatterElements)
+            c.index = scatter_index(c.write_indices, k, rows=not c.attend_to_buffer)
+        rows = not c.attend_to_buffer
+        c.presents[i] = torch.ops.fusion_export.kv_write(c.past[i], k, c.write_indices, c.index, rows)
+        c.presents[i + 1] = torch.ops.fusion_export.kv_write(c.past[i + 1], v, c.write_indices, c.index, rows)
         return (c.presents[i], c.presents[i + 1]) if c.attend_to_buffer else (k, v)
 
 
 class DecoderPrefillGraph(nn.Module):
     def __init__(self, model: FusionModel):
         super().__init__()
-        self.model = model
+        self.model = use_export_attention(use_export_norms(model))
 
     def forward(
         self,
@@ -100,7 +111,7 @@ class DecoderPrefillGraph(nn.Module):
 class DecoderStepGraph(nn.Module):
     def __init__(self, model: FusionModel):
         super().__init__()
-        self.model = model
+        self.model = use_export_attention(use_export_norms(model))
 
     def forward(
         self,
