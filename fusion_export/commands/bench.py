@@ -30,8 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("compare", nargs="*", metavar="compare REPORT.json", help="compare saved reports instead")
     p.add_argument("--model", metavar="DIR", help="checkpoint: the reference, and the peers' decoder weights")
     p.add_argument("--preset", choices=PRESETS, help="random checkpoint of this shape (cached) instead of --model")
-    p.add_argument("--artifacts", action="append", default=[], metavar="ART", help="ONNX Runtime on an artifact")
-    p.add_argument("--engines", action="append", default=[], metavar="ENG", help="TensorRT on an engine folder")
+    several = {"action": "extend", "nargs": "+", "default": []}
+    p.add_argument("--artifacts", **several, metavar="ART", help="ONNX Runtime on artifacts")
+    p.add_argument("--engines", **several, metavar="ENG", help="TensorRT on engine folders")
     p.add_argument("--export", metavar="TARGETS", help="with --preset/--model: export for these targets (cached)")
     p.add_argument("--peers", metavar="LIST", help=f"comma-separated: {', '.join(PEERS)}")
     p.add_argument("--no-reference", action="store_true", help="leave the PyTorch reference out")
