@@ -161,6 +161,14 @@ class BackendContender:
     def weight_value_bytes(self) -> float:
         return {"fp32": 4, "fp16": 2, "bf16": 2}[self.precision_name()]
 
+    def weight_bytes(self) -> float | None:
+        """Quantized graphs: the bytes of the step graph's own weights (INT8 layers, float LM head...)."""
+        if getattr(self.backend, "quantization", None) is None:
+            return None
+        from .roofline import graph_weight_bytes
+
+        return graph_weight_bytes(self.backend.artifact.graph_path("decoder_step"))
+
     def kv_value_bytes(self) -> float:
         return self.weight_value_bytes()
 

@@ -41,9 +41,32 @@ def decoder_weight_values(config) -> int:
     return d.num_layers * layer + d.hidden_size + d.hidden_size * d.vocab_size
 
 
+def graph_weight_bytes(path) -> int:
+    """Bytes of every initializer of an ONNX graph (external and inline), read from its header only."""
+    import numpy as np
+    import onnx
+
+    total = 0
+    for t in onnx.load(path, load_external_data=False).graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        if "length" in info:
+            total += int(info["length"])
+        else:
+            item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            total += int(np.prod(t.dims, dtype=np.int64)) * item
+    return total
+
+
 def decode_roofline(
-    config, weight_value_bytes: float, kv_value_bytes: float, kv_columns: float, batch: int, bandwidth: float
+    config,
+    weight_value_bytes: float,
+    kv_value_bytes: float,
+    kv_columns: float,
+    batch: int,
+    bandwidth: float,
+    weight_bytes: float | None = None,  # measured from the graph (quantized), else counted from the config
 ) -> Roofline:
     d = config.decoder
     kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_columns * batch * kv_value_bytes
-    return Roofline(decoder_weight_values(config) * weight_value_bytes, kv, bandwidth)
+    weights = weight_bytes if weight_bytes is not None else decoder_weight_values(config) * weight_value_bytes
+    return Roofline(weights, kv, bandwidth)

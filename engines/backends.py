@@ -54,6 +54,7 @@ class Backend(Protocol):
     query_len: int | None  # fixed by exported graphs; None: any (the reference)
     max_context: int | None  # KV columns fixed by the graphs; None: sized per request
     precision: Any  # Precision of the graphs; None for the reference
+    quantization: str | None  # "int8" / "int8-weight-only" for Q/DQ graphs; None otherwise
 
     def describe(self) -> str: ...
 

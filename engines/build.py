@@ -199,6 +199,7 @@ def build_engines(
                 "graphs": {g.name: artifact.manifest["files"][g.onnx]["sha256"] for g in plan.graphs},
             },
             "precision": plan.precision,
+            "quantization": artifact.quantization,  # INT8 Q/DQ graphs: "int8" or "int8-weight-only"
             "query_len": plan.query_len,
             "embeddings": {"file": EMBEDDINGS_FILE, "tensor": artifact.manifest["embeddings"]["tensor"]},
             "engines": engines,

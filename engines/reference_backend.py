@@ -14,6 +14,7 @@ class ReferenceBackend:
     query_len = None
     max_context = None
     precision = None
+    quantization = None
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", device: str = "cpu"):
         from reference_model.checkpoint import resolve_device

@@ -117,6 +117,7 @@ class TrtModel:
         self.config = engines.config
         self.model_dir = engines.model_dir
         self.precision = Precision(engines.manifest["precision"])
+        self.quantization = engines.manifest.get("quantization")
         self.query_len = int(engines.manifest["query_len"])
         self.limits = engines.limits
         self.max_context = self.limits["max_context"]

@@ -29,6 +29,18 @@ def _raise_terminated(signum: int, frame) -> None:
     raise Terminated(signum)
 
 
+def _signal_behind(error: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM that a library turned into its own error (onnxruntime's import re-raises whatever
+    interrupted it as ImportError), found along the exception's cause/context chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusion-export",
@@ -61,6 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as e:
         print(f"{name}: terminated by {e}", file=sys.stderr)
         return 128 + e.signum
+    except Exception as e:
+        signalled = _signal_behind(e)
+        if isinstance(signalled, Terminated):
+            print(f"{name}: terminated by {signalled}", file=sys.stderr)
+            return 128 + signalled.signum
+        if isinstance(signalled, KeyboardInterrupt):
+            print(f"{name}: interrupted", file=sys.stderr)
+            return 130
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -177,6 +177,7 @@ class Artifact:
     precision: Precision
     query_len: int
     max_context: int | None  # the decoder graphs' fixed KV capacity, or None when it is sized per request
+    quantization: str | None = None  # "int8" (W8A8) or "int8-weight-only", read from the graphs' Q/DQ nodes
 
     @property
     def config(self) -> FusionConfig:
@@ -206,7 +207,15 @@ def _io_entry(io: dict[str, list[dict[str, Any]]], kind: str, name: str, where: 
     raise ArtifactError(f"{where}: the graph has no {kind[:-1]} '{name}'")
 
 
-def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision, int, int | None]:
+def _quantization_of(paths: list[Path]) -> str | None:
+    """What the graphs' Q/DQ nodes make them: None, "int8-weight-only" (DQ only) or "int8" (Q and DQ)."""
+    ops = {n.op_type for p in paths for n in onnx.load(p, load_external_data=False).graph.node}
+    if "QuantizeLinear" in ops:
+        return "int8"
+    return "int8-weight-only" if "DequantizeLinear" in ops else None
+
+
+def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision, int, int | None, str | None]:
     """Compare every graph's real inputs/outputs with the manifest, then read precision, query_len and the KV
     capacity (a number when fixed at export) from them."""
     ios = {}
@@ -251,7 +260,15 @@ def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision
             f"{recorded[2]!r}, but the graphs are {precision.value} with query_len {query_len} and max_context "
             f"{capacity!r}"
         )
-    return precision, query_len, capacity
+    quantization = _quantization_of([folder / manifest["graphs"][name]["file"] for name in GRAPHS])
+    record = manifest.get("quantization")
+    recorded_mode = record.get("mode") if isinstance(record, dict) else None
+    if recorded_mode != quantization:
+        raise ArtifactError(
+            f"{folder / MANIFEST}: says quantization {recorded_mode!r}, "
+            f"but the graphs are {quantization or 'unquantized'}"
+        )
+    return precision, query_len, capacity, quantization
 
 
 def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
@@ -274,5 +291,6 @@ def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
             problems.append(f"graph {name}: its file is not listed in the manifest")
     if problems:
         raise ArtifactError(f"{folder}: artifact does not match its manifest:\n  " + "\n  ".join(problems))
-    precision, query_len, max_context = _read_graph_facts(folder, manifest)
-    return Artifact(folder=folder, manifest=manifest, precision=precision, query_len=query_len, max_context=max_context)
+    precision, query_len, max_context, quantization = _read_graph_facts(folder, manifest)
+    return Artifact(folder=folder, manifest=manifest, precision=precision, query_len=query_len,
+                    max_context=max_context, quantization=quantization)  # fmt: skip

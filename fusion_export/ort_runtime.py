@@ -84,6 +84,7 @@ class OrtModel:
         self.config = artifact.config
         self.model_dir = artifact.model_dir
         self.precision, self.query_len = artifact.precision, artifact.query_len
+        self.quantization = artifact.quantization
         self.max_context = artifact.max_context
         self.providers = resolve_providers(device)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"

@@ -34,7 +34,8 @@ class OutputKind(Enum):
     validation_report = ("fusion-export-validation-report", "validation report")
     trt_report = ("fusion-export-trt-check", "TensorRT check report")
     bench_report = ("fusion-export-bench", "benchmark report")
-    bench_plot = ("png", "benchmark plot")
+    bench_plot = ("fusion-export bench", "benchmark plot")  # PNGs: the marker is their Software text
+    validation_plot = ("fusion-export validate", "validation plot")
 
     def __init__(self, marker: str, description: str):
         self.marker, self.description = marker, description
@@ -49,8 +50,8 @@ class OutputKind(Enum):
                     return (f.metadata() or {}).get("format") == self.marker
             except Exception:  # any unreadable file is simply not a golden file
                 return False
-        if self is OutputKind.bench_plot:  # a PNG that a benchmark wrote carries its own text chunk
-            return _png_text(path).get("Software") == "fusion-export bench"
+        if self in (OutputKind.bench_plot, OutputKind.validation_plot):  # a PNG we wrote carries its text chunk
+            return _png_text(path).get("Software") == self.marker
         if path.stat().st_size > MAX_REPORT_BYTES:
             return False
         try:

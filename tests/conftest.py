@@ -32,6 +32,7 @@ EXPORT_GROUPS = [
     ("tests/test_trt_build.py::test_small_shape_builds", "small-build"),  # independent: balances the workers
     ("tests/test_trt_build.py", "demo-exports"),
     ("tests/test_bench.py", "demo-exports"),
+    ("tests/test_quantize.py", "quantize"),  # its own demo exports: balances the workers
 ]
 
 if importlib.util.find_spec("xdist") is not None:

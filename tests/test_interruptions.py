@@ -32,3 +32,28 @@ def test_interrupted_export_leaves_nothing(oracle_dir, tmp_path, signum, code):
     assert proc.returncode == code, err
     assert ("interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}") in err
     assert list(tmp_path.iterdir()) == [], "a partial artifact was left behind"
+
+
+def test_signal_wrapped_by_a_library_still_reads_as_the_signal(monkeypatch, capsys):
+    """onnxruntime's import turns whatever interrupts it into ImportError; the CLI still exits as terminated."""
+    from fusion_export import cli
+
+    def interrupted_import(args):
+        try:
+            raise cli.Terminated(signal.SIGTERM)
+        except cli.Terminated as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(cli, "build_parser", _parser_running(interrupted_import))
+    assert cli.main(["check-trt", "x.onnx"]) == 143
+    assert "terminated by SIGTERM" in capsys.readouterr().err
+
+
+def _parser_running(run):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command")
+    parser.add_argument("rest", nargs="*")
+    parser.set_defaults(run=run)
+    return lambda: parser

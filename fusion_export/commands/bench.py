@@ -184,7 +184,8 @@ def run_bench(args: argparse.Namespace) -> int:
         options = BackendOptions(threads=args.threads, ort_weights=args.ort_weights)
         backend = open_backend(BackendKind.onnxruntime, folder, options)
         target = backend.artifact.manifest["export"]["trt_target"]
-        contenders.append(BackendContender(f"onnxruntime {target} {backend.precision} ({Path(folder).name})",
+        numbers = backend.quantization or backend.precision
+        contenders.append(BackendContender(f"onnxruntime {target} {numbers} ({Path(folder).name})",
                                            backend, settings))  # fmt: skip
     for folder in args.engines:
         backend = open_backend(BackendKind.tensorrt, folder, BackendOptions(device=args.device.replace("cpu", "cuda")))
@@ -212,8 +213,9 @@ def run_bench(args: argparse.Namespace) -> int:
     for contender, result in zip(contenders, results):
         columns = contender.kv_columns(settings.prompt_len)
         cfg = config or contender.backend.config
+        weights = getattr(contender, "weight_bytes", lambda: None)()
         result.roofline = decode_roofline(cfg, contender.weight_value_bytes(), contender.kv_value_bytes(), columns,
-                                          settings.batch, bandwidth)  # fmt: skip
+                                          settings.batch, bandwidth, weights)  # fmt: skip
     report = {
         "format": FORMAT,
         "machine": machine_info(),

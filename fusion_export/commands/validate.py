@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--atol", type=float, default=None, help="override the absolute tolerance on every stage")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--plot", metavar="PNG", help="also plot the error by stage, decode step and layer")
     add_image_options(p)
     p.add_argument(
         "--provider", type=Device, choices=list(Device), default=None, help="ONNX Runtime device (default: cuda if any)"
@@ -56,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         inputs = [p for p in (args.deployment, args.model, args.inputs, args.image) if p]
         check_output_file(args.json, "--json", OutputKind.validation_report, inputs=inputs)
+    if args.plot:
+        import importlib.util
+
+        inputs = [p for p in (args.deployment, args.model, args.inputs, args.image, args.json) if p]
+        check_output_file(args.plot, "--plot", OutputKind.validation_plot, inputs=inputs)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise FusionError("--plot needs the Python module 'matplotlib': pip install 'fusion-export[bench]'")
     if args.inputs is None and (args.image is None) != (args.question is None):
         raise FusionError("--image and --question go together")
     kind = kind_of_folder(args.deployment)
@@ -79,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     session = candidate.session(batch, args.max_new_tokens)  # request limits checked before any heavy work
     model = load_model(args.model)  # the float32 reference is the truth for every precision
 
-    tolerances = Tolerances.for_precision(candidate.precision)
+    tolerances = Tolerances.for_precision(candidate.precision, candidate.quantization)
     if args.atol is not None:
         tolerances = dataclasses.replace(tolerances, atol=args.atol)
     report = validate_session(model, batch, session, args.max_new_tokens, tolerances)
@@ -87,9 +95,16 @@ def run(args: argparse.Namespace) -> int:
         deployment=str(Path(args.deployment).resolve()),
         backend=candidate.describe(),
         precision=candidate.precision.value,
+        quantization=candidate.quantization,
     )
     print(report.table())
     if args.json:
         write_json(args.json, OutputKind.validation_report, report.to_json())
         print(f"report: {args.json}")
+    if args.plot:
+        from ..validation_plot import plot_validation
+
+        label = candidate.quantization or candidate.precision.value
+        plot_validation(report.to_json(), args.plot, f"{Path(args.deployment).name} ({label}) vs the float32 reference")
+        print(f"plot: {args.plot}")
     return 0 if report.passed else 1

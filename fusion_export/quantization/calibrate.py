@@ -1,0 +1,152 @@
+"""Activation ranges for the linear layers, measured by running calibration requests through the artifact's own
+graphs on ONNX Runtime: the vision encoder, the prefill with its interaction layers and decode steps.
+
+Each graph is re-saved in a scratch folder inside the output's staging folder (weights hard-linked, copied across
+file systems) with the left operand of every linear layer as an extra output; a session subclass runs the normal
+pipeline on those graphs and hands the extra outputs to a `RangeObserver`, keyed by the weight the activation
+meets, so prefill and step ranges merge.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from reference_model import make_request, prepare_batch
+from reference_model.generation import GenerationConfig, generate
+from reference_model.prompt import load_tokenizer
+
+from ..graph_inputs import LOGITS
+from ..manifest import GRAPHS, Artifact
+from ..ort_runtime import OrtModel, OrtSession
+from .calibration_set import CalibrationSet
+
+METHODS = ("max", "percentile")
+
+
+@dataclass
+class RangeObserver:
+    """Per weight: the largest |activation| (max) or the largest per-call percentile of |activation|."""
+
+    method: str = "max"
+    percentile: float = 99.99
+    absmax: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, weights: list[str], activation: np.ndarray) -> None:
+        a = np.abs(activation.astype(np.float32, copy=False))
+        value = float(a.max() if self.method == "max" else np.percentile(a, self.percentile))
+        for w in weights:
+            self.absmax[w] = max(self.absmax.get(w, 0.0), value)
+            self.calls[w] = self.calls.get(w, 0) + 1
+
+    def scales(self) -> dict[str, float]:
+        from .qdq import MIN_SCALE, QMAX
+
+        return {w: max(v / QMAX, MIN_SCALE) for w, v in self.absmax.items()}
+
+
+def _linear_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """activation tensor -> the weights it multiplies (same rule as qdq.linear_layers, on the proto)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in inits:
+            weight = inits[node.input[1]]
+            if len(weight.dims) == 2 and weight.name.endswith(".weight.T"):
+                out.setdefault(node.input[0], []).append(weight.name)
+    return out
+
+
+class _Observed:
+    """An InferenceSession that returns only the graph's own outputs and gives the extra ones to the observer."""
+
+    def __init__(self, session, n_outputs: int, watched: dict[str, list[str]], observer: RangeObserver):
+        self.session, self.n, self.watched, self.observer = session, n_outputs, watched, observer
+        self.names = [o.name for o in session.get_outputs()]
+
+    def run(self, _names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = self.session.run(None, feeds)
+        for name, value in zip(self.names[self.n :], outputs[self.n :]):
+            self.observer.observe(self.watched[name], value)
+        for name, value in feeds.items():  # an activation that is a graph input
+            if name in self.watched:
+                self.observer.observe(self.watched[name], value)
+        return outputs[: self.n]
+
+
+class _CalibrationSession(OrtSession):
+    """The ONNX Runtime session's pipeline with plain `run` calls (the extra outputs cannot be IO-bound)."""
+
+    def _run(self, session: _Observed, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        import onnxruntime as ort
+
+        feeds = {**inputs, **{p: v.numpy() for p, v in zip(self.past_names, self.cache)}}
+        outputs = dict(zip(session.names, session.run(None, feeds)))
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(outputs[p]) for p in self.present_names]
+        return outputs[LOGITS]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._run(self.model.step_session, self.feeds.advance(tokens)).copy())
+
+
+def _instrumented_copy(artifact: Artifact, scratch: Path) -> tuple[Artifact, dict[str, dict[str, list[str]]]]:
+    """The artifact's files linked into `scratch`, its graphs replaced by copies with the extra outputs."""
+    for entry in artifact.folder.iterdir():
+        if entry.is_dir():
+            shutil.copytree(entry, scratch / entry.name)
+        elif entry.suffix != ".onnx":
+            try:  # ONNX Runtime refuses weights behind a symlink that leaves the model's folder; a hard link is in it
+                os.link(entry, scratch / entry.name)
+            except OSError:  # another file system
+                shutil.copy2(entry, scratch / entry.name)
+    watched = {}
+    for name in GRAPHS:
+        path = artifact.graph_path(name)
+        model = onnx.load(path, load_external_data=False)
+        watched[name] = _linear_inputs(model)
+        inputs = {i.name for i in model.graph.input}  # those are observed from the feeds
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in watched[name] if t not in inputs)
+        onnx.save(model, scratch / path.name)
+    return replace(artifact, folder=scratch), watched
+
+
+def calibrate(
+    artifact: Artifact,
+    calibration: CalibrationSet,
+    observer: RangeObserver,
+    decode_steps: int = 8,
+    threads: int | None = None,
+    on_sample: Callable[[int], None] | None = None,
+    scratch_parent: Path | None = None,
+) -> RangeObserver:
+    """Run every calibration request (prefill + `decode_steps` greedy steps) and record activation ranges."""
+    config = artifact.config
+    tokenizer = load_tokenizer(artifact.model_dir)
+    scratch = Path(tempfile.mkdtemp(prefix=".calibration-", dir=scratch_parent))
+    try:
+        instrumented, watched = _instrumented_copy(artifact, scratch)
+        model = OrtModel(instrumented, threads=threads, weights="shared").load()
+        counts = {n: len(artifact.manifest["graphs"][n]["outputs"]) for n in GRAPHS}
+        model.vision = _Observed(model.vision, counts["vision_encoder"], watched["vision_encoder"], observer)
+        model.prefill_session = _Observed(model.prefill_session, counts["decoder_prefill"],
+                                          watched["decoder_prefill"], observer)  # fmt: skip
+        model.step_session = _Observed(model.step_session, counts["decoder_step"], watched["decoder_step"], observer)
+        for i, (image, question) in enumerate(calibration.samples()):
+            request = make_request(image, question, tokenizer, config)
+            batch = prepare_batch([request], config, artifact.query_len)
+            generate(_CalibrationSession(model, batch, decode_steps), GenerationConfig(max_new_tokens=decode_steps))
+            if on_sample:
+                on_sample(i + 1)
+        del model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return observer

@@ -1,0 +1,135 @@
+"""Explicit INT8 quantization as TensorRT reads it: Q/DQ nodes around the linear layers.
+
+A linear layer is a MatMul whose right operand is a 2-D weight initializer (the exporter's `<param>.weight.T`,
+[in, out]). Its weight becomes signed INT8 with one float32 scale per output column (symmetric, zero-point 0)
+behind a DequantizeLinear on axis 1; with activations quantized too (W8A8) its left operand goes through
+QuantizeLinear -> DequantizeLinear with one per-tensor scale from calibration. Weights are quantized from their
+own values only, so the prefill and step graphs, which share every weight, produce identical INT8 tensors and
+the shared data file still stores each weight once; an activation scale is keyed by the weight it multiplies,
+so the two graphs share one set of scales too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from reference_model.errors import FusionError
+
+QMAX = 127  # symmetric signed INT8: [-127, 127], the range TensorRT's explicit quantization uses
+MIN_SCALE = 1e-12  # an all-zero column still needs a positive scale
+CLIP_RATIOS = np.linspace(1.0, 0.6, 21)  # candidate column ranges, as fractions of max |w|
+DEFAULT_EXCLUDE = ("*lm_head*",)  # the vocabulary projection decides every token: kept in float by default
+# W8A8: layers whose INPUT stays float (their weights are still INT8). The MLP's down projection reads
+# silu(gate) * up, whose few large channels a per-tensor INT8 scale cannot hold: on the `small` preset, top-1
+# agreement 91.0% with it quantized, 95.7% with its input float.
+DEFAULT_FLOAT_INPUTS = ("*down_proj*",)
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    node: ir.Node
+    weight: str  # the weight initializer's name: the key shared by graphs
+
+    @property
+    def activation(self) -> ir.Value:
+        return self.node.inputs[0]
+
+
+def linear_layers(graph: ir.Graph) -> Iterator[LinearLayer]:
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.inputs[1]
+        if weight is None or not weight.is_initializer() or weight.const_value is None:
+            continue
+        if len(weight.const_value.shape) == 2 and weight.name.endswith(".weight.T"):
+            yield LinearLayer(node, weight.name)
+
+
+def excluded(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantize_weight(weight: np.ndarray, clip_ratios: np.ndarray = CLIP_RATIOS) -> tuple[np.ndarray, np.ndarray]:
+    """[in, out] float -> (INT8 [in, out], float32 scale [out]) per output column, symmetric.
+
+    Each column's range is clipped to the ratio of its max |w| that minimises the column's squared rounding
+    error: bell-shaped weights lose less to a slightly clipped outlier than to coarser steps for every other value
+    (on the `small` preset, weight-only top-1 agreement 93.8% with absmax scales, 97.3% with these)."""
+    w = weight.astype(np.float32, copy=False)
+    absmax = np.abs(w).max(axis=0)
+    best_error = np.full(w.shape[1], np.inf, np.float32)
+    best_scale = np.zeros(w.shape[1], np.float32)
+    for ratio in clip_ratios:
+        scale = np.maximum(absmax * ratio / QMAX, MIN_SCALE).astype(np.float32)
+        error = np.square(np.clip(np.rint(w / scale), -QMAX, QMAX) * scale - w).sum(axis=0)
+        better = error < best_error
+        best_error[better], best_scale[better] = error[better], scale[better]
+    q = np.clip(np.rint(w / best_scale), -QMAX, QMAX).astype(np.int8)
+    return q, best_scale
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def quantize_graph(
+    graph: ir.Graph,
+    exclude: Iterable[str],
+    activation_scales: dict[str, float] | None,
+    float_inputs: Iterable[str] = DEFAULT_FLOAT_INPUTS,
+) -> tuple[list[str], list[str]]:
+    """Rewrite every linear layer not excluded; activation_scales=None: weight-only, else the inputs of layers
+    not matching `float_inputs` are quantized too. Returns (quantized, excluded) weight names."""
+    exclude, float_inputs = tuple(exclude), tuple(float_inputs)
+    done, skipped = [], []
+    dequantized: dict[str, ir.Value] = {}
+    zero_point = None
+    for layer in list(linear_layers(graph)):
+        name = layer.weight
+        if excluded(name, exclude):
+            skipped.append(name)
+            continue
+        weight_value = graph.initializers[name]
+        if name not in dequantized:  # one DequantizeLinear per weight, however many MatMuls read it
+            q, scale = quantize_weight(weight_value.const_value.numpy())
+            dq = ir.node("DequantizeLinear", [_initializer(graph, f"{name}.int8", q),
+                                              _initializer(graph, f"{name}.scale", scale)],
+                         {"axis": 1}, name=f"{name}/dequantize")  # fmt: skip
+            graph.insert_before(layer.node, dq)
+            dequantized[name] = dq.outputs[0]
+        layer.node.replace_input_with(1, dequantized[name])
+        if activation_scales is not None and not excluded(name, float_inputs):
+            if zero_point is None:
+                zero_point = _initializer(graph, "fusion_export.int8_zero_point", np.zeros((), np.int8))
+            scale_name = f"{name}.input_scale"
+            if name not in activation_scales:
+                raise FusionError(f"{name}: no calibration range for its input (the calibration never ran it)")
+            if scale_name not in graph.initializers:
+                _initializer(graph, scale_name, np.array(activation_scales[name], np.float32))
+            scale = graph.initializers[scale_name]
+            use = f"{name}/{len(done)}"
+            q = ir.node("QuantizeLinear", [layer.activation, scale, zero_point], name=f"{use}/quantize_input")
+            dqa = ir.node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=f"{use}/dequantize_input")
+            graph.insert_before(layer.node, [q, dqa])
+            layer.node.replace_input_with(0, dqa.outputs[0])
+        if not weight_value.uses():
+            graph.initializers.pop(name)
+        done.append(name)
+    return sorted(set(done)), sorted(set(skipped))
+
+
+def count_qdq(graph: ir.Graph) -> dict[str, int]:
+    """Q and DQ nodes of a graph: what it holds, whatever its manifest says."""
+    counts = {"QuantizeLinear": 0, "DequantizeLinear": 0}
+    for node in graph:
+        if node.op_type in counts:
+            counts[node.op_type] += 1
+    return counts
