@@ -22,7 +22,8 @@ scores = MatMul(q * scale, Transpose(k))          the Transpose feeds the MatMul
 probs  = Softmax(scores + Where(mask, 0, -inf))   our masks always leave a row's own column visible: no NaN guard
 out    = MatMul(probs, v)
 ```
-Same math as the reference (softmax(q k^T / sqrt(d) + mask) v), in float32 or the graph's precision.
+Same math as the reference (softmax(q k^T / sqrt(d) + mask) v), in float32 or the graph's precision; in a 16-bit
+graph the scores are cast to float32 for the softmax and the probabilities back.
 
 A decode step has one or a few queries against the whole cache, so its scores are formed the other way round,
 `Transpose(MatMul(k, Transpose(q * scale)))`: the cache is then the streamed left operand, which ONNX Runtime's
@@ -102,8 +103,8 @@ def use_export_attention(model: nn.Module) -> nn.Module:
 def _attention(query, key, value, attn_mask, decode: bool):
     dtype = query.dtype.numpy()
 
-    def constant(x: float):
-        return op.Constant(value=ir.tensor(np.array(x, dtype=dtype)))
+    def constant(x: float, as_type=dtype):
+        return op.Constant(value=ir.tensor(np.array(x, dtype=as_type)))
 
     scale = 1.0 / math.sqrt(int(query.shape[-1]))  # head_dim is a static dim of every graph
     to_keys = [0, 1, 3, 2]
@@ -111,7 +112,12 @@ def _attention(query, key, value, attn_mask, decode: bool):
         scores = op.Transpose(op.MatMul(key, op.Transpose(op.Mul(query, constant(scale)), perm=to_keys)), perm=to_keys)
     else:
         scores = op.MatMul(op.Mul(query, constant(scale)), op.Transpose(key, perm=to_keys))
-    probs = op.Softmax(op.Add(scores, op.Where(attn_mask, constant(0.0), constant(-np.inf))), axis=-1)
+    if dtype == np.float32:
+        probs = op.Softmax(op.Add(scores, op.Where(attn_mask, constant(0.0), constant(-np.inf))), axis=-1)
+    else:  # 16-bit graphs: the softmax (exp and its row sum) in float32, like every numerically sensitive reduction
+        mask = op.Where(attn_mask, constant(0.0, np.float32), constant(-np.inf, np.float32))
+        probs32 = op.Softmax(op.Add(op.Cast(scores, to=ir.DataType.FLOAT), mask), axis=-1)
+        probs = op.Cast(probs32, to=ir.DataType.from_numpy(dtype))
     return op.MatMul(probs, value)
 
 
