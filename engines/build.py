@@ -200,6 +200,8 @@ def build_engines(
             },
             "precision": plan.precision,
             "quantization": artifact.quantization,  # INT8 Q/DQ graphs: "int8" or "int8-weight-only"
+            # plugin nodes in the graphs; without a registered plugin the parser inlines each one's local function
+            "plugins": artifact.manifest["export"].get("plugins", []),
             "query_len": plan.query_len,
             "embeddings": {"file": EMBEDDINGS_FILE, "tensor": artifact.manifest["embeddings"]["tensor"]},
             "engines": engines,

@@ -51,6 +51,7 @@ class ExportOptions:
     trt_target: TrtTarget = TrtTarget.trt_10_3
     opset: int | None = None  # None: the target's highest
     max_context: int | None = None  # fixed KV capacity; None: the target's default (resolve_max_context)
+    plugins: bool = False  # decode attention as the DecodeAttention plugin node (+ its local function)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def export_artifact(
         traced = {}
         for spec in specs:
             progress.step(f"trace {spec.name} (opset {opset})")
-            traced[spec.name] = trace(spec, opset)
+            traced[spec.name] = trace(spec, opset, options.plugins)
 
         progress.step("write graphs and weights")
         groups: dict[str, dict] = {}
@@ -160,6 +161,7 @@ def export_artifact(
                     "opset": opset,
                     "trt_target": options.trt_target.value,
                     "max_context": capacity,  # fixed KV columns, or null: sized per request
+                    "plugins": ["DecodeAttention"] if options.plugins else [],
                     "kv_cache": {
                         "layout": "fixed-capacity buffer per layer, updated in place at write columns",
                         "shape": ["batch", d.num_kv_heads, capacity or "capacity", d.head_dim],

@@ -24,7 +24,7 @@ INLINE_BYTES = 1024  # smaller constants stay inside the .onnx file
 _SMALL_ALIGN, _LARGE_ALIGN, _LARGE = 64, 65536, 1 << 20  # large tensors page-aligned so runtimes can mmap them
 
 
-def trace(spec: GraphSpec, opset: int) -> ir.Model:
+def trace(spec: GraphSpec, opset: int, plugins: bool = False) -> ir.Model:
     """torch.export + ONNX translation of one graph, lightly optimised: shape arithmetic folded, weights kept
     under their parameter names (MatMul weights stored pre-transposed as `<name>.T`), defaults dropped."""
     import onnxscript.optimizer
@@ -45,7 +45,7 @@ def trace(spec: GraphSpec, opset: int) -> ir.Model:
                 dynamic_shapes=spec.dynamic_shapes,
                 custom_translation_table={
                     **kv_write.translation_table(opset),
-                    **attention.translation_table(opset),
+                    **attention.translation_table(opset, plugins),
                     **rms_norm.translation_table(opset),
                 },
                 optimize=False,
@@ -66,7 +66,18 @@ def trace(spec: GraphSpec, opset: int) -> ir.Model:
         node.metadata_props.clear()  # per-node stack traces would be most of the file's size
         _drop_default_attributes(node, opset)
     model.graph.name = spec.name
+    _attach_plugin_functions(model, opset)
     return model
+
+
+def _attach_plugin_functions(model: ir.Model, opset: int) -> None:
+    """Every plugin node gets its local function (the standard-op decomposition) and its domain's opset."""
+    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, decode_attention_function
+
+    if any(node.domain == DOMAIN and node.op_type == DECODE_ATTENTION for node in model.graph):
+        function = ir.serde.deserialize_function(decode_attention_function(opset))
+        model.functions[function.identifier()] = function
+        model.opset_imports[DOMAIN] = 1
 
 
 def _gemm_as_matmul(graph: ir.Graph) -> None:

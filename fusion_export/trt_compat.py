@@ -289,9 +289,29 @@ def read_graph(path: Path) -> onnx.ModelProto:
     return model
 
 
+def _inline_plugin_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Plugin nodes (our domain, with a model-local function) as TensorRT's parser reads them when the plugin is
+    not registered: through their decomposition, inlined (TensorRT-RTX parses and builds exactly that)."""
+    if not model.functions:
+        return model, []
+    local = {(f.domain, f.name) for f in model.functions}
+    plugins = sorted({n.op_type for n in model.graph.node if (n.domain, n.op_type) in local})
+    from onnx import inliner
+
+    inlined = inliner.inline_local_functions(model)
+    used = {n.domain for n in inlined.graph.node}
+    kept = [imp for imp in inlined.opset_import if imp.domain in ("", "ai.onnx") or imp.domain in used]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(kept)
+    return inlined, plugins
+
+
 def check_graph(path: Path, target: TrtTarget, name: str | None = None) -> tuple[list[Finding], dict[str, int]]:
-    model = read_graph(path)
+    model, plugins = _inline_plugin_functions(read_graph(path))
     checker = _GraphChecker(name or path.stem, model, target)
+    for plugin in plugins:
+        checker.add("warning", plugin, "plugin node: checked through its local-function decomposition, which "
+                    "TensorRT inlines unless the plugin is registered")  # fmt: skip
     checker.check()
     ops: dict[str, int] = {}
     for node in model.graph.node:

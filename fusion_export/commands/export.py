@@ -40,6 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fix the decoder graphs' KV capacity (prompt + generated tokens) at N; TensorRT's KV-cache update needs "
         "it (trt-10.15, trt-11: default the model's original context, 4096 for Phi-3.5); trt-10.3: default dynamic",
     )
+    p.add_argument(
+        "--plugins",
+        choices=["on", "off"],
+        default="off",
+        help="on: decode-step attention as the DecodeAttention plugin node (reads only the written KV columns where "
+        "the plugin is registered; its ONNX local function runs everywhere else); off: standard ops inline (default)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display (the TensorRT check is still shown)")
     p.set_defaults(run=run)
 
@@ -62,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         trt_target=args.trt_target,
         opset=args.opset,
         max_context=args.max_context,
+        plugins=args.plugins == "on",
     )
     result = export_artifact(args.model, args.out, options, verbose=not args.quiet)
     print(result.trt_report.table())

@@ -70,19 +70,21 @@ def _forward(self: Attention, x, cos, sin, mask, cache):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
     if cache is not None:
         k, v = cache.update(k, v)
-    groups = H // KV
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if getattr(cache, "decode", False):  # a decode step: queries against the whole buffer (graphs/decoder.py)
-        out = torch.ops.fusion_export.decode_attention(q, k, v, mask)
+        out = torch.ops.fusion_export.decode_attention(q, k, v, mask)  # GQA inside: the plugin reads KV heads
     else:
+        groups = H // KV
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, hd)
     return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 @torch.library.custom_op("fusion_export::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q (B, H, n, hd), k/v (B, H, C, hd), mask (B, 1, n, C) bool -> (B, H, n, hd): F.scaled_dot_product_attention."""
+    """q (B, H, n, hd), k/v (B, KV, C, hd) with H % KV == 0, mask (B, 1, n, C) bool -> (B, H, n, hd)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -127,22 +129,54 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     return _attention(query, key, value, attn_mask, decode=False)
 
 
+def _repeat_kv(x, heads: int):
+    """(B, KV, C, hd) -> (B, heads, C, hd), each KV head repeated heads // KV times (repeat_interleave)."""
+    kv_heads = int(x.shape[1])
+    if kv_heads == heads:
+        return x
+    shape = op.Shape(x)
+    groups = op.Constant(value_ints=[heads // kv_heads])
+    expanded = op.Expand(
+        op.Unsqueeze(x, op.Constant(value_ints=[2])),
+        op.Concat(op.Slice(shape, [0], [2]), groups, op.Slice(shape, [2], [4]), axis=0),
+    )
+    return op.Reshape(expanded, op.Constant(value_ints=[0, heads, -1, int(x.shape[3])]))
+
+
 def _decode(q, k, v, mask):
-    return _attention(q, k, v, mask, decode=True)
+    heads = int(q.shape[1])
+    return _attention(q, _repeat_kv(k, heads), _repeat_kv(v, heads), mask, decode=True)
 
 
 def _decode_attention_op(q, k, v, mask):
     from onnxscript.values import Opset
 
-    y, _, _, _ = Opset("", ATTENTION_OPSET).Attention(q, k, v, attn_mask=mask)
+    heads = int(q.shape[1])
+    y, _, _, _ = Opset("", ATTENTION_OPSET).Attention(q, _repeat_kv(k, heads), _repeat_kv(v, heads), attn_mask=mask)
     return y
 
 
-def translation_table(opset: int) -> dict:
-    """custom_translation_table entries for torch.onnx.export at this opset."""
-    if opset >= ATTENTION_OPSET:  # the exporter's own Attention for SDPA; the same op for decode steps
-        return {torch.ops.fusion_export.decode_attention.default: _decode_attention_op}
+def _decode_plugin(q, k, v, mask):
+    """The DecodeAttention plugin node (engines/plugins): the valid columns [start, end) of each row, read off the
+    last new token's mask row (valid columns are contiguous: left padding, then the written ones)."""
+    from onnxscript.values import Opset
+
+    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, register_schemas
+
+    register_schemas()
+    last_row = op.Cast(op.Squeeze(op.Slice(mask, [-1], [2**62], [2]), [1, 2]), to=ir.DataType.INT32)  # (B, C)
+    start = op.Cast(op.ArgMax(last_row, axis=-1, keepdims=0), to=ir.DataType.INT32)
+    end = op.Add(start, op.ReduceSum(last_row, op.Constant(value_ints=[-1]), keepdims=0))
+    return getattr(Opset(DOMAIN, 1), DECODE_ATTENTION)(q, k, v, start, end)
+
+
+def translation_table(opset: int, plugins: bool = False) -> dict:
+    """custom_translation_table entries for torch.onnx.export at this opset (plugins: decode steps as the
+    DecodeAttention plugin node, whose local function the caller attaches)."""
+    decode = _decode_plugin if plugins else _decode_attention_op if opset >= ATTENTION_OPSET else _decode
+    if opset >= ATTENTION_OPSET:  # the exporter's own Attention for SDPA
+        return {torch.ops.fusion_export.decode_attention.default: decode}
     return {
         torch.ops.aten.scaled_dot_product_attention.default: _sdpa,
-        torch.ops.fusion_export.decode_attention.default: _decode,
+        torch.ops.fusion_export.decode_attention.default: decode,
     }

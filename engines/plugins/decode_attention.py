@@ -1,0 +1,125 @@
+"""Decode attention over the valid cache: a step's queries read only the KV columns each row has written.
+
+With a fixed-capacity KV buffer (what TensorRT's KV update needs), the step graph's attention otherwise reads the
+whole capacity under a mask every token. Here each row b reads columns [start[b], end[b]) of its cache: start is
+its left padding, end the columns written so far including this step's T new tokens, and new token t attends
+causally up to its own column end[b] - T + t. Query head h reads KV head h // (heads / kv_heads) (GQA).
+
+    q      [B, heads, T, D]         float32 | float16
+    k, v   [B, kv_heads, C, D]      same dtype (the cache buffers, C = capacity)
+    start  [B] int32, end [B] int32 (0 <= start < end - T + 1, end <= C)
+    -> out [B, heads, T, D]         q's dtype; scores, softmax and accumulation in float32
+
+`decode_attention_reference` is the definition; `decode_attention` runs the Triton kernel (split over rows, query
+heads and new tokens; an online softmax over blocks of columns, so it reads each valid column once).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from reference_model.errors import FusionError
+
+BLOCK_N = 32  # columns per block: the online softmax's unit of work
+
+
+def decode_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
+    B, H, T, D = q.shape
+    groups = H // k.shape[1]
+    kk = k.float().repeat_interleave(groups, dim=1)
+    vv = v.float().repeat_interleave(groups, dim=1)
+    scores = q.float() @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, T, C]
+    column = torch.arange(k.shape[2])
+    last = end.long()[:, None] - T + torch.arange(T)[None, :]  # [B, T]: each new token's own column
+    visible = (column[None, None, :] >= start.long()[:, None, None]) & (column[None, None, :] <= last[:, :, None])
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return (scores.softmax(dim=-1) @ vv).to(q.dtype)
+
+
+def check_inputs(q, k, v, start, end) -> None:
+    """Shapes, dtypes and ranges, named; the kernel reads no memory outside what they allow."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise FusionError(f"decode attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                          "q [B, heads, T, D] and k, v [B, kv_heads, C, D]")  # fmt: skip
+    B, H, T, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
+        raise FusionError(f"decode attention: q {tuple(q.shape)} does not fit k {tuple(k.shape)} (GQA needs "
+                          "heads % kv_heads == 0)")  # fmt: skip
+    if q.dtype not in (torch.float32, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise FusionError(f"decode attention: dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; expected one of "
+                          "float32 / float16 for all three")  # fmt: skip
+    if start.shape != (B,) or end.shape != (B,):
+        raise FusionError(f"decode attention: start {tuple(start.shape)} and end {tuple(end.shape)} must be [{B}]")
+    s, e = start.long(), end.long()
+    if bool(((s < 0) | (e > k.shape[2]) | (e - T < s)).any()):
+        raise FusionError(f"decode attention: need 0 <= start <= end - T and end <= {k.shape[2]}; got start "
+                          f"{s.tolist()}, end {e.tolist()}, T {T}")  # fmt: skip
+
+
+@functools.cache
+def _kernel():
+    """Defined on first use: Triton reads TRITON_INTERPRET when the kernel is decorated."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, end_ptr,
+               H, KVH, T, C, D, scale,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)  # one program per (row, query head, new token)
+        t = pid % T
+        h = (pid // T) % H
+        b = pid // (T * H)
+        kvh = h // (H // KVH)
+        start = tl.load(start_ptr + b)
+        last = tl.load(end_ptr + b) - T + t  # the token's own column, inclusive
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q = tl.load(q_ptr + ((b * H + h) * T + t) * D + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        kv_base = (b * KVH + kvh) * C * D
+        m = tl.full([1], float("-inf"), tl.float32)
+        denom = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for first in range(start, last + 1, BLOCK_N):
+            n = first + tl.arange(0, BLOCK_N)
+            n_ok = n <= last
+            offsets = kv_base + n[:, None] * D + d[None, :]
+            ok = n_ok[:, None] & d_ok[None, :]
+            keys = tl.load(k_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            s = tl.sum(keys * q[None, :], axis=1)
+            s = tl.where(n_ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            correction = tl.exp(m - m_new)
+            values = tl.load(v_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            acc = acc * correction + tl.sum(p[:, None] * values, axis=0)
+            denom = denom * correction + tl.sum(p, axis=0)
+            m = m_new
+        out = acc / denom
+        tl.store(out_ptr + ((b * H + h) * T + t) * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+    return kernel
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
+    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    check_inputs(q, k, v, start, end)
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FusionError("decode attention on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1")
+    import triton
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    start, end = start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+    B, H, T, D = q.shape
+    out = torch.empty_like(q)
+    _kernel()[(B * H * T,)](q, k, v, out, start, end, H, k.shape[1], T, k.shape[2], D, 1.0 / math.sqrt(D),
+                            BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D))  # fmt: skip
+    return out

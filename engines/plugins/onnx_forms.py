@@ -1,0 +1,103 @@
+"""The plugins' ONNX form: a node in our own domain named after the plugin, plus an ONNX local function of the same
+name holding the standard-op decomposition. ONNX Runtime (and any TensorRT without the plugin) runs the function;
+a builder with the plugin registered maps the node to it.
+
+DecodeAttention(q, k, v, start, end) -> out, as `decode_attention.decode_attention_reference` defines it: the
+function masks columns outside [start, end) (and after each new token's own column) and runs a float32 softmax;
+the plugin kernel reads only those columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DOMAIN = "fusion_export.plugins"
+DECODE_ATTENTION = "DecodeAttention"
+
+
+def _const(name: str, value) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
+
+
+def register_schemas() -> None:
+    """The plugin ops' schemas in ONNX's registry, so exporters (onnxscript) can emit them; once per process."""
+    from onnx.defs import OpSchema, has, register_schema
+
+    if has(DECODE_ATTENTION, DOMAIN):
+        return
+    p = OpSchema.FormalParameter
+    register_schema(
+        OpSchema(
+            DECODE_ATTENTION, DOMAIN, 1,
+            inputs=[p("q", "T"), p("k", "T"), p("v", "T"), p("start", "I"), p("end", "I")],
+            outputs=[p("out", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
+                              ("I", ["tensor(int32)"], "per-row column range")],
+        )
+    )  # fmt: skip
+
+
+def decode_attention_function(opset: int = 20) -> onnx.FunctionProto:
+    """The standard-op decomposition (opset >= 15 for CastLike)."""
+    n = helper.make_node
+    nodes = [
+        _const("i0", np.array([0], np.int64)), _const("i1", np.array([1], np.int64)),
+        _const("i2", np.array([2], np.int64)), _const("i3", np.array([3], np.int64)),
+        _const("i4", np.array([4], np.int64)), _const("zero", np.array(0, np.int64)),
+        _const("one", np.array(1, np.int64)), _const("neg_inf", np.array(-np.inf, np.float32)),
+        _const("f1", np.array(1.0, np.float32)),
+        n("Shape", ["q"], ["sq"]), n("Shape", ["k"], ["sk"]),
+        n("Slice", ["sq", "i0", "i1"], ["B"]), n("Slice", ["sq", "i1", "i2"], ["H"]),
+        n("Slice", ["sq", "i2", "i3"], ["T"]), n("Slice", ["sq", "i3", "i4"], ["D"]),
+        n("Slice", ["sk", "i1", "i2"], ["KVH"]), n("Slice", ["sk", "i2", "i3"], ["C"]),
+        n("Div", ["H", "KVH"], ["G"]),
+        n("Concat", ["B", "KVH", "G", "C", "D"], ["s5"], axis=0), n("Concat", ["B", "H", "C", "D"], ["s4"], axis=0),
+        # GQA: every KV head serves G query heads
+        n("Unsqueeze", ["k", "i2"], ["k5"]), n("Expand", ["k5", "s5"], ["kx5"]), n("Reshape", ["kx5", "s4"], ["kx"]),
+        n("Unsqueeze", ["v", "i2"], ["v5"]), n("Expand", ["v5", "s5"], ["vx5"]), n("Reshape", ["vx5", "s4"], ["vx"]),
+        # CastLike, not Cast: ONNX Runtime 1.32's basic optimizer drops a float->float Cast of a graph input and
+        # leaves its consumers dangling ("... is not a graph input, initializer, or output of a previous node")
+        n("CastLike", ["q", "f1"], ["qf"]), n("CastLike", ["kx", "f1"], ["kf"]), n("CastLike", ["vx", "f1"], ["vf"]),
+        n("Cast", ["D"], ["Df"], to=TensorProto.FLOAT), n("Sqrt", ["Df"], ["sqrt_d"]),
+        n("Div", ["f1", "sqrt_d"], ["scale"]),
+        n("Mul", ["qf", "scale"], ["qs"]), n("Transpose", ["kf"], ["kt"], perm=[0, 1, 3, 2]),
+        n("MatMul", ["qs", "kt"], ["scores"]),  # [B, H, T, C]
+        n("Squeeze", ["C", "i0"], ["C0"]), n("Squeeze", ["T", "i0"], ["T0"]),
+        n("Range", ["zero", "C0", "one"], ["col"]), n("Range", ["zero", "T0", "one"], ["t"]),
+        n("Cast", ["start"], ["s64"], to=TensorProto.INT64), n("Cast", ["end"], ["e64"], to=TensorProto.INT64),
+        n("Sub", ["e64", "T0"], ["first_new"]), n("Unsqueeze", ["first_new", "i1"], ["fn2"]),
+        n("Add", ["fn2", "t"], ["last"]),  # [B, T]: each new token's own column
+        n("Unsqueeze", ["last", "i2"], ["last3"]), n("Unsqueeze", ["s64", "i1"], ["s2"]),
+        n("Unsqueeze", ["s2", "i2"], ["s3"]),
+        n("GreaterOrEqual", ["col", "s3"], ["after_start"]), n("LessOrEqual", ["col", "last3"], ["up_to_own"]),
+        n("And", ["after_start", "up_to_own"], ["visible3"]), n("Unsqueeze", ["visible3", "i1"], ["visible"]),
+        n("Where", ["visible", "scores", "neg_inf"], ["masked"]),
+        n("Softmax", ["masked"], ["probs"], axis=-1),
+        n("MatMul", ["probs", "vf"], ["out_f"]), n("CastLike", ["out_f", "q"], ["out"]),
+    ]  # fmt: skip
+    return helper.make_function(
+        DOMAIN, DECODE_ATTENTION, ["q", "k", "v", "start", "end"], ["out"], nodes,
+        [helper.make_opsetid("", opset)],
+    )  # fmt: skip
+
+
+def decode_attention_model(dtype: int, heads: int, kv_heads: int, head_dim: int, opset: int = 20) -> onnx.ModelProto:
+    """A one-node model (dynamic batch, new tokens and capacity): the unit the plugin's tests parse and run."""
+    io = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node(DECODE_ATTENTION, ["q", "k", "v", "start", "end"], ["out"], domain=DOMAIN)],
+        "decode_attention",
+        [io("q", dtype, ["B", heads, "T", head_dim]), io("k", dtype, ["B", kv_heads, "C", head_dim]),
+         io("v", dtype, ["B", kv_heads, "C", head_dim]), io("start", TensorProto.INT32, ["B"]),
+         io("end", TensorProto.INT32, ["B"])],
+        [io("out", dtype, ["B", heads, "T", head_dim])],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
+        functions=[decode_attention_function(opset)],
+    )
+    model.ir_version = 9
+    return model

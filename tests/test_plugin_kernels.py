@@ -1,0 +1,155 @@
+"""Plugin kernels against their reference ops, in Triton's interpreter on the CPU (the same kernels run on
+NVIDIA GPUs): odd head sizes, GQA, batches whose rows have different padding and lengths, several new tokens."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined (on first use, below)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from engines.plugins.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+from reference_model.errors import FusionError  # noqa: E402
+
+# fp32: both sides accumulate in float32; only the order of the softmax sums differs (online vs. one pass).
+# fp16: inputs are the same fp16 values on both sides and the math is float32, so the bound is the fp16 rounding
+# of the output itself (half an ulp at |out| < 4 is <= 2e-3) plus the fp32 order effects.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+def _case(B, H, KVH, T, C, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g).to(dtype)
+    k = torch.randn(B, KVH, C, D, generator=g).to(dtype)
+    v = torch.randn(B, KVH, C, D, generator=g).to(dtype)
+    end = torch.randint(T + 1, C + 1, (B,), generator=g)
+    start = torch.stack([torch.randint(0, int(e) - T + 1, (1,), generator=g)[0] for e in end])
+    return q, k, v, start.int(), end.int()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "B,H,KVH,T,C,D",
+    [(1, 4, 4, 1, 37, 32), (3, 8, 2, 1, 70, 40), (2, 6, 3, 3, 45, 24), (3, 4, 1, 4, 100, 96), (1, 2, 2, 2, 5, 8)],
+)
+def test_decode_attention_matches_reference(B, H, KVH, T, C, D, dtype):
+    q, k, v, start, end = _case(B, H, KVH, T, C, D, dtype, seed=B * 100 + C)
+    out = decode_attention(q, k, v, start, end)
+    ref = decode_attention_reference(q, k, v, start, end)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert (out.float() - ref.float()).abs().max().item() <= TOLERANCE[dtype]
+
+
+def test_decode_attention_reads_only_valid_columns():
+    """Poisoning every column outside [start, end) changes nothing: the kernel never reads them."""
+    q, k, v, start, end = _case(2, 4, 2, 2, 64, 32, torch.float32, seed=7)
+    expected = decode_attention(q, k, v, start, end)
+    for b in range(2):
+        outside = torch.ones(64, dtype=torch.bool)
+        outside[int(start[b]) : int(end[b])] = False
+        k[b, :, outside] = float("nan")
+        v[b, :, outside] = float("inf")
+    assert torch.equal(decode_attention(q, k, v, start, end), expected)
+    reference = decode_attention_reference(q, k, v, start, end)
+    assert torch.isnan(reference).any()  # the reference multiplies a zero weight by inf: the kernel must not read
+
+
+def test_decode_attention_refuses_bad_inputs():
+    q, k, v, start, end = _case(2, 4, 2, 1, 16, 8, torch.float32, seed=1)
+    with pytest.raises(FusionError, match="end <= 16"):
+        decode_attention(q, k, v, start, end + 16)
+    with pytest.raises(FusionError, match="heads % kv_heads"):
+        decode_attention(q[:, :3], k, v, start, end)
+    with pytest.raises(FusionError, match="dtypes"):
+        decode_attention(q.double(), k, v, start, end)
+
+
+ONNX_TYPES = {torch.float32: 1, torch.float16: 10}  # TensorProto.FLOAT, FLOAT16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_onnx_form_runs_on_onnxruntime(dtype):
+    """The plugin node with its local-function decomposition, on ONNX Runtime, equals the reference op."""
+    import onnx
+    import onnxruntime as ort
+
+    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, decode_attention_model
+
+    model = decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40)
+    onnx.checker.check_model(model, full_check=True)
+    assert [(n.domain, n.op_type) for n in model.graph.node] == [(DOMAIN, DECODE_ATTENTION)]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for T, C in ((1, 50), (3, 77)):
+        q, k, v, start, end = _case(3, 8, 2, T, C, 40, dtype, seed=T * C)
+        feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "start": start.numpy(), "end": end.numpy()}
+        out = torch.from_numpy(session.run(None, feeds)[0])
+        assert out.dtype == dtype
+        assert (out.float() - decode_attention_reference(q, k, v, start, end).float()).abs().max() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
+    """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it."""
+    import onnx
+
+    from engines.plugins.onnx_forms import decode_attention_model
+    from engines.trt_api import load_trt
+
+    trt = load_trt("tensorrt-rtx")
+    path = tmp_path / "decode_attention.onnx"
+    onnx.save(decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40), path)
+    builder, network, errors = trt.parse(path)
+    assert errors == [] and network.num_layers > 10
+    from fusion_export.trt_compat import check_graphs
+    from fusion_export.trt_targets import TrtTarget
+
+    for target in TrtTarget:  # the static check reads the node as the parser does: through its function
+        report = check_graphs({"decode_attention": path}, target)
+        assert report.ok and any("local-function decomposition" in f.message for f in report.findings)
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, low, high in (
+        ("q", (1, 8, 1, 40), (4, 8, 4, 40)),
+        ("k", (1, 2, 8, 40), (4, 2, 1024, 40)),
+        ("v", (1, 2, 8, 40), (4, 2, 1024, 40)),
+        ("start", (1,), (4,)),
+        ("end", (1,), (4,)),
+    ):
+        profile.set_shape(name, low, high, high)  # fmt: skip
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None and plan.nbytes > 100_000
+
+
+def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_path):
+    """`export --plugins on`: the step graph's attention becomes DecodeAttention nodes (+ local function); ONNX
+    Runtime runs the file within the fp32 gates with identical greedy ids, and TensorRT-RTX builds it."""
+    import json
+
+    import onnx
+
+    from engines.build import BuildOptions, build_engines
+    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN
+
+    from .conftest import run_main
+
+    art = tmp_path / "art"
+    result = run_main("export", "--model", str(demo_checkpoint), "--out", str(art), "--query-len", "16",
+                      "--plugins", "on", "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    step = onnx.load(art / "decoder_step.onnx", load_external_data=False)
+    plugin_nodes = [n for n in step.graph.node if (n.domain, n.op_type) == (DOMAIN, DECODE_ATTENTION)]
+    layers = json.loads((demo_checkpoint / "config.json").read_text())["num_hidden_layers"]
+    assert len(plugin_nodes) == layers and [f.name for f in step.functions] == [DECODE_ATTENTION]
+    assert json.loads((art / "manifest.json").read_text())["export"]["plugins"] == [DECODE_ATTENTION]
+    report = tmp_path / "report.json"
+    result = run_main("validate", str(art), "--model", str(demo_checkpoint), "--max-new-tokens", "12",
+                      "--json", str(report))  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert json.loads(report.read_text())["first_divergence"] == [None]
+    built = build_engines(art, tmp_path / "eng", BuildOptions(), verbose=False)
+    assert json.loads((built.folder / "engines.json").read_text())["plugins"] == [DECODE_ATTENTION]
