@@ -100,7 +100,7 @@ def test_cli_reports_tampering(artifact_copy, oracle_dir):
 def test_failed_export_leaves_nothing(oracle_dir, tmp_path, monkeypatch):
     import fusion_export.export as export_module
 
-    def broken_trace(spec, opset):
+    def broken_trace(spec, opset, plugins=False):
         raise RuntimeError("simulated exporter crash")
 
     monkeypatch.setattr(export_module, "trace", broken_trace)

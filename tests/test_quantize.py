@@ -222,3 +222,29 @@ def test_killed_quantize_leaves_nothing(export_demo, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert list(tmp_path.iterdir()) == [], "a partial quantized artifact was left behind"
+
+
+def test_smoothquant_artifact_within_int8_gates(export_demo, demo_checkpoint, tmp_path):
+    out = tmp_path / "sq"
+    result = run_main("quantize", str(export_demo("trt-10.3")), "--out", str(out), "--method", "smoothquant",
+                      "--num-samples", "3", "--decode-steps", "4", "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "smoothquant (alpha 0.5" in open_artifact(out).manifest["quantization"]["activations"]
+    smooth = [{t.name for t in onnx.load(out / f"{g}.onnx", load_external_data=False).graph.initializer
+               if t.name.endswith(".smooth")} for g in ("decoder_prefill", "decoder_step")]  # fmt: skip
+    assert smooth[1] and smooth[1] <= smooth[0]  # one set of smoothing factors for both graphs
+    result, report = _validate(out, demo_checkpoint, tmp_path)
+    assert result.returncode == 0 and report["passed"], result.stdout
+
+
+def test_entropy_threshold_clips_outliers_and_keeps_counts():
+    from fusion_export.quantization.entropy import Histogram
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200_000)
+    x[-4:] = 60.0  # a handful of outliers: KL clips them, max calibration would not
+    h = Histogram()
+    h.add(x[:1000] * 0.1)  # a first call with a small range: later calls double it, merging bins
+    h.add(x[1000:])
+    assert h.counts.sum() == 200_000 and h.top >= 60
+    assert 3.0 < h.threshold() < 8.0

@@ -28,29 +28,41 @@ from ..graph_inputs import LOGITS
 from ..manifest import GRAPHS, Artifact
 from ..ort_runtime import OrtModel, OrtSession
 from .calibration_set import CalibrationSet
+from .entropy import Histogram
 
-METHODS = ("max", "percentile")
+METHODS = ("percentile", "max", "entropy", "smoothquant")
 
 
 @dataclass
 class RangeObserver:
-    """Per weight: the largest |activation| (max) or the largest per-call percentile of |activation|."""
+    """Per weight, what its input reached: the largest |activation| (max, smoothquant), the largest per-call
+    percentile of |activation| (percentile), a histogram of |activation| (entropy); and always the largest
+    |activation| per input channel (smoothquant's statistic)."""
 
     method: str = "max"
     percentile: float = 99.99
     absmax: dict[str, float] = field(default_factory=dict)
+    channel_max: dict[str, np.ndarray] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
 
     def observe(self, weights: list[str], activation: np.ndarray) -> None:
         a = np.abs(activation.astype(np.float32, copy=False))
-        value = float(a.max() if self.method == "max" else np.percentile(a, self.percentile))
+        value = float(np.percentile(a, self.percentile) if self.method == "percentile" else a.max())
+        channels = a.reshape(-1, a.shape[-1]).max(axis=0)
         for w in weights:
             self.absmax[w] = max(self.absmax.get(w, 0.0), value)
+            self.channel_max[w] = np.maximum(self.channel_max.get(w, channels), channels)
+            if self.method == "entropy":
+                self.histograms.setdefault(w, Histogram()).add(a)
             self.calls[w] = self.calls.get(w, 0) + 1
 
     def scales(self) -> dict[str, float]:
+        """Per-tensor INT8 scales (smoothquant's come from qdq, after smoothing)."""
         from .qdq import MIN_SCALE, QMAX
 
+        if self.method == "entropy":
+            return {w: max(h.threshold() / QMAX, MIN_SCALE) for w, h in self.histograms.items()}
         return {w: max(v / QMAX, MIN_SCALE) for w, v in self.absmax.items()}
 
 

@@ -57,6 +57,10 @@ def quantization_mode(weight_only: bool) -> str:
 
 def _activation_rule(options: QuantizeOptions) -> str:
     rule = f"INT8 per tensor, symmetric, {options.method}"
+    if options.method == "smoothquant":
+        from .qdq import SMOOTHQUANT_ALPHA
+
+        return rule + f" (alpha {SMOOTHQUANT_ALPHA}, x / s by a Mul before each quantized input, s folded into W)"
     return rule + (f" {options.percentile}" if options.method == "percentile" else "")
 
 
@@ -71,7 +75,7 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
     manifest = artifact.manifest
     result = QuantizeResult(out_dir)
     with staging_folder(out_dir) as tmp:
-        scales = None
+        scales, channel_max = None, None
         if not options.weight_only:
             if calibration is None:
                 raise FusionError("W8A8 needs a calibration set (or --weight-only)")
@@ -81,12 +85,13 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
                       on_sample=lambda n: progress.detail(f"{n}/{calibration.num_samples} requests"),
                       scratch_parent=tmp)  # fmt: skip
             scales = observer.scales()
+            channel_max = observer.channel_max if options.method == "smoothquant" else None
         progress.step("rewrite graphs with Q/DQ")
         groups: dict[str, dict[str, ir.Model]] = {}
         excluded: set[str] = set()
         for name in GRAPHS:
             model = ir.load(artifact.graph_path(name))
-            done, skipped = quantize_graph(model.graph, options.exclude, scales, options.float_inputs)
+            done, skipped = quantize_graph(model.graph, options.exclude, scales, options.float_inputs, channel_max)
             result.quantized[name] = done
             excluded.update(skipped)
             groups.setdefault(manifest["graphs"][name]["weights"], {})[name] = model
