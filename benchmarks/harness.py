@@ -42,6 +42,14 @@ class Sample:
     def tokens_per_s(self) -> float:
         return len(self.steps) / sum(self.steps) if self.steps else 0.0
 
+    @classmethod
+    def of_request(cls, parts: dict[str, float], steps: list[float]) -> Sample:
+        """A request's stage times (the parts up to the first token) completed with ttft (their sum), decode and
+        end_to_end: every contender totals them the same way."""
+        stages = {**parts, "ttft": sum(parts.values()), "decode": sum(steps)}
+        stages["end_to_end"] = stages["ttft"] + stages["decode"]
+        return cls(stages, steps)
+
 
 @dataclass
 class Stats:
@@ -135,10 +143,7 @@ class BackendContender:
             logits = session.step(tokens)
             session.synchronize()
             steps.append(time.perf_counter() - begin)
-        stages["ttft"] = sum(stages.values())
-        stages["decode"] = sum(steps)
-        stages["end_to_end"] = stages["ttft"] + stages["decode"]
-        return Sample(stages, steps)
+        return Sample.of_request(stages, steps)
 
     @property
     def kind(self) -> str:
@@ -163,7 +168,7 @@ class BackendContender:
 
     def weight_bytes(self) -> float | None:
         """Quantized graphs: the bytes of the step graph's own weights (INT8 layers, float LM head...)."""
-        if getattr(self.backend, "quantization", None) is None:
+        if self.backend.quantization is None:
             return None
         from .roofline import graph_weight_bytes
 

@@ -125,11 +125,8 @@ class GenaiContender:
             begin = time.perf_counter()
             generator.generate_next_token()
             steps.append(time.perf_counter() - begin)
-        stages = {"preprocess": 0.0, "session": session, "vision_encoder": 0.0, "decoder_prefill": prefill}
-        stages["ttft"] = session + prefill
-        stages["decode"] = sum(steps)
-        stages["end_to_end"] = stages["ttft"] + stages["decode"]
-        return Sample(stages, steps)
+        parts = {"preprocess": 0.0, "session": session, "vision_encoder": 0.0, "decoder_prefill": prefill}
+        return Sample.of_request(parts, steps)
 
     def kv_columns(self, context: int) -> float:
         return context + self.settings.new_tokens / 2
@@ -139,6 +136,9 @@ class GenaiContender:
 
     def kv_value_bytes(self) -> float:
         return 4  # the CPU builder keeps fp32 I/O and cache for every weight precision
+
+    def weight_bytes(self) -> None:
+        return None  # counted from the config at weight_value_bytes
 
 
 @dataclass
@@ -189,11 +189,8 @@ class TransformersContender:
             out = self.model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             steps.append(time.perf_counter() - begin)
-        stages = {"preprocess": 0.0, "session": 0.0, "vision_encoder": 0.0, "decoder_prefill": prefill}
-        stages["ttft"] = prefill
-        stages["decode"] = sum(steps)
-        stages["end_to_end"] = prefill + stages["decode"]
-        return Sample(stages, steps)
+        parts = {"preprocess": 0.0, "session": 0.0, "vision_encoder": 0.0, "decoder_prefill": prefill}
+        return Sample.of_request(parts, steps)
 
     def kv_columns(self, context: int) -> float:
         return context + self.settings.new_tokens / 2
@@ -203,6 +200,9 @@ class TransformersContender:
 
     def kv_value_bytes(self) -> float:
         return 4
+
+    def weight_bytes(self) -> None:
+        return None  # counted from the config at weight_value_bytes
 
 
 Contender = Any  # BackendContender | GenaiContender | TransformersContender

@@ -72,6 +72,21 @@ def _copy_model_files(model_dir: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
 
 
+def check_written_graphs(paths: dict[str, Path], target: TrtTarget, folder: Path, what: str) -> CompatReport:
+    """The ONNX checker and the static TensorRT check on graphs just written into a staging `folder` (the check's
+    report saved beside them); refuses, naming the graph, what would not load or parse."""
+    for name, path in paths.items():
+        try:
+            onnx.checker.check_model(str(path), full_check=False)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"{what} {name}.onnx failed the ONNX checker: {e}") from None
+    report = check_graphs(paths, target)
+    save_report(report, folder / "trt_compat.json")
+    if not report.ok:
+        raise ExportError(f"{what} graphs would be rejected by TensorRT:\n{report.table()}")
+    return report
+
+
 def resolve_max_context(requested: int | None, config, opset: int, query_len: int) -> int | None:
     """The decoder graphs' fixed KV capacity, or None for a dynamic one.
 
@@ -138,15 +153,7 @@ def export_artifact(
 
         progress.step("check graphs (ONNX checker, TensorRT compatibility)")
         paths = {spec.name: tmp / f"{spec.name}.onnx" for spec in specs}
-        for name, path in paths.items():
-            try:
-                onnx.checker.check_model(str(path), full_check=False)
-            except onnx.checker.ValidationError as e:
-                raise ExportError(f"{name}.onnx failed the ONNX checker: {e}") from None
-        report = check_graphs(paths, options.trt_target)
-        save_report(report, tmp / "trt_compat.json")
-        if not report.ok:
-            raise ExportError(f"exported graphs would be rejected by TensorRT:\n{report.table()}")
+        report = check_written_graphs(paths, options.trt_target, tmp, "exported")
 
         progress.step("write manifest (sha256 of every file)")
         d = config.decoder

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import positive_int
+from .options import positive_int, require_module
 
 PEERS = ("genai", "genai-int8", "genai-int4", "transformers")
 
@@ -97,16 +97,6 @@ def _exports(args: argparse.Namespace, model_dir: Path, query_len: int, progress
     return out
 
 
-def _require(module: str, flag: str) -> None:
-    """Refuse before any compute when an optional dependency of a flag is missing."""
-    import importlib.util
-
-    from reference_model.errors import FusionError
-
-    if importlib.util.find_spec(module) is None:
-        raise FusionError(f"{flag} needs the Python module {module!r}: pip install 'fusion-export[bench]'")
-
-
 def run(args: argparse.Namespace) -> int:
     from reference_model.errors import FusionError
 
@@ -146,7 +136,7 @@ def run_bench(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out", OutputKind.bench_report)
     if args.plot:
         check_output_file(args.plot, "--plot", OutputKind.bench_plot)
-        _require("matplotlib", "--plot")
+        require_module("matplotlib", "--plot", "bench")
     if args.model and args.preset:
         raise FusionError("--model and --preset go separately: the preset is a random checkpoint of that shape")
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
@@ -154,7 +144,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise FusionError(f"--peers {','.join(unknown)}: choose from {', '.join(PEERS)}")
     if any(p.startswith("genai") for p in peers):
-        _require("onnxruntime_genai", "--peers genai*")
+        require_module("onnxruntime_genai", "--peers genai*", "bench")
     sweep = [int(c) for c in args.sweep.split(",")] if args.sweep else []
     settings = BenchSettings(
         batch=args.batch,
@@ -213,9 +203,8 @@ def run_bench(args: argparse.Namespace) -> int:
     for contender, result in zip(contenders, results):
         columns = contender.kv_columns(settings.prompt_len)
         cfg = config or contender.backend.config
-        weights = getattr(contender, "weight_bytes", lambda: None)()
         result.roofline = decode_roofline(cfg, contender.weight_value_bytes(), contender.kv_value_bytes(), columns,
-                                          settings.batch, bandwidth, weights)  # fmt: skip
+                                          settings.batch, bandwidth, contender.weight_bytes())  # fmt: skip
     report = {
         "format": FORMAT,
         "machine": machine_info(),

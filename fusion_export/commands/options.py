@@ -110,3 +110,13 @@ def resolve_query_len(query_len: int | None, config) -> int:
         return config.check_query_len(query_len)
     except FusionError as e:
         raise FusionError(f"{source}: {e}") from None
+
+
+def require_module(module: str, flag: str, extra: str) -> None:
+    """Refuse a flag, before any work, when the optional module it needs is not installed."""
+    import importlib.util
+
+    from reference_model.errors import FusionError
+
+    if importlib.util.find_spec(module) is None:
+        raise FusionError(f"{flag} needs the Python module {module!r}: pip install 'fusion-export[{extra}]'")

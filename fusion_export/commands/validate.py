@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from ..providers import Device
-from .options import add_image_options, positive_int
+from .options import add_image_options, positive_int, require_module
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,12 +58,9 @@ def run(args: argparse.Namespace) -> int:
         inputs = [p for p in (args.deployment, args.model, args.inputs, args.image) if p]
         check_output_file(args.json, "--json", OutputKind.validation_report, inputs=inputs)
     if args.plot:
-        import importlib.util
-
         inputs = [p for p in (args.deployment, args.model, args.inputs, args.image, args.json) if p]
         check_output_file(args.plot, "--plot", OutputKind.validation_plot, inputs=inputs)
-        if importlib.util.find_spec("matplotlib") is None:
-            raise FusionError("--plot needs the Python module 'matplotlib': pip install 'fusion-export[bench]'")
+        require_module("matplotlib", "--plot", "bench")
     if args.inputs is None and (args.image is None) != (args.question is None):
         raise FusionError("--image and --question go together")
     kind = kind_of_folder(args.deployment)

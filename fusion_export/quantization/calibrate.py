@@ -29,6 +29,7 @@ from ..manifest import GRAPHS, Artifact
 from ..ort_runtime import OrtModel, OrtSession
 from .calibration_set import CalibrationSet
 from .entropy import Histogram
+from .qdq import MIN_SCALE, QMAX, is_linear_weight
 
 METHODS = ("percentile", "max", "entropy", "smoothquant")
 
@@ -59,21 +60,19 @@ class RangeObserver:
 
     def scales(self) -> dict[str, float]:
         """Per-tensor INT8 scales (smoothquant's come from qdq, after smoothing)."""
-        from .qdq import MIN_SCALE, QMAX
-
         if self.method == "entropy":
             return {w: max(h.threshold() / QMAX, MIN_SCALE) for w, h in self.histograms.items()}
         return {w: max(v / QMAX, MIN_SCALE) for w, v in self.absmax.items()}
 
 
 def _linear_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """activation tensor -> the weights it multiplies (same rule as qdq.linear_layers, on the proto)."""
+    """activation tensor -> the weights it multiplies (qdq.linear_layers' rule, on the proto)."""
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, list[str]] = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in inits:
             weight = inits[node.input[1]]
-            if len(weight.dims) == 2 and weight.name.endswith(".weight.T"):
+            if is_linear_weight(weight.name, len(weight.dims)):
                 out.setdefault(node.input[0], []).append(weight.name)
     return out
 

@@ -41,6 +41,11 @@ class LinearLayer:
         return self.node.inputs[0]
 
 
+def is_linear_weight(name: str, rank: int) -> bool:
+    """The exporter's pre-transposed `<param>.weight.T` [in, out] right operands: the layers quantized here."""
+    return rank == 2 and name.endswith(".weight.T")
+
+
 def linear_layers(graph: ir.Graph) -> Iterator[LinearLayer]:
     for node in graph:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
@@ -48,7 +53,7 @@ def linear_layers(graph: ir.Graph) -> Iterator[LinearLayer]:
         weight = node.inputs[1]
         if weight is None or not weight.is_initializer() or weight.const_value is None:
             continue
-        if len(weight.const_value.shape) == 2 and weight.name.endswith(".weight.T"):
+        if is_linear_weight(weight.name, len(weight.const_value.shape)):
             yield LinearLayer(node, weight.name)
 
 

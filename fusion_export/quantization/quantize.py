@@ -14,17 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 
 from reference_model.checkpoint import staging_folder
 from reference_model.errors import FusionError
 
+from ..export import check_written_graphs
 from ..manifest import GRAPHS, MODEL_SUBDIR, Artifact, graph_io, write_manifest
 from ..onnx_export import save_group
 from ..precision import Precision
 from ..progress import Progress
-from ..trt_compat import check_graphs, save_report
 from ..trt_targets import TrtTarget
 from .calibrate import RangeObserver, calibrate
 from .calibration_set import CalibrationSet
@@ -107,16 +106,7 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
 
         progress.step("check graphs (ONNX checker, TensorRT compatibility)")
         paths = {name: tmp / manifest["graphs"][name]["file"] for name in GRAPHS}
-        for name, path in paths.items():
-            try:
-                onnx.checker.check_model(str(path), full_check=False)
-            except onnx.checker.ValidationError as e:
-                raise FusionError(f"quantized {name}.onnx failed the ONNX checker: {e}") from None
-        target = TrtTarget(manifest["export"]["trt_target"])
-        report = check_graphs(paths, target)
-        save_report(report, tmp / "trt_compat.json")
-        if not report.ok:
-            raise FusionError(f"quantized graphs would be rejected by TensorRT:\n{report.table()}")
+        report = check_written_graphs(paths, TrtTarget(manifest["export"]["trt_target"]), tmp, "quantized")
         result.trt_report = report
 
         progress.step("write manifest (sha256 of every file)")
