@@ -158,8 +158,9 @@ class BackendContender:
         self.question = question_for_positions(settings.prompt_len, self.tokenizer, self.backend.config, self.query_len)
 
     def kv_columns(self, context: int) -> float:
-        """KV columns a step reads: the buffer for graphs (they attend over all of it), the valid ones else."""
-        if self.backend.kind == "reference":
+        """KV columns a step reads: the valid ones (on average over the request's steps) for a backend whose
+        attention reads only those, else the whole buffer (graphs attending over all of it under a mask)."""
+        if self.backend.attends_to_valid_columns:
             return context + self.settings.new_tokens / 2
         return self.capacity or context + self.settings.new_tokens
 

@@ -45,6 +45,7 @@ class BackendOptions:
     provider: Any = None  # onnxruntime: providers.Device (default: cuda when available)
     threads: int | None = None  # onnxruntime: intra-op threads
     ort_weights: str | None = None  # onnxruntime on CPU: auto | shared | packed (OrtModel)
+    ort_attention: str | None = None  # onnxruntime on CPU: fused | graph (OrtModel)
 
 
 class Backend(Protocol):
@@ -55,6 +56,7 @@ class Backend(Protocol):
     max_context: int | None  # KV columns fixed by the graphs; None: sized per request
     precision: Any  # Precision of the graphs; None for the reference
     quantization: str | None  # "int8" / "int8-weight-only" for Q/DQ graphs; None otherwise
+    attends_to_valid_columns: bool  # a decode step reads only the written KV columns (else the whole buffer)
 
     def describe(self) -> str: ...
 

@@ -15,6 +15,7 @@ class ReferenceBackend:
     max_context = None
     precision = None
     quantization = None
+    attends_to_valid_columns = True  # its attention reads the cache's written columns only
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", device: str = "cpu"):
         from reference_model.checkpoint import resolve_device

@@ -118,6 +118,7 @@ class TrtModel:
         self.model_dir = engines.model_dir
         self.precision = Precision(engines.manifest["precision"])
         self.quantization = engines.manifest.get("quantization")
+        self.attends_to_valid_columns = False  # the engines attend over the whole buffer under a mask
         self.query_len = int(engines.manifest["query_len"])
         self.limits = engines.limits
         self.max_context = self.limits["max_context"]

@@ -7,8 +7,10 @@ are streamed one at a time, so a full-size model is never serialised into memory
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,8 @@ import torch
 from .graphs import attention, kv_write, rms_norm
 from .graphs.spec import GraphSpec
 
+REGION_KEY = "fusion_export.region"
+REGION_OPS = ("kv_write", "decode_attention", "scaled_dot_product_attention")
 INLINE_BYTES = 1024  # smaller constants stay inside the .onnx file
 _SMALL_ALIGN, _LARGE_ALIGN, _LARGE = 64, 65536, 1 << 20  # large tensors page-aligned so runtimes can mmap them
 
@@ -63,11 +67,32 @@ def trace(spec: GraphSpec, opset: int, plugins: bool = False) -> ir.Model:
         output_size_limit=INLINE_BYTES,
     )
     for node in model.graph:
+        region = attention_region(node.metadata_props)
         node.metadata_props.clear()  # per-node stack traces would be most of the file's size
+        if region:
+            node.metadata_props[REGION_KEY] = region
         _drop_default_attributes(node, opset)
     model.graph.name = spec.name
     _attach_plugin_functions(model, opset)
     return model
+
+
+def attention_region(metadata: dict[str, str]) -> str | None:
+    """`<module scope>/<kind>` for a node of an attention module's forward (the exporter's own metadata names
+    the module and the torch op): `kv_write`, `decode_attention` or `scaled_dot_product_attention` for those
+    ops, `forward` for the module's other ops (reshapes, RoPE); None outside attention modules and inside their
+    projections. Kept in the graph so a runtime finds each layer's attention as one region
+    (fusion_export/ort_attention.py) without matching op patterns."""
+    target = re.search(r"target=torch\.ops\.[\w]+\.(\w+)\.", metadata.get("pkg.torch.onnx.fx_node", ""))
+    try:
+        scopes = ast.literal_eval(metadata.get("pkg.torch.onnx.name_scopes", ""))
+    except (ValueError, SyntaxError):
+        return None
+    if target is None or not isinstance(scopes, list) or len(scopes) < 2:
+        return None
+    if target.group(1) in REGION_OPS:
+        return f"{scopes[-2]}/{target.group(1)}"
+    return f"{scopes[-2]}/forward" if scopes[-2].endswith(".self_attn") else None
 
 
 def _attach_plugin_functions(model: ir.Model, opset: int) -> None:

@@ -7,6 +7,9 @@
   scatter updates it in place and no step copies it.
 - Graph inputs (embedding gather from the artifact's single table, image-token scatter, LongRoPE tables, masks,
   write columns) are prepared by `graph_inputs`, the same code every graph backend uses.
+- On CPU, each decoder layer's KV write and attention run as ONNX Runtime's fused GroupQueryAttention
+  (`ort_attention`: the graphs are rewritten in memory when the sessions are created; `attention="graph"` runs
+  them as exported).
 - CUDA is used when onnxruntime-gpu provides it (or when asked); CPU otherwise.
 """
 
@@ -72,14 +75,26 @@ class OrtModel:
     kind = "onnxruntime"
 
     def __init__(
-        self, artifact: Artifact, device: Device | None = None, threads: int | None = None, weights: str = "auto"
+        self,
+        artifact: Artifact,
+        device: Device | None = None,
+        threads: int | None = None,
+        weights: str = "auto",
+        attention: str = "fused",
     ):
         """weights (CPU): "shared" = the two decoder sessions read one memory-mapped copy of the weights;
         "packed" = each session also keeps ONNX Runtime's prepacked copy (GEMM/GEMV-friendly layout, ~11% faster
         decode on the `small` preset, twice the weights' memory); "auto" = packed while two copies of fp32 decoder
-        weights take under a quarter of the machine's memory, else shared."""
+        weights take under a quarter of the machine's memory, else shared.
+        attention (CPU): "fused" = each decoder layer's attention as GroupQueryAttention (ort_attention) where the
+        graphs allow it; "graph" = the graphs' own ops, as exported."""
         if weights not in ("auto", "shared", "packed"):
             raise FusionError(f"--ort-weights {weights!r}: choose auto, shared or packed")
+        if attention not in ("fused", "graph"):
+            raise FusionError(f"--ort-attention {attention!r}: choose fused or graph")
+        self.attention = attention
+        self.attention_form = "as exported"  # set by load()
+        self.attends_to_valid_columns = False  # True once load() fused the step graph's attention
         self.artifact, self.threads = artifact, threads
         self.config = artifact.config
         self.model_dir = artifact.model_dir
@@ -102,7 +117,10 @@ class OrtModel:
 
     def describe(self) -> str:
         layout = ("prepacked per session" if self.packed else "one shared copy") if self.on_cpu else "on the device"
-        return f"onnxruntime {self.providers[0]}, {self.precision} graphs from {self.artifact.folder}, weights {layout}"
+        return (
+            f"onnxruntime {self.providers[0]}, {self.precision} graphs from {self.artifact.folder}, weights {layout}, "
+            f"attention {self.attention_form}"
+        )
 
     def load(self) -> OrtModel:
         """Create the sessions and read the embedding table (once)."""
@@ -132,8 +150,10 @@ class OrtModel:
                 opts.enable_cpu_mem_arena = False  # hand each per-call float32 weight copy straight back
             return opts
 
-        def session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
-            created = ort.InferenceSession(str(path), opts, providers=self.providers)
+        def session(path: Path, opts: ort.SessionOptions, model: bytes | None = None) -> ort.InferenceSession:
+            if model is not None:  # rewritten in memory: its external weights are still read from the artifact
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            created = ort.InferenceSession(model or str(path), opts, providers=self.providers)
             if created.get_providers()[0] != self.providers[0]:  # ORT falls back silently when CUDA fails
                 raise FusionError(
                     f"{path.name}: ONNX Runtime could not start {self.providers[0]} "
@@ -143,9 +163,11 @@ class OrtModel:
 
         self.vision = session(artifact.graph_path("vision_encoder"), options())
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
-        sessions = []
+        sessions, forms = [], []
         for name in ("decoder_prefill", "decoder_step"):
             path, opts = artifact.graph_path(name), options()
+            model, form = self._fused_attention(path)
+            forms.append(f"{name}: {form}")
             if self.on_cpu and not self.packed:
                 # One memory-mapped copy of the decoder weights for both sessions, not repacked per session
                 # (prepacking would give each session a private copy of every MatMul weight).
@@ -154,10 +176,24 @@ class OrtModel:
                     opts.add_initializer(init_name, value)
             # packed: each session loads and prepacks its own copy (ONNX Runtime does not prepack initializers
             # handed in by the caller; its prepacked LM head streams at ~36 GB/s here against ~25 unpacked)
-            sessions.append(session(path, opts))
+            sessions.append(session(path, opts, model))
         self.prefill_session, self.step_session = sessions
+        self.attends_to_valid_columns = "GroupQueryAttention" in forms[-1]
+        self.attention_form = "; ".join(forms)
         self._loaded = True
         return self
+
+    def _fused_attention(self, path: Path) -> tuple[bytes | None, str]:
+        """The decoder graph with GroupQueryAttention (CPU, float32 graphs), or None and the form it runs in."""
+        if self.attention == "graph":
+            return None, "as exported (--ort-attention graph)"
+        if not self.on_cpu:
+            return None, "as exported (GroupQueryAttention is used on CPU only)"
+        from .ort_attention import fuse_attention
+
+        d = self.config.decoder
+        model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim)
+        return model, form if model is not None else f"as exported ({form})"
 
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
         return OrtSession(self, batch, max_new_tokens)
@@ -167,7 +203,13 @@ def open_backend(path: Path, options) -> OrtModel:
     """The `onnxruntime` backend over an artifact folder (engines/backends.py)."""
     from .manifest import open_artifact
 
-    return OrtModel(open_artifact(path), options.provider, options.threads, options.ort_weights or "auto")
+    return OrtModel(
+        open_artifact(path),
+        options.provider,
+        options.threads,
+        options.ort_weights or "auto",
+        options.ort_attention or "fused",
+    )
 
 
 class OrtSession:
@@ -244,4 +286,4 @@ class OrtSession:
 
     def cache_arrays(self) -> list[np.ndarray]:
         """The KV buffers (B, kv_heads, capacity, head_dim), layer by layer (key, value), as numpy copies."""
-        return [value.numpy() for value in self.cache]
+        return [value.numpy().copy() for value in self.cache]  # numpy() is a view of memory the session frees

@@ -33,6 +33,7 @@ EXPORT_GROUPS = [
     ("tests/test_trt_build.py", "demo-exports"),
     ("tests/test_bench.py", "demo-exports"),
     ("tests/test_quantize.py", "quantize"),  # its own demo exports: balances the workers
+    ("tests/test_ort_attention.py", "ort-attention"),  # module-scoped GQA exports shared by its tests
 ]
 
 if importlib.util.find_spec("xdist") is not None:

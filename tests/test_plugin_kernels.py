@@ -145,6 +145,7 @@ def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_p
     plugin_nodes = [n for n in step.graph.node if (n.domain, n.op_type) == (DOMAIN, DECODE_ATTENTION)]
     layers = json.loads((demo_checkpoint / "config.json").read_text())["num_hidden_layers"]
     assert len(plugin_nodes) == layers and [f.name for f in step.functions] == [DECODE_ATTENTION]
+    assert len({tuple(n.input[3:5]) for n in plugin_nodes}) == 1  # each row's valid range: read once per forward
     assert json.loads((art / "manifest.json").read_text())["export"]["plugins"] == [DECODE_ATTENTION]
     report = tmp_path / "report.json"
     result = run_main("validate", str(art), "--model", str(demo_checkpoint), "--max-new-tokens", "12",

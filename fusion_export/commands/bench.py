@@ -14,6 +14,7 @@ bound measured in the same run. `--sweep 512,1024,2048,4096` adds decode latency
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="ONNX Runtime on CPU: decoder weights shared by the sessions or prepacked per session",
     )
+    p.add_argument(
+        "--ort-attention",
+        type=_attention_forms,
+        default=["fused"],
+        metavar="FORMS",
+        help="ONNX Runtime on CPU: fused (GroupQueryAttention, default), graph (as exported), or both: fused,graph",
+    )
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="rounds dropped first (1)")
     p.add_argument("--iters", type=positive_int, default=3, metavar="N", help="measured rounds (3)")
     p.add_argument("--sweep", metavar="CONTEXTS", help="also decode latency at these contexts, e.g. 512,1024,2048")
@@ -57,6 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="preset checkpoints, exports, peer models (~/.cache/...)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=run)
+
+
+def _attention_forms(text: str) -> list[str]:
+    forms = [f.strip() for f in text.split(",") if f.strip()]
+    if not forms or any(f not in ("fused", "graph") for f in forms) or len(set(forms)) != len(forms):
+        raise argparse.ArgumentTypeError(f"{text!r}: fused, graph, or fused,graph")
+    return forms
 
 
 def cache_dir(args: argparse.Namespace) -> Path:
@@ -170,12 +185,13 @@ def run_bench(args: argparse.Namespace) -> int:
     artifacts = list(args.artifacts)
     if args.export:
         artifacts += _exports(args, model_dir, resolve_query_len(args.query_len, config), progress)
-    for folder in artifacts:
-        options = BackendOptions(threads=args.threads, ort_weights=args.ort_weights)
+    for folder, attention in itertools.product(artifacts, args.ort_attention):
+        options = BackendOptions(threads=args.threads, ort_weights=args.ort_weights, ort_attention=attention)
         backend = open_backend(BackendKind.onnxruntime, folder, options)
         target = backend.artifact.manifest["export"]["trt_target"]
         numbers = backend.quantization or backend.precision
-        contenders.append(BackendContender(f"onnxruntime {target} {numbers} ({Path(folder).name})",
+        form = ", graph attention" if attention == "graph" and len(args.ort_attention) > 1 else ""
+        contenders.append(BackendContender(f"onnxruntime {target} {numbers} ({Path(folder).name}{form})",
                                            backend, settings))  # fmt: skip
     for folder in args.engines:
         backend = open_backend(BackendKind.tensorrt, folder, BackendOptions(device=args.device.replace("cpu", "cuda")))

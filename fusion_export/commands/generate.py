@@ -11,11 +11,20 @@ import argparse
 import sys
 
 from ..providers import Device
-from .options import Dtype, add_image_options, add_query_len_option, positive_int, probability, seed, temperature
+from .options import (
+    Dtype,
+    add_image_options,
+    add_ort_attention_option,
+    add_query_len_option,
+    positive_int,
+    probability,
+    seed,
+    temperature,
+)
 
 # backend -> (its folder flag, the flags that apply to it)
 FOLDER_FLAGS = {"reference": "model", "onnxruntime": "artifacts", "tensorrt": "engines"}
-OPTION_FLAGS = {"reference": {"dtype", "device"}, "onnxruntime": {"provider"}, "tensorrt": {"device"}}
+OPTION_FLAGS = {"reference": {"dtype", "device"}, "onnxruntime": {"provider", "ort_attention"}, "tensorrt": {"device"}}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--provider", type=Device, choices=list(Device), help="onnxruntime: device (default: cuda if available)"
     )
+    add_ort_attention_option(p)
     p.add_argument("--quiet", action="store_true", help="print only the answer, no timings")
     p.set_defaults(run=run)
 
@@ -62,10 +72,11 @@ def open_backend_from_args(args: argparse.Namespace):
             raise FusionError(f"--{flag} does not apply to --backend {kind}")
     if not getattr(args, FOLDER_FLAGS[kind.value]):
         raise FusionError(f"--{FOLDER_FLAGS[kind.value]} is required with --backend {kind}")
-    for flag in {"dtype", "device", "provider"} - OPTION_FLAGS[kind.value]:
+    for flag in {"dtype", "device", "provider", "ort_attention"} - OPTION_FLAGS[kind.value]:
         if getattr(args, flag) is not None:
-            raise FusionError(f"--{flag} does not apply to --backend {kind}")
-    options = BackendOptions(device=args.device, dtype=args.dtype.value if args.dtype else None, provider=args.provider)
+            raise FusionError(f"--{flag.replace('_', '-')} does not apply to --backend {kind}")
+    dtype = args.dtype.value if args.dtype else None
+    options = BackendOptions(device=args.device, dtype=dtype, provider=args.provider, ort_attention=args.ort_attention)
     return open_backend(kind, getattr(args, FOLDER_FLAGS[kind.value]), options)
 
 

@@ -101,6 +101,15 @@ def load_reference(model_dir: str, dtype: Dtype, device: str):
     return load_model(model_dir, dtype=dtype.value, device=resolve_device(device))
 
 
+def add_ort_attention_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ort-attention",
+        choices=["fused", "graph"],
+        help="onnxruntime on CPU: fused = each decoder layer's attention as GroupQueryAttention (default), "
+        "graph = the graphs' own ops, as exported",
+    )
+
+
 def resolve_query_len(query_len: int | None, config) -> int:
     from reference_model.errors import FusionError
 

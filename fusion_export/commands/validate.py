@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from ..providers import Device
-from .options import add_image_options, positive_int, require_module
+from .options import add_image_options, add_ort_attention_option, positive_int, require_module
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--provider", type=Device, choices=list(Device), default=None, help="ONNX Runtime device (default: cuda if any)"
     )
     p.add_argument("--device", help="TensorRT: CUDA device (default cuda:0)")
+    add_ort_attention_option(p)
     p.set_defaults(run=run)
 
 
@@ -68,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
         raise FusionError(f"{args.deployment}: neither an artifact folder (export) nor an engine folder (build)")
     if kind is BackendKind.onnxruntime and args.device is not None:
         raise FusionError("--device applies to engine folders (TensorRT); ONNX Runtime takes --provider")
-    if kind is BackendKind.tensorrt and args.provider is not None:
-        raise FusionError("--provider applies to artifact folders (ONNX Runtime); TensorRT takes --device")
-    candidate = open_backend(kind, args.deployment, BackendOptions(provider=args.provider, device=args.device))
+    if kind is BackendKind.tensorrt and (args.provider or args.ort_attention) is not None:
+        flag = "--provider" if args.provider is not None else "--ort-attention"
+        raise FusionError(f"{flag} applies to artifact folders (ONNX Runtime); TensorRT takes --device")
+    options = BackendOptions(provider=args.provider, device=args.device, ort_attention=args.ort_attention)
+    candidate = open_backend(kind, args.deployment, options)
     config = candidate.config
     if config_digest(load_config(args.model)) != config_digest(config):
         raise FusionError(f"{args.model}: its config differs from the one {args.deployment} was exported from")

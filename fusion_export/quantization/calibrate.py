@@ -145,7 +145,8 @@ def calibrate(
     scratch = Path(tempfile.mkdtemp(prefix=".calibration-", dir=scratch_parent))
     try:
         instrumented, watched = _instrumented_copy(artifact, scratch)
-        model = OrtModel(instrumented, threads=threads, weights="shared").load()
+        # attention as exported: the watched activations are the graphs' own tensors, which a fused rewrite removes
+        model = OrtModel(instrumented, threads=threads, weights="shared", attention="graph").load()
         counts = {n: len(artifact.manifest["graphs"][n]["outputs"]) for n in GRAPHS}
         model.vision = _Observed(model.vision, counts["vision_encoder"], watched["vision_encoder"], observer)
         model.prefill_session = _Observed(model.prefill_session, counts["decoder_prefill"],
