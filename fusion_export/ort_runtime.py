@@ -140,11 +140,16 @@ class OrtModel:
         # slowly but within the fp16 footprint.
         fp16_on_cpu = self.on_cpu and artifact.precision is Precision.fp16
 
-        def options() -> ort.SessionOptions:
+        def options(spin: bool = False) -> ort.SessionOptions:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3  # in-place TensorScatter notices are not errors
             if threads:
                 opts.intra_op_num_threads = threads
+            if not spin:
+                # Each session has its own thread pool. Spinning after the vision and prefill runs (a few long
+                # ops per request, nothing gained) took the cores from the step session's pool: the first 3-5
+                # decode steps ran 2-3x slower on 2 cores. Only the step session, many short ops, spins.
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if fp16_on_cpu:
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 opts.enable_cpu_mem_arena = False  # hand each per-call float32 weight copy straight back
@@ -165,7 +170,7 @@ class OrtModel:
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
         sessions, forms = [], []
         for name in ("decoder_prefill", "decoder_step"):
-            path, opts = artifact.graph_path(name), options()
+            path, opts = artifact.graph_path(name), options(spin=name == "decoder_step")
             model, form = self._fused_attention(path)
             forms.append(f"{name}: {form}")
             if self.on_cpu and not self.packed:
@@ -229,9 +234,13 @@ class OrtSession:
         self.model, self.batch = model, batch
         self.batch_size = batch.layout.batch_size
         shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
-        zeros = np.zeros(shape, dtype=model.cache_dtype)  # unwritten columns are masked, but must not be NaN
         device = "cpu" if model.on_cpu else "cuda"
-        self.cache = [ort.OrtValue.ortvalue_from_numpy(zeros.copy(), device) for _ in range(2 * d.num_layers)]
+        # Unwritten columns are masked but must not be NaN: zeros. np.zeros per buffer takes zero pages from the
+        # OS, touched only where written or read; copying one zeroed array cost ~200 ms of TTFT at capacity 4096.
+        self.cache = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=model.cache_dtype), device)
+            for _ in range(2 * d.num_layers)
+        ]
         self.past_names, self.present_names = past_names(d.num_layers), present_names(d.num_layers)
         self.vision: VisionOutputs | None = None
         self.feeds = StepFeeds(self.state, model.embed_table, d.rope, max_new_tokens)
