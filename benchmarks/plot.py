@@ -21,7 +21,9 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
 
     results, sweep = report["results"], report.get("sweep")
     panels = 3 if sweep else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    # the sweep's legend goes under its panel (one line per contender), so it never covers the curves
+    height = 4.5 + (0.16 * len(sweep) if sweep else 0.0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, height))
     labels = [r["label"] + (" *" if r["text_only"] else "") for r in results]
 
     ax = axes[0]
@@ -53,10 +55,13 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
             if pairs:
                 ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", label=label)
         ax.set_xscale("log", base=2)
+        contexts = sorted({int(c) for points in sweep.values() for c in points})
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.minorticks_off()
         ax.set_xlabel("context (positions)")
         ax.set_ylabel("ms per decode step (median)")
         ax.set_title("decode latency vs context")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
 
     machine = report["machine"]
     fig.suptitle(f"{machine['cpu']} ({report['settings']['threads']} threads)"

@@ -31,7 +31,7 @@ from .graphs.decoder import decoder_prefill_spec, decoder_step_spec
 from .graphs.kv_write import TENSOR_SCATTER_OPSET
 from .graphs.vision_encoder import vision_encoder_spec
 from .manifest import MODEL_SUBDIR, config_digest, graph_io, write_manifest
-from .onnx_export import save_group, total_initializer_bytes, trace
+from .onnx_export import plugin_ops, save_group, total_initializer_bytes, trace
 from .precision import Precision
 from .progress import Progress
 from .trt_compat import CompatReport, check_graphs, save_report
@@ -131,6 +131,7 @@ def export_artifact(
         for spec in specs:
             progress.step(f"trace {spec.name} (opset {opset})")
             traced[spec.name] = trace(spec, opset, options.plugins)
+        plugins = sorted({op for model in traced.values() for op in plugin_ops(model)})
 
         progress.step("write graphs and weights")
         groups: dict[str, dict] = {}
@@ -168,7 +169,7 @@ def export_artifact(
                     "opset": opset,
                     "trt_target": options.trt_target.value,
                     "max_context": capacity,  # fixed KV columns, or null: sized per request
-                    "plugins": ["DecodeAttention"] if options.plugins else [],
+                    "plugins": plugins,  # plugin ops in the graphs (--plugins on), each with its local function
                     "kv_cache": {
                         "layout": "fixed-capacity buffer per layer, updated in place at write columns",
                         "shape": ["batch", d.num_kv_heads, capacity or "capacity", d.head_dim],

@@ -19,8 +19,9 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .graphs import attention, kv_write, rms_norm
+from .graphs import attention, kv_write, rms_norm, window_pool
 from .graphs.spec import GraphSpec
+from .graphs.window_pool import WindowMaxPool
 
 REGION_KEY = "fusion_export.region"
 REGION_OPS = ("kv_write", "decode_attention", "scaled_dot_product_attention")
@@ -36,6 +37,9 @@ def trace(spec: GraphSpec, opset: int, plugins: bool = False) -> ir.Model:
     quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" notices on every export
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    pools = [m for m in spec.module.modules() if isinstance(m, WindowMaxPool)]
+    for pool in pools:
+        pool.as_plugin = plugins
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -51,12 +55,15 @@ def trace(spec: GraphSpec, opset: int, plugins: bool = False) -> ir.Model:
                     **kv_write.translation_table(opset),
                     **attention.translation_table(opset, plugins),
                     **rms_norm.translation_table(opset),
+                    **window_pool.translation_table(),
                 },
                 optimize=False,
                 verbose=False,
             )
     finally:
         quiet.setLevel(level)
+        for pool in pools:
+            pool.as_plugin = False
     model = program.model
     _pretranspose_weights(model)
     onnxscript.optimizer.optimize_ir(
@@ -97,12 +104,20 @@ def attention_region(metadata: dict[str, str]) -> str | None:
 
 def _attach_plugin_functions(model: ir.Model, opset: int) -> None:
     """Every plugin node gets its local function (the standard-op decomposition) and its domain's opset."""
-    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, decode_attention_function
+    from engines.plugins.onnx_forms import DOMAIN, PLUGIN_FUNCTIONS
 
-    if any(node.domain == DOMAIN and node.op_type == DECODE_ATTENTION for node in model.graph):
-        function = ir.serde.deserialize_function(decode_attention_function(opset))
+    present = {node.op_type for node in model.graph if node.domain == DOMAIN}
+    for name in sorted(present):
+        function = ir.serde.deserialize_function(PLUGIN_FUNCTIONS[name](opset))
         model.functions[function.identifier()] = function
         model.opset_imports[DOMAIN] = 1
+
+
+def plugin_ops(model: ir.Model) -> list[str]:
+    """The plugin ops a traced graph holds (its nodes in the plugin domain), sorted."""
+    from engines.plugins.onnx_forms import DOMAIN
+
+    return sorted({node.op_type for node in model.graph if node.domain == DOMAIN})
 
 
 def _gemm_as_matmul(graph: ir.Graph) -> None:

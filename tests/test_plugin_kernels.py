@@ -126,14 +126,15 @@ def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
 
 
 def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_path):
-    """`export --plugins on`: the step graph's attention becomes DecodeAttention nodes (+ local function); ONNX
-    Runtime runs the file within the fp32 gates with identical greedy ids, and TensorRT-RTX builds it."""
+    """`export --plugins on`: the step graph's attention becomes DecodeAttention nodes and the vision encoder's
+    pooling WindowMaxPool nodes (+ local functions); ONNX Runtime runs the files within the fp32 gates with
+    identical greedy ids, and TensorRT-RTX builds them."""
     import json
 
     import onnx
 
     from engines.build import BuildOptions, build_engines
-    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN
+    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, WINDOW_MAX_POOL
 
     from .conftest import run_main
 
@@ -146,11 +147,16 @@ def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_p
     layers = json.loads((demo_checkpoint / "config.json").read_text())["num_hidden_layers"]
     assert len(plugin_nodes) == layers and [f.name for f in step.functions] == [DECODE_ATTENTION]
     assert len({tuple(n.input[3:5]) for n in plugin_nodes}) == 1  # each row's valid range: read once per forward
-    assert json.loads((art / "manifest.json").read_text())["export"]["plugins"] == [DECODE_ATTENTION]
+    vision = onnx.load(art / "vision_encoder.onnx", load_external_data=False)
+    pools = [n for n in vision.graph.node if (n.domain, n.op_type) == (DOMAIN, WINDOW_MAX_POOL)]
+    assert len(pools) == 2 and [f.name for f in vision.functions] == [WINDOW_MAX_POOL]  # init latents, context
+    assert not any(n.op_type == "ReduceMax" for n in vision.graph.node)
+    plugins = sorted([DECODE_ATTENTION, WINDOW_MAX_POOL])
+    assert json.loads((art / "manifest.json").read_text())["export"]["plugins"] == plugins
     report = tmp_path / "report.json"
     result = run_main("validate", str(art), "--model", str(demo_checkpoint), "--max-new-tokens", "12",
                       "--json", str(report))  # fmt: skip
     assert result.returncode == 0, result.stdout
     assert json.loads(report.read_text())["first_divergence"] == [None]
     built = build_engines(art, tmp_path / "eng", BuildOptions(), verbose=False)
-    assert json.loads((built.folder / "engines.json").read_text())["plugins"] == [DECODE_ATTENTION]
+    assert json.loads((built.folder / "engines.json").read_text())["plugins"] == plugins

@@ -5,6 +5,11 @@ a builder with the plugin registered maps the node to it.
 DecodeAttention(q, k, v, start, end) -> out, as `decode_attention.decode_attention_reference` defines it: the
 function masks columns outside [start, end) (and after each new token's own column) and runs a float32 softmax;
 the plugin kernel reads only those columns.
+
+WindowMaxPool(grid, index) -> out, as `window_max_pool.window_max_pool_reference` defines it: `index` is the
+(n, k) window table of `fusion_export/graphs/window_pool.window_indices` (each window padded by repeating its last
+index); the function gathers rows, takes their max, then the same over columns. The plugin kernel computes the
+windows from H, W and n, reading each element of a window once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 DOMAIN = "fusion_export.plugins"
 DECODE_ATTENTION = "DecodeAttention"
+WINDOW_MAX_POOL = "WindowMaxPool"
 
 
 def _const(name: str, value) -> onnx.NodeProto:
@@ -25,9 +31,19 @@ def register_schemas() -> None:
     """The plugin ops' schemas in ONNX's registry, so exporters (onnxscript) can emit them; once per process."""
     from onnx.defs import OpSchema, has, register_schema
 
+    p = OpSchema.FormalParameter
+    if not has(WINDOW_MAX_POOL, DOMAIN):
+        register_schema(
+            OpSchema(
+                WINDOW_MAX_POOL, DOMAIN, 1,
+                inputs=[p("grid", "T"), p("index", "I")],
+                outputs=[p("out", "T")],
+                type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(int8)"], "grid values"),
+                                  ("I", ["tensor(int64)"], "window table")],
+            )
+        )  # fmt: skip
     if has(DECODE_ATTENTION, DOMAIN):
         return
-    p = OpSchema.FormalParameter
     register_schema(
         OpSchema(
             DECODE_ATTENTION, DOMAIN, 1,
@@ -101,3 +117,59 @@ def decode_attention_model(dtype: int, heads: int, kv_heads: int, head_dim: int,
     )
     model.ir_version = 9
     return model
+
+
+def window_max_pool_function(opset: int = 20) -> onnx.FunctionProto:
+    """The standard-op decomposition: Gather + ReduceMax over rows, then over columns (as window_pool.py)."""
+    n = helper.make_node
+
+    def reduce_max(x: str, axis: str, out: str) -> list[onnx.NodeProto]:
+        if opset >= 18:  # axes became an input in opset 18
+            return [n("ReduceMax", [x, axis], [out], keepdims=0)]
+        return [n("ReduceMax", [x], [out], axes=[int(axis[1:])], keepdims=0)]
+
+    nodes = [
+        _const("i0", np.array([0], np.int64)), _const("i1", np.array([1], np.int64)),
+        _const("i2", np.array([2], np.int64)), _const("i3", np.array([3], np.int64)),
+        _const("i4", np.array([4], np.int64)), _const("minus1", np.array([-1], np.int64)),
+        n("Shape", ["grid"], ["sg"]), n("Shape", ["index"], ["si"]),
+        n("Slice", ["sg", "i0", "i1"], ["B"]), n("Slice", ["sg", "i2", "i3"], ["W"]),
+        n("Slice", ["sg", "i3", "i4"], ["D"]), n("Slice", ["si", "i0", "i1"], ["N"]),
+        n("Slice", ["si", "i1", "i2"], ["K"]),
+        n("Reshape", ["index", "minus1"], ["flat"]),
+        n("Gather", ["grid", "flat"], ["rows_k"], axis=1),  # [B, N*K, W, D]
+        n("Concat", ["B", "N", "K", "W", "D"], ["s_rows"], axis=0), n("Reshape", ["rows_k", "s_rows"], ["rows5"]),
+        *reduce_max("rows5", "i2", "rows"),  # [B, N, W, D]
+        n("Gather", ["rows", "flat"], ["cols_k"], axis=2),  # [B, N, N*K, D]
+        n("Concat", ["B", "N", "N", "K", "D"], ["s_cols"], axis=0), n("Reshape", ["cols_k", "s_cols"], ["cols5"]),
+        *reduce_max("cols5", "i3", "cols"),  # [B, N, N, D]
+        n("Concat", ["B", "minus1", "D"], ["s_out"], axis=0), n("Reshape", ["cols", "s_out"], ["out"]),
+    ]  # fmt: skip
+    return helper.make_function(
+        DOMAIN, WINDOW_MAX_POOL, ["grid", "index"], ["out"], nodes, [helper.make_opsetid("", opset)]
+    )
+
+
+def window_max_pool_model(dtype: int, side: int, out_size: int, channels: int, opset: int = 20) -> onnx.ModelProto:
+    """A one-node model (dynamic batch) with the window table as an initializer: the unit the tests parse and run."""
+    from fusion_export.graphs.window_pool import window_indices
+
+    io = helper.make_tensor_value_info
+    index = numpy_helper.from_array(window_indices(side, out_size).numpy(), "index")
+    graph = helper.make_graph(
+        [helper.make_node(WINDOW_MAX_POOL, ["grid", "index"], ["out"], domain=DOMAIN)],
+        "window_max_pool",
+        [io("grid", dtype, ["B", side, side, channels])],
+        [io("out", dtype, ["B", out_size * out_size, channels])],
+        initializer=[index],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
+        functions=[window_max_pool_function(opset)],
+    )
+    model.ir_version = 9
+    return model
+
+
+PLUGIN_FUNCTIONS = {DECODE_ATTENTION: decode_attention_function, WINDOW_MAX_POOL: window_max_pool_function}
