@@ -44,6 +44,25 @@ def test_decode_attention_matches_reference(B, H, KVH, T, C, D, dtype):
     assert (out.float() - ref.float()).abs().max().item() <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,H,KVH,T,C,D", [(3, 8, 2, 1, 70, 40), (2, 6, 3, 3, 45, 24)])
+def test_decode_attention_int8_cache_matches_reference(B, H, KVH, T, C, D, dtype):
+    """An INT8 KV cache (per-tensor scales): the kernel dequantizes on load; int8 * scale is exact in float32, so
+    the float tolerances hold. The scales matter: a kernel that ignored one would be off by far more."""
+    q, k, v, start, end = _case(B, H, KVH, T, C, D, dtype, seed=C)
+    k_scale, v_scale = float(k.float().abs().max()) / 127, float(v.float().abs().max()) / 127
+    k8 = (k.float() / k_scale).round().clamp(-127, 127).to(torch.int8)
+    v8 = (v.float() / v_scale).round().clamp(-127, 127).to(torch.int8)
+    out = decode_attention(q, k8, v8, start, end, k_scale, v_scale)
+    ref = decode_attention_reference(q, k8, v8, start, end, k_scale, v_scale)
+    assert out.dtype == dtype
+    assert (out.float() - ref.float()).abs().max().item() <= TOLERANCE[dtype]
+    unscaled = decode_attention_reference(q, k8, v8, start, end, k_scale, 2 * v_scale)
+    assert (unscaled.float() - ref.float()).abs().max().item() > 100 * TOLERANCE[dtype]
+    # quantization error against the float cache: what INT8 KV costs on these random values
+    assert (out.float() - decode_attention_reference(q, k, v, start, end).float()).abs().max().item() < 0.05
+
+
 def test_decode_attention_reads_only_valid_columns():
     """Poisoning every column outside [start, end) changes nothing: the kernel never reads them."""
     q, k, v, start, end = _case(2, 4, 2, 2, 64, 32, torch.float32, seed=7)
@@ -66,6 +85,12 @@ def test_decode_attention_refuses_bad_inputs():
         decode_attention(q[:, :3], k, v, start, end)
     with pytest.raises(FusionError, match="dtypes"):
         decode_attention(q.double(), k, v, start, end)
+    with pytest.raises(FusionError, match="dtypes"):  # one int8 buffer and one float
+        decode_attention(q, k.to(torch.int8), v, start, end)
+    with pytest.raises(FusionError, match="apply to an int8 cache only"):
+        decode_attention(q, k, v, start, end, k_scale=0.5)
+    with pytest.raises(FusionError, match="must be positive"):
+        decode_attention(q, k.to(torch.int8), v.to(torch.int8), start, end, k_scale=0.0)
 
 
 ONNX_TYPES = {torch.float32: 1, torch.float16: 10}  # TensorProto.FLOAT, FLOAT16

@@ -6,7 +6,8 @@ its left padding, end the columns written so far including this step's T new tok
 causally up to its own column end[b] - T + t. Query head h reads KV head h // (heads / kv_heads) (GQA).
 
     q      [B, heads, T, D]         float32 | float16
-    k, v   [B, kv_heads, C, D]      same dtype (the cache buffers, C = capacity)
+    k, v   [B, kv_heads, C, D]      q's dtype, or int8 (an INT8 KV cache: value = int8 * k_scale / v_scale,
+                                    per-tensor scales as a Q/DQ pair around the cache would carry them)
     start  [B] int32, end [B] int32 (0 <= start < end - T + 1, end <= C)
     -> out [B, heads, T, D]         q's dtype; scores, softmax and accumulation in float32
 
@@ -28,12 +29,18 @@ BLOCK_N = 32  # columns per block: the online softmax's unit of work
 
 
 def decode_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     B, H, T, D = q.shape
     groups = H // k.shape[1]
-    kk = k.float().repeat_interleave(groups, dim=1)
-    vv = v.float().repeat_interleave(groups, dim=1)
+    kk = (k.float() * k_scale).repeat_interleave(groups, dim=1)
+    vv = (v.float() * v_scale).repeat_interleave(groups, dim=1)
     scores = q.float() @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, T, C]
     column = torch.arange(k.shape[2])
     last = end.long()[:, None] - T + torch.arange(T)[None, :]  # [B, T]: each new token's own column
@@ -42,7 +49,7 @@ def decode_attention_reference(
     return (scores.softmax(dim=-1) @ vv).to(q.dtype)
 
 
-def check_inputs(q, k, v, start, end) -> None:
+def check_inputs(q, k, v, start, end, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Shapes, dtypes and ranges, named; the kernel reads no memory outside what they allow."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise FusionError(f"decode attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
@@ -51,9 +58,13 @@ def check_inputs(q, k, v, start, end) -> None:
     if k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
         raise FusionError(f"decode attention: q {tuple(q.shape)} does not fit k {tuple(k.shape)} (GQA needs "
                           "heads % kv_heads == 0)")  # fmt: skip
-    if q.dtype not in (torch.float32, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise FusionError(f"decode attention: dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; expected one of "
-                          "float32 / float16 for all three")  # fmt: skip
+    if q.dtype not in (torch.float32, torch.float16) or k.dtype != v.dtype or k.dtype not in (q.dtype, torch.int8):
+        raise FusionError(f"decode attention: dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; expected q float32 / "
+                          "float16 and k, v of q's dtype or both int8")  # fmt: skip
+    if k.dtype != torch.int8 and (k_scale, v_scale) != (1.0, 1.0):
+        raise FusionError(f"decode attention: k_scale {k_scale}, v_scale {v_scale} apply to an int8 cache only")
+    if not (k_scale > 0 and v_scale > 0):
+        raise FusionError(f"decode attention: k_scale {k_scale}, v_scale {v_scale} must be positive")
     if start.shape != (B,) or end.shape != (B,):
         raise FusionError(f"decode attention: start {tuple(start.shape)} and end {tuple(end.shape)} must be [{B}]")
     s, e = start.long(), end.long()
@@ -70,7 +81,7 @@ def _kernel():
 
     @triton.jit
     def kernel(q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, end_ptr,
-               H, KVH, T, C, D, scale,
+               H, KVH, T, C, D, scale, k_scale, v_scale,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)  # one program per (row, query head, new token)
         t = pid % T
@@ -91,13 +102,13 @@ def _kernel():
             n_ok = n <= last
             offsets = kv_base + n[:, None] * D + d[None, :]
             ok = n_ok[:, None] & d_ok[None, :]
-            keys = tl.load(k_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            keys = tl.load(k_ptr + offsets, mask=ok, other=0).to(tl.float32) * k_scale  # int8: dequantized here
             s = tl.sum(keys * q[None, :], axis=1)
             s = tl.where(n_ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=0))
             p = tl.exp(s - m_new)
             correction = tl.exp(m - m_new)
-            values = tl.load(v_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            values = tl.load(v_ptr + offsets, mask=ok, other=0).to(tl.float32) * v_scale
             acc = acc * correction + tl.sum(p[:, None] * values, axis=0)
             denom = denom * correction + tl.sum(p, axis=0)
             m = m_new
@@ -108,10 +119,16 @@ def _kernel():
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
-    check_inputs(q, k, v, start, end)
+    check_inputs(q, k, v, start, end, k_scale, v_scale)
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise FusionError("decode attention on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1")
     import triton
@@ -121,5 +138,6 @@ def decode_attention(
     B, H, T, D = q.shape
     out = torch.empty_like(q)
     _kernel()[(B * H * T,)](q, k, v, out, start, end, H, k.shape[1], T, k.shape[2], D, 1.0 / math.sqrt(D),
+                            float(k_scale), float(v_scale),
                             BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D))  # fmt: skip
     return out
