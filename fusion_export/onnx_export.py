@@ -106,8 +106,7 @@ def _attach_plugin_functions(model: ir.Model, opset: int) -> None:
     """Every plugin node gets its local function (the standard-op decomposition) and its domain's opset."""
     from engines.plugins.onnx_forms import DOMAIN, PLUGIN_FUNCTIONS
 
-    present = {node.op_type for node in model.graph if node.domain == DOMAIN}
-    for name in sorted(present):
+    for name in plugin_ops(model):
         function = ir.serde.deserialize_function(PLUGIN_FUNCTIONS[name](opset))
         model.functions[function.identifier()] = function
         model.opset_imports[DOMAIN] = 1

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from .graph_inputs import past_names, present_names
+from .graph_inputs import past_names
 from .onnx_export import REGION_KEY
 
 MS_DOMAIN = "com.microsoft"
@@ -96,8 +96,7 @@ class _Rewrite:
         self.model, self.graph = model, model.graph
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.inputs = {v.name: v for v in self.graph.inputs}
-        self.outputs = {v.name: v for v in self.graph.outputs}
-        self.pasts, self.presents = past_names(num_layers), present_names(num_layers)
+        self.pasts = past_names(num_layers)
         self.layers = _regions(self.graph)
         if len(self.layers) != num_layers:
             raise NotFusable(f"{len(self.layers)} of {num_layers} decoder layers carry region records")
@@ -154,7 +153,7 @@ class _Rewrite:
         new = self._op("Shape", embeds, start=1, end=2)  # (1,) tokens of this forward
         batch = self._op("Shape", embeds, start=0, end=1)
         last_new = self._op("Sub", new, self._const([1]))
-        if "write_indices" in self.inputs:  # a step: rows end at write_indices + new - 1
+        if self.step:  # a step: rows end at write_indices + new - 1
             last = self._op("Add", self.inputs["write_indices"], last_new)
             query_lengths = self._op("Cast", self._op("Expand", new, batch), to=ir.DataType.INT32)
         else:  # a prefill starts at column 0: every row ends at seq - 1 (left padding is in the mask)
@@ -237,7 +236,6 @@ class _Rewrite:
         if set(writes) != {past_k, past_v}:
             raise NotFusable(f"{layer.scope}: KV writes of {self.pasts[2 * index]} and its value not found")
         k_new, v_new = writes[past_k][1], writes[past_v][1]
-        presents = {node.outputs[0] for node, _ in writes.values()}
         candidates = [
             v
             for v in self._external_inputs(layer.attention)
@@ -253,7 +251,7 @@ class _Rewrite:
             out
             for node in layer.attention
             for out in node.outputs
-            if any(user not in self.in_attention for user, _ in out.uses()) or out in self.outputs.values()
+            if any(user not in self.in_attention for user, _ in out.uses())  # graph outputs: refused above
         ]
         if len(results) != 1:
             raise NotFusable(f"{layer.scope}: the attention region has {len(results)} outputs")

@@ -74,6 +74,7 @@ def test_fused_attention_matches_the_exported_graphs(gqa_checkpoint, gqa_export,
     layers = artifact.config.decoder.num_layers
     assert fused.attention_form.count(f"{layers} layers as GroupQueryAttention") == 2, fused.attention_form
     assert "GroupQueryAttention" not in exported.attention_form
+    assert fused.attends_to_valid_columns and not exported.attends_to_valid_columns  # the bench's roofline
 
     batch = _batch(artifact.model_dir, artifact.config)  # rows of different lengths: the shorter is left-padded
     assert (batch.layout.attention_mask == 0).any()

@@ -32,27 +32,21 @@ def register_schemas() -> None:
     from onnx.defs import OpSchema, has, register_schema
 
     p = OpSchema.FormalParameter
-    if not has(WINDOW_MAX_POOL, DOMAIN):
-        register_schema(
-            OpSchema(
-                WINDOW_MAX_POOL, DOMAIN, 1,
-                inputs=[p("grid", "T"), p("index", "I")],
-                outputs=[p("out", "T")],
-                type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(int8)"], "grid values"),
-                                  ("I", ["tensor(int64)"], "window table")],
-            )
-        )  # fmt: skip
-    if has(DECODE_ATTENTION, DOMAIN):
-        return
-    register_schema(
-        OpSchema(
-            DECODE_ATTENTION, DOMAIN, 1,
+    schemas = {
+        DECODE_ATTENTION: dict(
             inputs=[p("q", "T"), p("k", "T"), p("v", "T"), p("start", "I"), p("end", "I")],
-            outputs=[p("out", "T")],
             type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
                               ("I", ["tensor(int32)"], "per-row column range")],
-        )
-    )  # fmt: skip
+        ),
+        WINDOW_MAX_POOL: dict(
+            inputs=[p("grid", "T"), p("index", "I")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(int8)"], "grid values"),
+                              ("I", ["tensor(int64)"], "window table")],
+        ),
+    }  # fmt: skip
+    for name, schema in schemas.items():
+        if not has(name, DOMAIN):
+            register_schema(OpSchema(name, DOMAIN, 1, outputs=[p("out", "T")], **schema))
 
 
 def decode_attention_function(opset: int = 20) -> onnx.FunctionProto:
@@ -99,6 +93,17 @@ def decode_attention_function(opset: int = 20) -> onnx.FunctionProto:
     )  # fmt: skip
 
 
+def _one_node_model(graph: onnx.GraphProto, function: onnx.FunctionProto, opset: int) -> onnx.ModelProto:
+    """A test unit: the plugin node's graph with its local function and both opsets."""
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
+        functions=[function],
+    )
+    model.ir_version = 9
+    return model
+
+
 def decode_attention_model(dtype: int, heads: int, kv_heads: int, head_dim: int, opset: int = 20) -> onnx.ModelProto:
     """A one-node model (dynamic batch, new tokens and capacity): the unit the plugin's tests parse and run."""
     io = helper.make_tensor_value_info
@@ -110,13 +115,7 @@ def decode_attention_model(dtype: int, heads: int, kv_heads: int, head_dim: int,
          io("end", TensorProto.INT32, ["B"])],
         [io("out", dtype, ["B", heads, "T", head_dim])],
     )  # fmt: skip
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-        functions=[decode_attention_function(opset)],
-    )
-    model.ir_version = 9
-    return model
+    return _one_node_model(graph, decode_attention_function(opset), opset)
 
 
 def window_max_pool_function(opset: int = 20) -> onnx.FunctionProto:
@@ -163,13 +162,7 @@ def window_max_pool_model(dtype: int, side: int, out_size: int, channels: int, o
         [io("out", dtype, ["B", out_size * out_size, channels])],
         initializer=[index],
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-        functions=[window_max_pool_function(opset)],
-    )
-    model.ir_version = 9
-    return model
+    return _one_node_model(graph, window_max_pool_function(opset), opset)
 
 
 PLUGIN_FUNCTIONS = {DECODE_ATTENTION: decode_attention_function, WINDOW_MAX_POOL: window_max_pool_function}

@@ -18,7 +18,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from .options import positive_int, require_module
+from .options import ORT_ATTENTION_FORMS, positive_int, require_module
 
 PEERS = ("genai", "genai-int8", "genai-int4", "transformers")
 
@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _attention_forms(text: str) -> list[str]:
     forms = [f.strip() for f in text.split(",") if f.strip()]
-    if not forms or any(f not in ("fused", "graph") for f in forms) or len(set(forms)) != len(forms):
+    if not forms or any(f not in ORT_ATTENTION_FORMS for f in forms) or len(set(forms)) != len(forms):
         raise argparse.ArgumentTypeError(f"{text!r}: fused, graph, or fused,graph")
     return forms
 

@@ -101,10 +101,13 @@ def load_reference(model_dir: str, dtype: Dtype, device: str):
     return load_model(model_dir, dtype=dtype.value, device=resolve_device(device))
 
 
+ORT_ATTENTION_FORMS = ("fused", "graph")  # OrtModel(attention=...)
+
+
 def add_ort_attention_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ort-attention",
-        choices=["fused", "graph"],
+        choices=ORT_ATTENTION_FORMS,
         help="onnxruntime on CPU: fused = each decoder layer's attention as GroupQueryAttention (default), "
         "graph = the graphs' own ops, as exported",
     )
