@@ -26,6 +26,7 @@ from reference_model.errors import FusionError
 
 from .build_plan import BuildLimits, BuildPlan, DeviceMemory, GraphPlan, plan_build
 from .engine_manifest import ENGINE_MANIFEST, ENGINE_SUFFIX, FORMAT, FORMAT_VERSION
+from .plugins.tensorrt_plugins import LOCAL_FUNCTION, register_plugins
 from .trt_api import Trt, TrtFlavour, load_trt
 
 
@@ -98,10 +99,12 @@ def build_graph(
     progress: Progress,
     timing_cache: bytes | None,
     engine_path: Path,
+    plugins: bool = False,
 ) -> tuple[dict[str, Any], bytes | None]:
-    """Parse and build one graph into `engine_path`: (what to record, the updated timing cache or None)."""
+    """Parse and build one graph into `engine_path`: (what to record, the updated timing cache or None).
+    `plugins`: our plugins are registered with this TensorRT (plugins/tensorrt_plugins.py)."""
     module, logger = trt.module, trt.logger()
-    builder, network, errors = trt.parse(onnx_path)
+    builder, network, errors = trt.parse(onnx_path, plugins=plugins)
     if errors:
         rejected = f"{onnx_path}: TensorRT's parser ({trt.describe()}) rejected it:\n  "
         raise EngineBuildError(rejected + "\n  ".join(errors))
@@ -163,6 +166,11 @@ def build_engines(
     cache_path = options.timing_cache or default_timing_cache(trt)
     timing_cache = cache_path.read_bytes() if trt.has_timing_cache and cache_path.is_file() else None
 
+    plugin_ops = artifact.manifest["export"].get("plugins", [])
+    plugin_implementation = register_plugins(trt, plugin_ops)
+    registered = any(not how.startswith(LOCAL_FUNCTION) for how in plugin_implementation.values())
+    if verbose and plugin_ops and not registered:
+        print(f"plugins {', '.join(plugin_ops)}: {next(iter(plugin_implementation.values()))}")
     progress = Progress(total_steps=len(plan.graphs) + 1, enabled=verbose)
     engines: dict[str, dict[str, Any]] = {}
     with staging_folder(out_dir) as tmp:
@@ -170,7 +178,7 @@ def build_engines(
             progress.step(f"build {graph.name} ({trt.describe()}, {plan.precision})")
             file = f"{graph.name}{ENGINE_SUFFIX}"
             info, timing_cache = build_graph(
-                trt, artifact.folder / graph.onnx, graph, options, progress, timing_cache, tmp / file
+                trt, artifact.folder / graph.onnx, graph, options, progress, timing_cache, tmp / file, registered
             )
             header = trt.check_plan(tmp / file)  # what a reader will check, checked once here
             engines[graph.name] = {"file": file, "bytes": header["bytes"], **info, "header": header}
@@ -200,8 +208,10 @@ def build_engines(
             },
             "precision": plan.precision,
             "quantization": artifact.quantization,  # INT8 Q/DQ graphs: "int8" or "int8-weight-only"
-            # plugin nodes in the graphs; without a registered plugin the parser inlines each one's local function
-            "plugins": artifact.manifest["export"].get("plugins", []),
+            # plugin nodes in the graphs, and per op how the engines run it: a tensorrt.plugin implementation, or
+            # "local function: <why>" (no plugin registered: the parser inlined its standard-op decomposition)
+            "plugins": plugin_ops,
+            "plugin_implementation": plugin_implementation,
             "query_len": plan.query_len,
             "embeddings": {"file": EMBEDDINGS_FILE, "tensor": artifact.manifest["embeddings"]["tensor"]},
             "engines": engines,

@@ -106,9 +106,11 @@ class Trt:
     def builds_without_gpu(self) -> bool:
         return self.flavour is TrtFlavour.tensorrt_rtx
 
-    def parse(self, onnx_path) -> tuple[Any, Any, list[str]]:
+    def parse(self, onnx_path, plugins: bool = False) -> tuple[Any, Any, list[str]]:
         """Parse an ONNX file with this TensorRT's own parser: (builder, network, errors); errors [] when it parses.
-        External weights are read from beside the file."""
+        External weights are read from beside the file. `plugins`: our plugins are registered, so plugin nodes
+        become plugin layers, not their local functions (10.15+ parsers prefer a local function unless
+        ENABLE_PLUGIN_OVERRIDE is set; 10.7-10.14 prefer the plugin anyway), ahead-of-time implementations first."""
         module, logger = self.module, self.logger()
         logger.messages.clear()
         where = "TensorRT builds on the GPU it targets; TensorRT-RTX builds without one"
@@ -118,8 +120,15 @@ class Trt:
             raise FusionError(f"{self.describe()} cannot create a builder here ({e}; {where})") from None
         if builder is None:
             raise FusionError(f"{self.describe()} cannot create a builder here ({where})")
-        network = builder.create_network(self.network_flags())
+        flags = self.network_flags()
+        prefer_aot = getattr(module.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS", None)
+        if plugins and prefer_aot is not None:
+            flags |= 1 << int(prefer_aot)
+        network = builder.create_network(flags)
         parser = module.OnnxParser(network, logger)
+        override = getattr(getattr(module, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
+        if plugins and override is not None:
+            parser.set_flag(override)
         if parser.parse_from_file(str(onnx_path.resolve())):
             return builder, network, []
         errors = [parser.get_error(i) for i in range(parser.num_errors)]

@@ -43,6 +43,7 @@ from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
 from .engine_manifest import GRAPHS, EngineError, EngineFolder, check_runtime, open_engines
+from .plugins.tensorrt_plugins import LOCAL_FUNCTION, register_plugins
 from .trt_api import Trt, TrtFlavour, load_trt
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
@@ -142,6 +143,9 @@ class TrtModel:
         self.trt = load_trt(flavour)
         check_runtime(self.engines, self.trt)
         self._check_gpu()
+        plugins = self.engines.manifest.get("plugin_implementation", {})
+        if any(not how.startswith(LOCAL_FUNCTION) for how in plugins.values()):
+            register_plugins(self.trt, plugins)  # the plugin creators must be registered before deserializing
         self.sessions: dict[str, EngineSession] = {}
         with torch.cuda.device(self.device):
             for name in GRAPHS:

@@ -51,7 +51,7 @@ class ExportOptions:
     trt_target: TrtTarget = TrtTarget.trt_10_3
     opset: int | None = None  # None: the target's highest
     max_context: int | None = None  # fixed KV capacity; None: the target's default (resolve_max_context)
-    plugins: bool = False  # decode attention as the DecodeAttention plugin node (+ its local function)
+    plugins: bool = False  # plugin nodes (+ their local functions) for decode attention, interaction, pooling
 
 
 @dataclass(frozen=True)

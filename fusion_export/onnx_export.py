@@ -19,9 +19,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .graphs import attention, kv_write, rms_norm, window_pool
+from .graphs import attention, interaction, kv_write, rms_norm, window_pool
 from .graphs.spec import GraphSpec
-from .graphs.window_pool import WindowMaxPool
 
 REGION_KEY = "fusion_export.region"
 REGION_OPS = ("kv_write", "decode_attention", "scaled_dot_product_attention")
@@ -37,9 +36,9 @@ def trace(spec: GraphSpec, opset: int, plugins: bool = False) -> ir.Model:
     quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" notices on every export
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    pools = [m for m in spec.module.modules() if isinstance(m, WindowMaxPool)]
-    for pool in pools:
-        pool.as_plugin = plugins
+    switches = [m for m in spec.module.modules() if hasattr(m, "as_plugin")]  # modules with a plugin form
+    for module in switches:
+        module.as_plugin = plugins
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -56,14 +55,15 @@ def trace(spec: GraphSpec, opset: int, plugins: bool = False) -> ir.Model:
                     **attention.translation_table(opset, plugins),
                     **rms_norm.translation_table(opset),
                     **window_pool.translation_table(),
+                    **interaction.translation_table(),
                 },
                 optimize=False,
                 verbose=False,
             )
     finally:
         quiet.setLevel(level)
-        for pool in pools:
-            pool.as_plugin = False
+        for module in switches:
+            module.as_plugin = False
     model = program.model
     _pretranspose_weights(model)
     onnxscript.optimizer.optimize_ir(

@@ -151,15 +151,16 @@ def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
 
 
 def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_path):
-    """`export --plugins on`: the step graph's attention becomes DecodeAttention nodes and the vision encoder's
-    pooling WindowMaxPool nodes (+ local functions); ONNX Runtime runs the files within the fp32 gates with
-    identical greedy ids, and TensorRT-RTX builds them."""
+    """`export --plugins on`: the step graph's attention becomes DecodeAttention nodes, the prefill's interaction
+    attention InteractionAttention nodes (no window gather left) and the vision encoder's pooling WindowMaxPool
+    nodes (+ local functions); ONNX Runtime runs the files within the fp32 gates with identical greedy ids, and
+    TensorRT-RTX builds them."""
     import json
 
     import onnx
 
     from engines.build import BuildOptions, build_engines
-    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, WINDOW_MAX_POOL
+    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL
 
     from .conftest import run_main
 
@@ -176,7 +177,14 @@ def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_p
     pools = [n for n in vision.graph.node if (n.domain, n.op_type) == (DOMAIN, WINDOW_MAX_POOL)]
     assert len(pools) == 2 and [f.name for f in vision.functions] == [WINDOW_MAX_POOL]  # init latents, context
     assert not any(n.op_type == "ReduceMax" for n in vision.graph.node)
-    plugins = sorted([DECODE_ATTENTION, WINDOW_MAX_POOL])
+    from reference_model.config import load_config
+
+    prefill = onnx.load(art / "decoder_prefill.onnx", load_external_data=False)
+    windows = [n for n in prefill.graph.node if (n.domain, n.op_type) == (DOMAIN, INTERACTION_ATTENTION)]
+    assert len(windows) == load_config(demo_checkpoint).interaction.num_layers
+    assert [f.name for f in prefill.functions] == [INTERACTION_ATTENTION]
+    assert not any(n.op_type == "Transpose" and len(n.attribute[0].ints) == 6 for n in prefill.graph.node)  # gather
+    plugins = sorted([DECODE_ATTENTION, INTERACTION_ATTENTION, WINDOW_MAX_POOL])
     assert json.loads((art / "manifest.json").read_text())["export"]["plugins"] == plugins
     report = tmp_path / "report.json"
     result = run_main("validate", str(art), "--model", str(demo_checkpoint), "--max-new-tokens", "12",
@@ -184,4 +192,6 @@ def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_p
     assert result.returncode == 0, result.stdout
     assert json.loads(report.read_text())["first_divergence"] == [None]
     built = build_engines(art, tmp_path / "eng", BuildOptions(), verbose=False)
-    assert json.loads((built.folder / "engines.json").read_text())["plugins"] == plugins
+    engines = json.loads((built.folder / "engines.json").read_text())
+    assert engines["plugins"] == plugins and list(engines["plugin_implementation"]) == plugins
+    assert all(h.startswith("local function: tensorrt_rtx.plugin") for h in engines["plugin_implementation"].values())

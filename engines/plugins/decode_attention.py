@@ -25,6 +25,8 @@ import torch
 
 from reference_model.errors import FusionError
 
+from .launch import Launch, jit, next_power_of_2, static
+
 BLOCK_N = 32  # columns per block: the online softmax's unit of work
 
 
@@ -74,16 +76,15 @@ def check_inputs(q, k, v, start, end, k_scale: float = 1.0, v_scale: float = 1.0
 
 
 @functools.cache
-def _kernel():
-    """Defined on first use: Triton reads TRITON_INTERPRET when the kernel is decorated."""
-    import triton
+def triton_kernel(compiled: bool = False):
+    """Defined on first use: Triton reads TRITON_INTERPRET when the kernel is decorated. `compiled`: the compilable
+    kernel even under TRITON_INTERPRET=1 (what launch.compile_ptx takes)."""
     import triton.language as tl
 
-    @triton.jit
-    def kernel(q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, end_ptr,
-               H, KVH, T, C, D, scale, k_scale, v_scale,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    def kernel(q_ptr, k_ptr, v_ptr, start_ptr, end_ptr, H, KVH, T, C, D, out_ptr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)  # one program per (row, query head, new token)
+        scale = 1.0 / tl.sqrt_rn(D.to(tl.float32))
         t = pid % T
         h = (pid // T) % H
         b = pid // (T * H)
@@ -102,20 +103,29 @@ def _kernel():
             n_ok = n <= last
             offsets = kv_base + n[:, None] * D + d[None, :]
             ok = n_ok[:, None] & d_ok[None, :]
-            keys = tl.load(k_ptr + offsets, mask=ok, other=0).to(tl.float32) * k_scale  # int8: dequantized here
+            keys = tl.load(k_ptr + offsets, mask=ok, other=0).to(tl.float32) * K_SCALE  # int8: dequantized here
             s = tl.sum(keys * q[None, :], axis=1)
             s = tl.where(n_ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=0))
             p = tl.exp(s - m_new)
             correction = tl.exp(m - m_new)
-            values = tl.load(v_ptr + offsets, mask=ok, other=0).to(tl.float32) * v_scale
+            values = tl.load(v_ptr + offsets, mask=ok, other=0).to(tl.float32) * V_SCALE
             acc = acc * correction + tl.sum(p[:, None] * values, axis=0)
             denom = denom * correction + tl.sum(p, axis=0)
             m = m_new
         out = acc / denom
         tl.store(out_ptr + ((b * H + h) * T + t) * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
-    return kernel
+    return jit(kernel, compiled)
+
+
+def launch(q_shape, k_shape, k_scale: float = 1.0, v_scale: float = 1.0) -> Launch:
+    """Grid, scalars and constants from q [B, heads, T, D] and k [B, kv_heads, C, D] (ints or TensorRT shape
+    expressions: engines/plugins/launch.py)."""
+    B, H, T, D = q_shape
+    constexprs = dict(BLOCK_N=BLOCK_N, BLOCK_D=next_power_of_2(static(D, "decode attention's head size")),
+                      K_SCALE=float(k_scale), V_SCALE=float(v_scale))  # fmt: skip
+    return Launch(grid=(B * H * T,), scalars=(H, k_shape[1], T, k_shape[2], D), constexprs=constexprs)
 
 
 def decode_attention(
@@ -126,18 +136,16 @@ def decode_attention(
     end: torch.Tensor,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); `out`: a contiguous buffer of q's
+    shape and dtype to write (a TensorRT plugin's output), else a new one."""
     check_inputs(q, k, v, start, end, k_scale, v_scale)
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise FusionError("decode attention on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1")
-    import triton
-
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     start, end = start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
-    B, H, T, D = q.shape
-    out = torch.empty_like(q)
-    _kernel()[(B * H * T,)](q, k, v, out, start, end, H, k.shape[1], T, k.shape[2], D, 1.0 / math.sqrt(D),
-                            float(k_scale), float(v_scale),
-                            BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D))  # fmt: skip
+    out = torch.empty_like(q) if out is None else out
+    run = launch(tuple(q.shape), tuple(k.shape), k_scale, v_scale)
+    triton_kernel()[run.grid](q, k, v, start, end, *run.scalars, out, **run.constexprs)
     return out

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 DOMAIN = "fusion_export.plugins"
 DECODE_ATTENTION = "DecodeAttention"
 WINDOW_MAX_POOL = "WindowMaxPool"
+INTERACTION_ATTENTION = "InteractionAttention"
 
 
 def _const(name: str, value) -> onnx.NodeProto:
@@ -42,6 +43,10 @@ def register_schemas() -> None:
             inputs=[p("grid", "T"), p("index", "I")],
             type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(int8)"], "grid values"),
                               ("I", ["tensor(int64)"], "window table")],
+        ),
+        INTERACTION_ATTENTION: dict(
+            inputs=[p("q", "T"), p("k", "T"), p("v", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations")],
         ),
     }  # fmt: skip
     for name, schema in schemas.items():
@@ -165,4 +170,64 @@ def window_max_pool_model(dtype: int, side: int, out_size: int, channels: int, o
     return _one_node_model(graph, window_max_pool_function(opset), opset)
 
 
-PLUGIN_FUNCTIONS = {DECODE_ATTENTION: decode_attention_function, WINDOW_MAX_POOL: window_max_pool_function}
+def interaction_attention_function(opset: int = 20) -> onnx.FunctionProto:
+    """The standard-op decomposition: the context grid regrouped into windows, then one softmax per latent and head.
+
+    ```text
+    k [B, s*w, s*w, H, D] -Reshape-> [B, s, w, s, w, H, D] -Transpose-> [B, s, s, H, w, w, D] -Reshape-> keys
+    keys [B, s, s, H, w*w, D];  q -> [B, s, s, H, 1, D];  out = Softmax(q keys^T / sqrt(D)) values
+    ```
+    """
+    n = helper.make_node
+    nodes = [
+        _const("i0", np.array([0], np.int64)), _const("i1", np.array([1], np.int64)),
+        _const("i2", np.array([2], np.int64)), _const("i3", np.array([3], np.int64)),
+        _const("i4", np.array([4], np.int64)), _const("i5", np.array([5], np.int64)),
+        _const("f1", np.array(1.0, np.float32)),
+        n("Shape", ["q"], ["sq"]), n("Shape", ["k"], ["sk"]),
+        n("Slice", ["sq", "i0", "i1"], ["B"]), n("Slice", ["sq", "i1", "i2"], ["S"]),
+        n("Slice", ["sq", "i3", "i4"], ["H"]), n("Slice", ["sq", "i4", "i5"], ["D"]),
+        n("Slice", ["sk", "i1", "i2"], ["G"]), n("Div", ["G", "S"], ["W"]), n("Mul", ["W", "W"], ["W2"]),
+        n("Concat", ["B", "S", "W", "S", "W", "H", "D"], ["s7"], axis=0),
+        n("Concat", ["B", "S", "S", "H", "W2", "D"], ["s6"], axis=0),
+        # CastLike, not Cast: see decode_attention_function
+        n("CastLike", ["q", "f1"], ["qf"]), n("CastLike", ["k", "f1"], ["kf"]), n("CastLike", ["v", "f1"], ["vf"]),
+        n("Reshape", ["kf", "s7"], ["k7"]), n("Transpose", ["k7"], ["kt7"], perm=[0, 1, 3, 5, 2, 4, 6]),
+        n("Reshape", ["kt7", "s6"], ["keys"]),  # [B, s, s, H, w*w, D]
+        n("Reshape", ["vf", "s7"], ["v7"]), n("Transpose", ["v7"], ["vt7"], perm=[0, 1, 3, 5, 2, 4, 6]),
+        n("Reshape", ["vt7", "s6"], ["values"]),
+        n("Cast", ["D"], ["Df"], to=TensorProto.FLOAT), n("Sqrt", ["Df"], ["sqrt_d"]),
+        n("Div", ["f1", "sqrt_d"], ["scale"]), n("Mul", ["qf", "scale"], ["qs"]),
+        n("Unsqueeze", ["qs", "i4"], ["q6"]),  # [B, s, s, H, 1, D]
+        n("Transpose", ["keys"], ["keys_t"], perm=[0, 1, 2, 3, 5, 4]),
+        n("MatMul", ["q6", "keys_t"], ["scores"]),  # [B, s, s, H, 1, w*w]
+        n("Softmax", ["scores"], ["probs"], axis=-1),
+        n("MatMul", ["probs", "values"], ["out6"]), n("Squeeze", ["out6", "i4"], ["out_f"]),
+        n("CastLike", ["out_f", "q"], ["out"]),
+    ]  # fmt: skip
+    return helper.make_function(
+        DOMAIN, INTERACTION_ATTENTION, ["q", "k", "v"], ["out"], nodes, [helper.make_opsetid("", opset)]
+    )
+
+
+def interaction_attention_model(
+    dtype: int, side: int, window: int, heads: int, head_dim: int, opset: int = 20
+) -> onnx.ModelProto:
+    """A one-node model (dynamic batch) for an s x s latent grid over an (s*w) x (s*w) context."""
+    io = helper.make_tensor_value_info
+    grid = side * window
+    graph = helper.make_graph(
+        [helper.make_node(INTERACTION_ATTENTION, ["q", "k", "v"], ["out"], domain=DOMAIN)],
+        "interaction_attention",
+        [io("q", dtype, ["B", side, side, heads, head_dim]), io("k", dtype, ["B", grid, grid, heads, head_dim]),
+         io("v", dtype, ["B", grid, grid, heads, head_dim])],
+        [io("out", dtype, ["B", side, side, heads, head_dim])],
+    )  # fmt: skip
+    return _one_node_model(graph, interaction_attention_function(opset), opset)
+
+
+PLUGIN_FUNCTIONS = {
+    DECODE_ATTENTION: decode_attention_function,
+    WINDOW_MAX_POOL: window_max_pool_function,
+    INTERACTION_ATTENTION: interaction_attention_function,
+}

@@ -20,6 +20,8 @@ import torch
 from reference_model.errors import FusionError
 from reference_model.global_context import adaptive_max_pool
 
+from .launch import Launch, jit, next_power_of_2, static
+
 BLOCK_D = 128  # channels per program
 DTYPES = (torch.float32, torch.float16, torch.int8)
 
@@ -41,13 +43,13 @@ def check_inputs(grid: torch.Tensor, out_size: int) -> None:
 
 
 @functools.cache
-def _kernel():
-    """Defined on first use: Triton reads TRITON_INTERPRET when the kernel is decorated."""
-    import triton
+def triton_kernel(compiled: bool = False):
+    """Defined on first use: Triton reads TRITON_INTERPRET when the kernel is decorated. `compiled`: the compilable
+    kernel even under TRITON_INTERPRET=1 (what launch.compile_ptx takes)."""
     import triton.language as tl
 
-    @triton.jit
-    def kernel(x_ptr, out_ptr, H, W, D, N, BLOCK: tl.constexpr):
+    def kernel(x_ptr, index_ptr, H, W, D, N, out_ptr, BLOCK: tl.constexpr):
+        # index_ptr: the ONNX node's window table, unread: the windows follow from H, W and N
         cell = tl.program_id(0)  # b * N * N + i * N + j
         j = cell % N
         i = (cell // N) % N
@@ -63,19 +65,28 @@ def _kernel():
                 acc = tl.maximum(acc, x.to(tl.float32))
         tl.store(out_ptr + cell * D + d, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
-    return kernel
+    return jit(kernel, compiled)
 
 
-def window_max_pool(grid: torch.Tensor, out_size: int) -> torch.Tensor:
-    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+def launch(grid_shape, out_size) -> Launch:
+    """Grid, scalars and constants from grid [B, H, W, D] and the output side n (ints or TensorRT shape
+    expressions: engines/plugins/launch.py; for the ONNX node, n is the window table's first dim)."""
+    B, H, W, D = grid_shape
+    block = min(BLOCK_D, next_power_of_2(static(D, "the pooled channels")))
+    return Launch(grid=(B * out_size * out_size, (D + block - 1) // block), scalars=(H, W, D, out_size),
+                  constexprs=dict(BLOCK=block))  # fmt: skip
+
+
+def window_max_pool(grid: torch.Tensor, out_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); `out`: a contiguous
+    [B, out_size^2, D] buffer of grid's dtype to write (a TensorRT plugin's output), else a new one."""
     check_inputs(grid, out_size)
     if not grid.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise FusionError("window max pool on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1")
-    import triton
-
     grid = grid.contiguous()
     B, H, W, D = grid.shape
-    out = torch.empty((B, out_size * out_size, D), dtype=grid.dtype, device=grid.device)
-    block = min(BLOCK_D, triton.next_power_of_2(D))
-    _kernel()[(B * out_size * out_size, triton.cdiv(D, block))](grid, out, H, W, D, out_size, BLOCK=block)
+    if out is None:
+        out = torch.empty((B, out_size * out_size, D), dtype=grid.dtype, device=grid.device)
+    run = launch(tuple(grid.shape), out_size)
+    triton_kernel()[run.grid](grid, grid, *run.scalars, out, **run.constexprs)  # the table is unread: grid stands in
     return out

@@ -44,8 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--plugins",
         choices=["on", "off"],
         default="off",
-        help="on: decode-step attention as the DecodeAttention plugin node (reads only the written KV columns where "
-        "the plugin is registered; its ONNX local function runs everywhere else); off: standard ops inline (default)",
+        help="on: plugin nodes, each with an ONNX local function that runs wherever the plugin is not registered: "
+        "DecodeAttention (decode steps read only the written KV columns), InteractionAttention (each latent reads "
+        "its context window in place), WindowMaxPool (the vision encoder's irregular pooling); off: standard ops "
+        "inline (default)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress display (the TensorRT check is still shown)")
     p.set_defaults(run=run)

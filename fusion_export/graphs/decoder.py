@@ -44,9 +44,11 @@ from torch import nn
 
 from reference_model import FusionModel
 from reference_model.decoder import attention_mask
+from reference_model.model import InteractionInputs
 
 from ..graph_inputs import LOGITS, PREFILL_INPUTS, STEP_INPUTS, past_names, present_names
 from .attention import use_export_attention
+from .interaction import window_attention_plugin
 from .kv_write import scatter_index  # (and registers torch.ops.fusion_export.kv_write)
 from .rms_norm import use_export_norms
 from .spec import GraphSpec
@@ -87,6 +89,7 @@ class DecoderPrefillGraph(nn.Module):
     def __init__(self, model: FusionModel):
         super().__init__()
         self.model = use_export_attention(use_export_norms(model))
+        self.as_plugin = False  # set for the export of a --plugins on graph (onnx_export.trace)
 
     def forward(
         self,
@@ -103,8 +106,13 @@ class DecoderPrefillGraph(nn.Module):
         seq = inputs_embeds.shape[1]
         mask = attention_mask(attention_mask_ != 0, torch.arange(seq, device=inputs_embeds.device))
         cache = BufferCache(past_key_values, torch.zeros_like(attention_mask_[:, 0]), attend_to_buffer=False)
-        interaction = model.interaction_inputs(global_ctx, vision_pos, instruct_pos)
-        h = model.decode(inputs_embeds, rope_cos, rope_sin, mask, cache, interaction)
+        if self.as_plugin:  # the InteractionAttention plugin reads each latent's window in place (graphs/interaction)
+            with window_attention_plugin(model):
+                interaction = InteractionInputs(vision_pos, instruct_pos, windows=global_ctx)
+                h = model.decode(inputs_embeds, rope_cos, rope_sin, mask, cache, interaction)
+        else:
+            interaction = model.interaction_inputs(global_ctx, vision_pos, instruct_pos)
+            h = model.decode(inputs_embeds, rope_cos, rope_sin, mask, cache, interaction)
         return (model.logits(h[:, -1]), *cache.presents)
 
 

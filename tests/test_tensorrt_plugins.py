@@ -1,0 +1,161 @@
+"""The plugins' TensorRT registration (engines/plugins/tensorrt_plugins.py) and their ahead-of-time kernels.
+
+What runs here for real: Triton compiling every plugin kernel to PTX for Jetson Orin (sm_87) and Hopper (sm_90) at
+FUSION's full-size shapes, with the launch description TensorRT would use, and TensorRT-RTX's refusal of the
+plugin API (its engines then inline the local functions, and say so). What cannot run here is `tensorrt.plugin`
+itself (enterprise TensorRT does not install here); its decorators are recorded by a minimal stand-in so that
+the bodies we hand them (output descriptors, type combinations, aot_impl) run over real shapes.
+
+Compiling happens in a fresh process: Triton's interpreter, which other test modules run in this one, patches
+triton.language in place and compiled kernels then fail to build.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from engines.plugins import decode_attention, interaction_attention, window_max_pool  # noqa: E402
+from engines.plugins.launch import compile_ptx  # noqa: E402
+from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL  # noqa: E402
+from engines.plugins.tensorrt_plugins import _DEFINITIONS, LOCAL_FUNCTION, register_plugins  # noqa: E402
+from reference_model.config import preset_config  # noqa: E402
+from reference_model.errors import FusionError  # noqa: E402
+
+
+def _full_size_shapes() -> dict[str, tuple]:
+    """Each kernel's launch at the full-size model's shapes (batch 1, query_len 64, 4096 KV columns)."""
+    cfg = preset_config("fusion-phi3.5-3b")
+    d, it = cfg.decoder, cfg.interaction
+    s = 8
+    hd = d.hidden_size // it.num_heads
+    side = 2 * math.isqrt(cfg.vision.num_patches)
+    return {
+        DECODE_ATTENTION: (decode_attention, decode_attention.launch((1, d.num_heads, 1, d.head_dim),
+                                                                     (1, d.num_kv_heads, 4096, d.head_dim)), 5),
+        INTERACTION_ATTENTION: (interaction_attention, interaction_attention.launch(
+            (1, s, s, it.num_heads, hd), (1, s * it.window_size, s * it.window_size, it.num_heads, hd)), 3),
+        WINDOW_MAX_POOL: (window_max_pool, window_max_pool.launch((1, side, side, cfg.vision.hidden_size), s), 2),
+    }  # fmt: skip
+
+
+def _in_fresh_process(check: str) -> None:
+    """Run `check()` of this module in a new Python without TRITON_INTERPRET; its failure fails the test."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import tests.test_tensorrt_plugins as t; t.{check}()"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_kernels_compile_to_ptx_for_tensorrt():
+    """The PTX an AOT plugin embeds, for each plugin at full-size shapes, for Orin (sm_87) and Hopper (sm_90):
+    built for the architecture, entry point named, and launchable by TensorRT (no scratch memory, no parameter
+    read past inputs + scalars + output: compile_ptx refuses otherwise)."""
+    _in_fresh_process("check_kernels_compile_to_ptx")
+
+
+def check_kernels_compile_to_ptx() -> None:
+    for op in (DECODE_ATTENTION, INTERACTION_ATTENTION, WINDOW_MAX_POOL):
+        for arch in (87, 90):
+            _check_kernel_compiles(op, arch)
+
+
+def _check_kernel_compiles(op: str, arch: int) -> None:
+    module, run, n_inputs = _full_size_shapes()[op]
+    dtype = "float16"
+    pointers = [dtype] * (n_inputs + 1)
+    if op == DECODE_ATTENTION:
+        pointers[3:5] = ["int32", "int32"]  # start, end
+    if op == WINDOW_MAX_POOL:
+        pointers[1] = "int64"  # the window table
+    compiled = compile_ptx(module.triton_kernel(compiled=True), pointers, run, arch)
+    assert f".target sm_{arch}" in compiled.ptx and f".entry {compiled.name}(" in compiled.ptx
+    assert compiled.num_warps >= 1 and compiled.shared_bytes >= 0
+    with pytest.raises(FusionError, match="pointer dtypes"):
+        compile_ptx(module.triton_kernel(compiled=True), pointers[:-1], run, arch)
+
+
+class _Desc:
+    """A tensorrt.plugin TensorDesc as aot_impl sees it: static dims as ints, a dtype."""
+
+    def __init__(self, shape, dtype):
+        self.shape_expr, self.dtype, self.shape = tuple(shape), dtype, tuple(shape)
+
+    def like(self):
+        return _Desc(self.shape_expr, self.dtype)
+
+
+def _stand_in_api() -> types.SimpleNamespace:
+    recorded: dict[tuple[str, str], object] = {}
+
+    def decorator(kind):
+        return lambda pid: lambda fn: recorded.setdefault((kind, pid), fn)
+
+    return types.SimpleNamespace(
+        recorded=recorded, TensorDesc=_Desc, register=decorator("register"), autotune=decorator("autotune"),
+        impl=decorator("impl"), aot_impl=decorator("aot_impl"), AutoTuneCombination=lambda t, f: (t, f),
+        KernelLaunchParams=types.SimpleNamespace, SymInt32=lambda e: e,
+        SymIntExprs=types.SimpleNamespace(from_tuple=tuple), from_shape_expr=lambda shape, dtype: _Desc(shape, dtype),
+    )  # fmt: skip
+
+
+TRT_TYPES = types.SimpleNamespace(float32="FP32", float16="FP16", int8="INT8", int32="INT32", int64="INT64")
+
+
+def test_registration_bodies_over_full_size_shapes():
+    """Each plugin defines register/autotune/impl/aot_impl under `fusion_export.plugins::<op>`; the output
+    descriptors have the op's output shape, every type combination names one type per input and output, and
+    aot_impl returns the PTX and the very grid and scalars the Triton call uses."""
+    _in_fresh_process("check_registration_bodies")
+
+
+def check_registration_bodies() -> None:
+    api = _stand_in_api()
+    for define in _DEFINITIONS.values():
+        define(api, TRT_TYPES, 87)
+    shapes = _full_size_shapes()
+    f16 = TRT_TYPES.float16
+    descs = {
+        DECODE_ATTENTION: [(1, 32, 1, 96), (1, 32, 4096, 96), (1, 32, 4096, 96), (1,), (1,)],
+        INTERACTION_ATTENTION: [(1, 8, 8, 16, 192), (1, 24, 24, 16, 192), (1, 24, 24, 16, 192)],
+        WINDOW_MAX_POOL: [(1, 54, 54, 1152), (8, 7)],
+    }
+    types_of = {DECODE_ATTENTION: [f16, f16, f16, "INT32", "INT32"], INTERACTION_ATTENTION: [f16] * 3,
+                WINDOW_MAX_POOL: [f16, "INT64"]}  # fmt: skip
+    for op, input_shapes in descs.items():
+        pid = f"{DOMAIN}::{op}"
+        assert {kind for kind, p in api.recorded if p == pid} == {"register", "autotune", "impl", "aot_impl"}
+        inputs = [_Desc(shape, t) for shape, t in zip(input_shapes, types_of[op])]
+        out = api.recorded[("register", pid)](*inputs)
+        expected = (1, 64, 1152) if op == WINDOW_MAX_POOL else input_shapes[0]
+        assert out.shape_expr == expected and out.dtype == f16
+        [(combination, layout)] = api.recorded[("autotune", pid)](*inputs, [out])
+        assert len(combination.split(",")) == len(inputs) + 1 and layout == "LINEAR"
+        name, ptx, params, scalars = api.recorded[("aot_impl", pid)](*inputs, [out], 0)
+        run = shapes[op][1]
+        assert name.decode() in ptx.decode() and b".target sm_87" in ptx
+        assert (params.grid_x, getattr(params, "grid_y", 1)) == (run.grid + (1,))[:2]
+        assert scalars == run.scalars and params.block_x % 32 == 0
+
+
+def test_tensorrt_rtx_engines_fall_back_to_local_functions():
+    """TensorRT-RTX 1.7.1 ships tensorrt_rtx/plugin but it does not import: every plugin op is then built from its
+    local function, and the reason is what build records (engines.json `plugin_implementation`)."""
+    from engines.trt_api import load_trt
+
+    trt = load_trt("tensorrt-rtx")
+    how = register_plugins(trt, [WINDOW_MAX_POOL, DECODE_ATTENTION])
+    assert list(how) == [DECODE_ATTENTION, WINDOW_MAX_POOL]
+    assert all(h.startswith(f"{LOCAL_FUNCTION}: tensorrt_rtx.plugin does not import") for h in how.values())
+    assert register_plugins(trt, []) == {}
+    with pytest.raises(FusionError, match=r"plugin ops \['Softmax2'\]"):
+        register_plugins(trt, ["Softmax2"])
