@@ -14,6 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# The plugin kernels run in Triton's interpreter on CPU tensors. Set before any test module imports triton, which
+# reads it at import: a module that imported triton first would leave the others with compiled kernels only.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_IMAGE = ROOT / "fusion_export" / "assets" / "demo_image.png"
 VENDORED_ORACLE_DIR = ROOT / "tests" / "data" / "oracle" / "fusion-phi-tiny"
@@ -142,6 +146,32 @@ class CliResult:
     returncode: int
     stdout: str
     stderr: str
+
+
+def build_plugin_model(model, path: Path, profile: dict[str, tuple], min_layers: int, min_plan_bytes: int) -> None:
+    """A plugin's one-node ONNX model (engines/plugins/onnx_forms.py) saved to `path`: with no plugin registered,
+    TensorRT-RTX's parser inlines the local function (more than `min_layers` layers) and the builder builds it
+    under `profile` ({input: (min, opt, max)}); the static check reads the node through its function for every
+    target."""
+    import onnx
+
+    from engines.trt_api import load_trt
+    from fusion_export.trt_compat import check_graphs
+    from fusion_export.trt_targets import TrtTarget
+
+    onnx.save(model, path)
+    builder, network, errors = load_trt("tensorrt-rtx").parse(path)
+    assert errors == [] and network.num_layers > min_layers
+    for target in TrtTarget:
+        report = check_graphs({path.stem: path}, target)
+        assert report.ok and any("local-function decomposition" in f.message for f in report.findings)
+    config = builder.create_builder_config()
+    optimization_profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile.items():
+        optimization_profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(optimization_profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None and plan.nbytes > min_plan_bytes
 
 
 def run_main(*args: str) -> CliResult:

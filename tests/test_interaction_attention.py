@@ -4,12 +4,8 @@ form on ONNX Runtime and TensorRT-RTX."""
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined (on first use, below)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -133,25 +129,12 @@ def test_interaction_attention_onnx_form_runs_on_onnxruntime(dtype, opset):
 def test_interaction_attention_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
     """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it;
     the static check reads the node through its function for every target."""
-    import onnx
-
     from engines.plugins.onnx_forms import interaction_attention_model
-    from engines.trt_api import load_trt
-    from fusion_export.trt_compat import check_graphs
-    from fusion_export.trt_targets import TrtTarget
 
-    trt = load_trt("tensorrt-rtx")
-    path = tmp_path / "interaction_attention.onnx"
-    onnx.save(interaction_attention_model(ONNX_TYPES[dtype], side=8, window=3, heads=16, head_dim=32), path)
-    builder, network, errors = trt.parse(path)
-    assert errors == [] and network.num_layers > 10
-    for target in TrtTarget:
-        report = check_graphs({"interaction_attention": path}, target)
-        assert report.ok and any("local-function decomposition" in f.message for f in report.findings)
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    for name, side in (("q", 8), ("k", 24), ("v", 24)):
-        profile.set_shape(name, (1, side, side, 16, 32), (2, side, side, 16, 32), (4, side, side, 16, 32))
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None and plan.nbytes > 10_000
+    from .conftest import build_plugin_model
+
+    model = interaction_attention_model(ONNX_TYPES[dtype], side=8, window=3, heads=16, head_dim=32)
+    profile = {
+        name: tuple((b, side, side, 16, 32) for b in (1, 2, 4)) for name, side in (("q", 8), ("k", 24), ("v", 24))
+    }
+    build_plugin_model(model, tmp_path / "interaction_attention.onnx", profile, min_layers=10, min_plan_bytes=10_000)

@@ -3,12 +3,8 @@ NVIDIA GPUs): odd head sizes, GQA, batches whose rows have different padding and
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined (on first use, below)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -118,36 +114,17 @@ def test_decode_attention_onnx_form_runs_on_onnxruntime(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
-    """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it."""
-    import onnx
-
+    """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it;
+    the static check reads the node as the parser does: through its function."""
     from engines.plugins.onnx_forms import decode_attention_model
-    from engines.trt_api import load_trt
 
-    trt = load_trt("tensorrt-rtx")
-    path = tmp_path / "decode_attention.onnx"
-    onnx.save(decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40), path)
-    builder, network, errors = trt.parse(path)
-    assert errors == [] and network.num_layers > 10
-    from fusion_export.trt_compat import check_graphs
-    from fusion_export.trt_targets import TrtTarget
+    from .conftest import build_plugin_model
 
-    for target in TrtTarget:  # the static check reads the node as the parser does: through its function
-        report = check_graphs({"decode_attention": path}, target)
-        assert report.ok and any("local-function decomposition" in f.message for f in report.findings)
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    for name, low, high in (
-        ("q", (1, 8, 1, 40), (4, 8, 4, 40)),
-        ("k", (1, 2, 8, 40), (4, 2, 1024, 40)),
-        ("v", (1, 2, 8, 40), (4, 2, 1024, 40)),
-        ("start", (1,), (4,)),
-        ("end", (1,), (4,)),
-    ):
-        profile.set_shape(name, low, high, high)  # fmt: skip
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None and plan.nbytes > 100_000
+    q, kv = ((1, 8, 1, 40), (4, 8, 4, 40)), ((1, 2, 8, 40), (4, 2, 1024, 40))
+    profile = {"q": (*q, q[1]), "k": (*kv, kv[1]), "v": (*kv, kv[1]), "start": ((1,), (4,), (4,)),
+               "end": ((1,), (4,), (4,))}  # fmt: skip
+    model = decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40)
+    build_plugin_model(model, tmp_path / "decode_attention.onnx", profile, min_layers=10, min_plan_bytes=100_000)
 
 
 def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_path):

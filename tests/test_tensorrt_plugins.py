@@ -31,20 +31,33 @@ from reference_model.config import preset_config  # noqa: E402
 from reference_model.errors import FusionError  # noqa: E402
 
 
-def _full_size_shapes() -> dict[str, tuple]:
-    """Each kernel's launch at the full-size model's shapes (batch 1, query_len 64, 4096 KV columns)."""
+def _full_size_inputs() -> dict[str, tuple]:
+    """Per plugin op: its module, its inputs as (shape, dtype) and its output shape at the full-size model's shapes
+    (batch 1, query_len 64, 4096 KV columns), all read off the preset."""
+    from fusion_export.graphs.window_pool import window_indices
+
     cfg = preset_config("fusion-phi3.5-3b")
     d, it = cfg.decoder, cfg.interaction
-    s = 8
-    hd = d.hidden_size // it.num_heads
+    s, w, capacity = 8, it.window_size, 4096
+    q = (1, d.num_heads, 1, d.head_dim)
+    kv = (1, d.num_kv_heads, capacity, d.head_dim)
+    latents = (1, s, s, it.num_heads, d.hidden_size // it.num_heads)
+    context = (1, s * w, s * w, *latents[3:])
     side = 2 * math.isqrt(cfg.vision.num_patches)
+    grid = (1, side, side, cfg.vision.hidden_size)
+    table = tuple(window_indices(side, s).shape)
+    f16 = "float16"
     return {
-        DECODE_ATTENTION: (decode_attention, decode_attention.launch((1, d.num_heads, 1, d.head_dim),
-                                                                     (1, d.num_kv_heads, 4096, d.head_dim)), 5),
-        INTERACTION_ATTENTION: (interaction_attention, interaction_attention.launch(
-            (1, s, s, it.num_heads, hd), (1, s * it.window_size, s * it.window_size, it.num_heads, hd)), 3),
-        WINDOW_MAX_POOL: (window_max_pool, window_max_pool.launch((1, side, side, cfg.vision.hidden_size), s), 2),
-    }  # fmt: skip
+        DECODE_ATTENTION: (decode_attention, [(q, f16), (kv, f16), (kv, f16), ((1,), "int32"), ((1,), "int32")], q),
+        INTERACTION_ATTENTION: (interaction_attention, [(latents, f16), (context, f16), (context, f16)], latents),
+        WINDOW_MAX_POOL: (window_max_pool, [(grid, f16), (table, "int64")], (1, s * s, grid[3])),
+    }
+
+
+def _launch(op: str, shapes: list[tuple]):
+    """The op's launch description for these input shapes, as the Triton call and the AOT plugin compute it."""
+    module = _full_size_inputs()[op][0]
+    return module.launch(shapes[0], shapes[1][0]) if op == WINDOW_MAX_POOL else module.launch(shapes[0], shapes[1])
 
 
 def _in_fresh_process(check: str) -> None:
@@ -70,13 +83,9 @@ def check_kernels_compile_to_ptx() -> None:
 
 
 def _check_kernel_compiles(op: str, arch: int) -> None:
-    module, run, n_inputs = _full_size_shapes()[op]
-    dtype = "float16"
-    pointers = [dtype] * (n_inputs + 1)
-    if op == DECODE_ATTENTION:
-        pointers[3:5] = ["int32", "int32"]  # start, end
-    if op == WINDOW_MAX_POOL:
-        pointers[1] = "int64"  # the window table
+    module, inputs, _ = _full_size_inputs()[op]
+    pointers = [dtype for _, dtype in inputs] + ["float16"]
+    run = _launch(op, [shape for shape, _ in inputs])
     compiled = compile_ptx(module.triton_kernel(compiled=True), pointers, run, arch)
     assert f".target sm_{arch}" in compiled.ptx and f".entry {compiled.name}(" in compiled.ptx
     assert compiled.num_warps >= 1 and compiled.shared_bytes >= 0
@@ -122,26 +131,17 @@ def check_registration_bodies() -> None:
     api = _stand_in_api()
     for define in _DEFINITIONS.values():
         define(api, TRT_TYPES, 87)
-    shapes = _full_size_shapes()
-    f16 = TRT_TYPES.float16
-    descs = {
-        DECODE_ATTENTION: [(1, 32, 1, 96), (1, 32, 4096, 96), (1, 32, 4096, 96), (1,), (1,)],
-        INTERACTION_ATTENTION: [(1, 8, 8, 16, 192), (1, 24, 24, 16, 192), (1, 24, 24, 16, 192)],
-        WINDOW_MAX_POOL: [(1, 54, 54, 1152), (8, 7)],
-    }
-    types_of = {DECODE_ATTENTION: [f16, f16, f16, "INT32", "INT32"], INTERACTION_ATTENTION: [f16] * 3,
-                WINDOW_MAX_POOL: [f16, "INT64"]}  # fmt: skip
-    for op, input_shapes in descs.items():
+    trt_types = {"float16": TRT_TYPES.float16, "int32": TRT_TYPES.int32, "int64": TRT_TYPES.int64}
+    for op, (_, inputs, output_shape) in _full_size_inputs().items():
         pid = f"{DOMAIN}::{op}"
         assert {kind for kind, p in api.recorded if p == pid} == {"register", "autotune", "impl", "aot_impl"}
-        inputs = [_Desc(shape, t) for shape, t in zip(input_shapes, types_of[op])]
-        out = api.recorded[("register", pid)](*inputs)
-        expected = (1, 64, 1152) if op == WINDOW_MAX_POOL else input_shapes[0]
-        assert out.shape_expr == expected and out.dtype == f16
-        [(combination, layout)] = api.recorded[("autotune", pid)](*inputs, [out])
-        assert len(combination.split(",")) == len(inputs) + 1 and layout == "LINEAR"
-        name, ptx, params, scalars = api.recorded[("aot_impl", pid)](*inputs, [out], 0)
-        run = shapes[op][1]
+        descs = [_Desc(shape, trt_types[dtype]) for shape, dtype in inputs]
+        out = api.recorded[("register", pid)](*descs)
+        assert out.shape_expr == output_shape and out.dtype == TRT_TYPES.float16
+        [(combination, layout)] = api.recorded[("autotune", pid)](*descs, [out])
+        assert len(combination.split(",")) == len(descs) + 1 and layout == "LINEAR"
+        name, ptx, params, scalars = api.recorded[("aot_impl", pid)](*descs, [out], 0)
+        run = _launch(op, [shape for shape, _ in inputs])
         assert name.decode() in ptx.decode() and b".target sm_87" in ptx
         assert (params.grid_x, getattr(params, "grid_y", 1)) == (run.grid + (1,))[:2]
         assert scalars == run.scalars and params.block_x % 32 == 0

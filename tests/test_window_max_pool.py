@@ -4,12 +4,8 @@ dtype must match the reference exactly (no tolerance)."""
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined (on first use, below)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -82,24 +78,10 @@ def test_window_max_pool_onnx_form_runs_on_onnxruntime(dtype, opset):
 def test_window_max_pool_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
     """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it;
     the static check reads the node through its function for every target."""
-    import onnx
-
     from engines.plugins.onnx_forms import window_max_pool_model
-    from engines.trt_api import load_trt
-    from fusion_export.trt_compat import check_graphs
-    from fusion_export.trt_targets import TrtTarget
 
-    trt = load_trt("tensorrt-rtx")
-    path = tmp_path / "window_max_pool.onnx"
-    onnx.save(window_max_pool_model(ONNX_TYPES[dtype], side=54, out_size=8, channels=64, opset=17), path)
-    builder, network, errors = trt.parse(path)
-    assert errors == [] and network.num_layers > 5
-    for target in TrtTarget:
-        report = check_graphs({"window_max_pool": path}, target)
-        assert report.ok and any("local-function decomposition" in f.message for f in report.findings)
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    profile.set_shape("grid", (1, 54, 54, 64), (2, 54, 54, 64), (4, 54, 54, 64))
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None and plan.nbytes > 10_000
+    from .conftest import build_plugin_model
+
+    model = window_max_pool_model(ONNX_TYPES[dtype], side=54, out_size=8, channels=64, opset=17)
+    profile = {"grid": ((1, 54, 54, 64), (2, 54, 54, 64), (4, 54, 54, 64))}
+    build_plugin_model(model, tmp_path / "window_max_pool.onnx", profile, min_layers=5, min_plan_bytes=10_000)

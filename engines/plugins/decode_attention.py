@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
 from reference_model.errors import FusionError
 
-from .launch import Launch, jit, next_power_of_2, static
+from .launch import Launch, check_kv_scales, jit, next_power_of_2, require_kernel_device, static
 
 BLOCK_N = 32  # columns per block: the online softmax's unit of work
 
@@ -63,10 +62,7 @@ def check_inputs(q, k, v, start, end, k_scale: float = 1.0, v_scale: float = 1.0
     if q.dtype not in (torch.float32, torch.float16) or k.dtype != v.dtype or k.dtype not in (q.dtype, torch.int8):
         raise FusionError(f"decode attention: dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; expected q float32 / "
                           "float16 and k, v of q's dtype or both int8")  # fmt: skip
-    if k.dtype != torch.int8 and (k_scale, v_scale) != (1.0, 1.0):
-        raise FusionError(f"decode attention: k_scale {k_scale}, v_scale {v_scale} apply to an int8 cache only")
-    if not (k_scale > 0 and v_scale > 0):
-        raise FusionError(f"decode attention: k_scale {k_scale}, v_scale {v_scale} must be positive")
+    check_kv_scales("decode attention", k.dtype == torch.int8, k_scale, v_scale, "an int8 cache")
     if start.shape != (B,) or end.shape != (B,):
         raise FusionError(f"decode attention: start {tuple(start.shape)} and end {tuple(end.shape)} must be [{B}]")
     s, e = start.long(), end.long()
@@ -141,8 +137,7 @@ def decode_attention(
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); `out`: a contiguous buffer of q's
     shape and dtype to write (a TensorRT plugin's output), else a new one."""
     check_inputs(q, k, v, start, end, k_scale, v_scale)
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FusionError("decode attention on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1")
+    require_kernel_device(q, "decode attention")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     start, end = start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
     out = torch.empty_like(q) if out is None else out

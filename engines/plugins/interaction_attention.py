@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
 from reference_model.errors import FusionError
 from reference_model.global_context import context_windows
 
-from .launch import Launch, jit, next_power_of_2, static
+from .launch import Launch, check_kv_scales, jit, next_power_of_2, require_kernel_device, static
 
 
 def interaction_attention_reference(
@@ -62,10 +61,7 @@ def check_inputs(q, k, v, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     if q.dtype not in (torch.float32, torch.float16) or k.dtype != v.dtype or k.dtype not in (q.dtype, torch.int8):
         raise FusionError(f"interaction attention: dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; expected q "
                           "float32 / float16 and k, v of q's dtype or both int8")  # fmt: skip
-    if k.dtype != torch.int8 and (k_scale, v_scale) != (1.0, 1.0):
-        raise FusionError(f"interaction attention: k_scale {k_scale}, v_scale {v_scale} apply to int8 k, v only")
-    if not (k_scale > 0 and v_scale > 0):
-        raise FusionError(f"interaction attention: k_scale {k_scale}, v_scale {v_scale} must be positive")
+    check_kv_scales("interaction attention", k.dtype == torch.int8, k_scale, v_scale, "int8 k, v")
 
 
 @functools.cache
@@ -123,9 +119,7 @@ def interaction_attention(
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); `out`: a contiguous buffer of q's
     shape and dtype to write (a TensorRT plugin's output), else a new one."""
     check_inputs(q, k, v, k_scale, v_scale)
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FusionError("interaction attention on CPU tensors runs only in Triton's interpreter: set "
-                          "TRITON_INTERPRET=1")  # fmt: skip
+    require_kernel_device(q, "interaction attention")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q) if out is None else out
     run = launch(tuple(q.shape), tuple(k.shape), k_scale, v_scale)

@@ -9,11 +9,12 @@ TensorRT's symbolic shape expressions (the AOT plugin, where dynamic dims such a
 Constants must be build-time values: `static()` reads them.
 
 `compile_ptx` compiles a kernel to PTX for a GPU architecture with Triton, which needs no GPU: what an AOT plugin
-embeds in the engine.
+embeds in the engine. `require_kernel_device` and `check_kv_scales` are the checks every kernel call shares.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,20 @@ class Launch:
     grid: tuple[Any, ...]  # programs per axis: ints or shape expressions
     scalars: tuple[Any, ...]  # int32 arguments between the input and output pointers
     constexprs: dict[str, Any] = field(default_factory=dict)  # compile-time constants (block sizes, scales)
+
+
+def require_kernel_device(tensor: Any, what: str) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter only."""
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FusionError(f"{what} on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1")
+
+
+def check_kv_scales(what: str, quantized: bool, k_scale: float, v_scale: float, operands: str) -> None:
+    """Per-tensor dequantization scales: positive, and other than 1 only for int8 `operands`."""
+    if not quantized and (k_scale, v_scale) != (1.0, 1.0):
+        raise FusionError(f"{what}: k_scale {k_scale}, v_scale {v_scale} apply to {operands} only")
+    if not (k_scale > 0 and v_scale > 0):
+        raise FusionError(f"{what}: k_scale {k_scale}, v_scale {v_scale} must be positive")
 
 
 def static(dim: Any, what: str) -> int:

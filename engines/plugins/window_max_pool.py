@@ -13,14 +13,13 @@ reference propagates it, the kernel's max may not; the grid is the vision encode
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from reference_model.errors import FusionError
 from reference_model.global_context import adaptive_max_pool
 
-from .launch import Launch, jit, next_power_of_2, static
+from .launch import Launch, jit, next_power_of_2, require_kernel_device, static
 
 BLOCK_D = 128  # channels per program
 DTYPES = (torch.float32, torch.float16, torch.int8)
@@ -81,8 +80,7 @@ def window_max_pool(grid: torch.Tensor, out_size: int, out: torch.Tensor | None 
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); `out`: a contiguous
     [B, out_size^2, D] buffer of grid's dtype to write (a TensorRT plugin's output), else a new one."""
     check_inputs(grid, out_size)
-    if not grid.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FusionError("window max pool on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1")
+    require_kernel_device(grid, "window max pool")
     grid = grid.contiguous()
     B, H, W, D = grid.shape
     if out is None:

@@ -107,11 +107,10 @@ class DecoderPrefillGraph(nn.Module):
         mask = attention_mask(attention_mask_ != 0, torch.arange(seq, device=inputs_embeds.device))
         cache = BufferCache(past_key_values, torch.zeros_like(attention_mask_[:, 0]), attend_to_buffer=False)
         if self.as_plugin:  # the InteractionAttention plugin reads each latent's window in place (graphs/interaction)
-            with window_attention_plugin(model):
-                interaction = InteractionInputs(vision_pos, instruct_pos, windows=global_ctx)
-                h = model.decode(inputs_embeds, rope_cos, rope_sin, mask, cache, interaction)
+            interaction = InteractionInputs(vision_pos, instruct_pos, windows=global_ctx)
         else:
             interaction = model.interaction_inputs(global_ctx, vision_pos, instruct_pos)
+        with window_attention_plugin(model, on=self.as_plugin):
             h = model.decode(inputs_embeds, rope_cos, rope_sin, mask, cache, interaction)
         return (model.logits(h[:, -1]), *cache.presents)
 

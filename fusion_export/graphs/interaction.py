@@ -46,9 +46,9 @@ def _plugin_forward(self: WindowCrossAttention, queries: torch.Tensor, context: 
 
 
 @contextlib.contextmanager
-def window_attention_plugin(model: nn.Module) -> Iterator[None]:
-    """While open, every WindowCrossAttention of `model` takes the whole context in place of its windows."""
-    layers = [m for m in model.modules() if isinstance(m, WindowCrossAttention)]
+def window_attention_plugin(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """While open (and `on`), every WindowCrossAttention of `model` takes the whole context in place of its windows."""
+    layers = [m for m in model.modules() if isinstance(m, WindowCrossAttention)] if on else []
     for layer in layers:
         layer.forward = types.MethodType(_plugin_forward, layer)
     try:
