@@ -169,7 +169,7 @@ def build_engines(
     plugin_ops = artifact.manifest["export"].get("plugins", [])
     plugin_implementation = register_plugins(trt, plugin_ops)
     registered = any(not how.startswith(LOCAL_FUNCTION) for how in plugin_implementation.values())
-    if verbose and plugin_ops and not registered:
+    if verbose and plugin_ops:
         print(f"plugins {', '.join(plugin_ops)}: {next(iter(plugin_implementation.values()))}")
     progress = Progress(total_steps=len(plan.graphs) + 1, enabled=verbose)
     engines: dict[str, dict[str, Any]] = {}

@@ -131,13 +131,15 @@ def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_p
     """`export --plugins on`: the step graph's attention becomes DecodeAttention nodes, the prefill's interaction
     attention InteractionAttention nodes (no window gather left) and the vision encoder's pooling WindowMaxPool
     nodes (+ local functions); ONNX Runtime runs the files within the fp32 gates with identical greedy ids, and
-    TensorRT-RTX builds them."""
+    TensorRT-RTX builds them with every plugin node as an IPluginV3 layer."""
     import json
 
     import onnx
 
     from engines.build import BuildOptions, build_engines
     from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL
+    from engines.plugins.rtx_plugins import IMPLEMENTATION
+    from engines.trt_api import load_trt
 
     from .conftest import run_main
 
@@ -171,4 +173,9 @@ def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_p
     built = build_engines(art, tmp_path / "eng", BuildOptions(), verbose=False)
     engines = json.loads((built.folder / "engines.json").read_text())
     assert engines["plugins"] == plugins and list(engines["plugin_implementation"]) == plugins
-    assert all(h.startswith("local function: tensorrt_rtx.plugin") for h in engines["plugin_implementation"].values())
+    assert set(engines["plugin_implementation"].values()) == {IMPLEMENTATION}
+    trt = load_trt("tensorrt-rtx")  # the engines hold plugin layers, not the local functions' decompositions
+    for graph, count in (("vision_encoder", len(pools)), ("decoder_step", layers), ("decoder_prefill", len(windows))):
+        _, network, errors = trt.parse(art / f"{graph}.onnx", plugins=True)
+        kinds = [network.get_layer(i).type for i in range(network.num_layers)]
+        assert errors == [] and kinds.count(trt.module.LayerType.PLUGIN_V3) == count, graph

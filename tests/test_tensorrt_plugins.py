@@ -1,8 +1,8 @@
 """The plugins' TensorRT registration (engines/plugins/tensorrt_plugins.py) and their ahead-of-time kernels.
 
 What runs here for real: Triton compiling every plugin kernel to PTX for Jetson Orin (sm_87) and Hopper (sm_90) at
-FUSION's full-size shapes, with the launch description TensorRT would use, and TensorRT-RTX's refusal of the
-plugin API (its engines then inline the local functions, and say so). What cannot run here is `tensorrt.plugin`
+FUSION's full-size shapes, with the launch description TensorRT would use; TensorRT-RTX, whose plugin API does not
+import, takes the IPluginV3 classes instead (tests/test_rtx_plugins.py). What cannot run here is `tensorrt.plugin`
 itself (enterprise TensorRT does not install here); its decorators are recorded by a minimal stand-in so that
 the bodies we hand them (output descriptors, type combinations, aot_impl) run over real shapes.
 
@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 from engines.plugins import decode_attention, interaction_attention, window_max_pool  # noqa: E402
 from engines.plugins.launch import compile_ptx  # noqa: E402
 from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL  # noqa: E402
-from engines.plugins.tensorrt_plugins import _DEFINITIONS, LOCAL_FUNCTION, register_plugins  # noqa: E402
+from engines.plugins.tensorrt_plugins import _DEFINITIONS, register_plugins  # noqa: E402
 from reference_model.config import preset_config  # noqa: E402
 from reference_model.errors import FusionError  # noqa: E402
 
@@ -147,15 +147,16 @@ def check_registration_bodies() -> None:
         assert scalars == run.scalars and params.block_x % 32 == 0
 
 
-def test_tensorrt_rtx_engines_fall_back_to_local_functions():
-    """TensorRT-RTX 1.7.1 ships tensorrt_rtx/plugin but it does not import: every plugin op is then built from its
-    local function, and the reason is what build records (engines.json `plugin_implementation`)."""
+def test_tensorrt_rtx_registers_ipluginv3_classes():
+    """TensorRT-RTX 1.7.1 ships tensorrt_rtx/plugin but it does not import: the plugins register as IPluginV3
+    classes instead (engines/plugins/rtx_plugins.py; built for real in tests/test_rtx_plugins.py), and that is
+    what build records (engines.json `plugin_implementation`); an op this version does not define is refused."""
+    from engines.plugins.rtx_plugins import IMPLEMENTATION
     from engines.trt_api import load_trt
 
     trt = load_trt("tensorrt-rtx")
     how = register_plugins(trt, [WINDOW_MAX_POOL, DECODE_ATTENTION])
-    assert list(how) == [DECODE_ATTENTION, WINDOW_MAX_POOL]
-    assert all(h.startswith(f"{LOCAL_FUNCTION}: tensorrt_rtx.plugin does not import") for h in how.values())
+    assert how == {DECODE_ATTENTION: IMPLEMENTATION, WINDOW_MAX_POOL: IMPLEMENTATION}
     assert register_plugins(trt, []) == {}
     with pytest.raises(FusionError, match=r"plugin ops \['Softmax2'\]"):
         register_plugins(trt, ["Softmax2"])

@@ -28,6 +28,24 @@ from .onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_
 
 LOCAL_FUNCTION = "local function"  # no plugin registered: the parser inlines the node's standard-op decomposition
 
+# The type combinations each kernel takes, per input then output, in tensorrt.plugin's AutoTuneCombination notation:
+# position by position, the i-th choice of every multi-choice position goes together (all float, or all half).
+TYPE_COMBINATIONS = {
+    DECODE_ATTENTION: "FP32|FP16, FP32|FP16, FP32|FP16, INT32, INT32, FP32|FP16",  # q, k, v, start, end -> out
+    INTERACTION_ATTENTION: "FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16",  # q, k, v -> out
+    WINDOW_MAX_POOL: "FP32|FP16|INT8, INT64, FP32|FP16|INT8",  # grid, index (its length is the output side) -> out
+}
+
+
+def run_kernel(op: str, inputs: list[Any], out: Any) -> None:
+    """The op's Triton kernel on device tensors (the plugin's inputs, its output buffer), on the current stream."""
+    if op == DECODE_ATTENTION:
+        decode_attention.decode_attention(*inputs, out=out)
+    elif op == INTERACTION_ATTENTION:
+        interaction_attention.interaction_attention(*inputs, out=out)
+    else:
+        window_max_pool.window_max_pool(inputs[0], int(inputs[1].shape[0]), out=out)
+
 
 def plugin_module_name(trt: Any) -> str:
     return "tensorrt_rtx.plugin" if trt.module.__name__.startswith("tensorrt_rtx") else "tensorrt.plugin"
@@ -44,7 +62,8 @@ def load_plugin_api(trt: Any) -> tuple[Any | None, str]:
 
 def register_plugins(trt: Any, ops: Iterable[str]) -> dict[str, str]:
     """Register the plugins `ops` names; per op, how engines will run it: "tensorrt.plugin aot (sm_XY)",
-    "tensorrt.plugin jit", or "local function: <why no plugin>". Registering twice in a process is a no-op."""
+    "tensorrt.plugin jit", TensorRT-RTX's "IPluginV3 (Python, Triton JIT)" (rtx_plugins.py), or
+    "local function: <why no plugin>". Registering twice in a process is a no-op."""
     ops = sorted(ops)
     if not ops:
         return {}
@@ -52,6 +71,13 @@ def register_plugins(trt: Any, ops: Iterable[str]) -> dict[str, str]:
     if unknown:
         raise FusionError(f"plugin ops {unknown} in the graphs: this fusion-export defines {sorted(_DEFINITIONS)}")
     trtp, why = load_plugin_api(trt)
+    if trtp is None and trt.module.__name__.startswith("tensorrt_rtx"):
+        from . import rtx_plugins  # its IPluginV3 classes stand in for the missing tensorrt_rtx.plugin
+
+        blocked = rtx_plugins.parser_can_import_plugins()
+        if not blocked:
+            return rtx_plugins.register(trt.module, ops)
+        why = f"{why}; IPluginV3: {blocked}"
     if trtp is None:
         return {op: f"{LOCAL_FUNCTION}: {why}" for op in ops}
     aot = hasattr(trtp, "aot_impl")
@@ -119,13 +145,13 @@ def _define_decode_attention(trtp: Any, trt_module: Any, arch: int | None) -> No
 
     @trtp.autotune(pid)
     def _(q, k, v, start, end, outputs) -> list:
-        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16, INT32, INT32, FP32|FP16", "LINEAR")]
+        return [trtp.AutoTuneCombination(TYPE_COMBINATIONS[DECODE_ATTENTION], "LINEAR")]
 
     @trtp.impl(pid)
     def _(q, k, v, start, end, outputs, stream) -> None:
         with _on_stream(stream):
             *inputs, out = _torch(q, k, v, start, end, outputs[0])
-            decode_attention.decode_attention(*inputs, out=out)
+            run_kernel(DECODE_ATTENTION, inputs, out)
 
     if arch is not None:
 
@@ -145,13 +171,13 @@ def _define_interaction_attention(trtp: Any, trt_module: Any, arch: int | None) 
 
     @trtp.autotune(pid)
     def _(q, k, v, outputs) -> list:
-        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR")]
+        return [trtp.AutoTuneCombination(TYPE_COMBINATIONS[INTERACTION_ATTENTION], "LINEAR")]
 
     @trtp.impl(pid)
     def _(q, k, v, outputs, stream) -> None:
         with _on_stream(stream):
             *inputs, out = _torch(q, k, v, outputs[0])
-            interaction_attention.interaction_attention(*inputs, out=out)
+            run_kernel(INTERACTION_ATTENTION, inputs, out)
 
     if arch is not None:
 
@@ -172,13 +198,13 @@ def _define_window_max_pool(trtp: Any, trt_module: Any, arch: int | None) -> Non
 
     @trtp.autotune(pid)
     def _(grid, index, outputs) -> list:
-        return [trtp.AutoTuneCombination("FP32|FP16|INT8, INT64, FP32|FP16|INT8", "LINEAR")]
+        return [trtp.AutoTuneCombination(TYPE_COMBINATIONS[WINDOW_MAX_POOL], "LINEAR")]
 
     @trtp.impl(pid)
     def _(grid, index, outputs, stream) -> None:
         with _on_stream(stream):
             x, out = _torch(grid, outputs[0])
-            window_max_pool.window_max_pool(x, int(index.shape[0]), out=out)
+            run_kernel(WINDOW_MAX_POOL, [x, index], out)
 
     if arch is not None:
 
