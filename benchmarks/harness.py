@@ -202,14 +202,21 @@ class Result:
         return statistics.median(s.tokens_per_s for s in self.samples)
 
 
-def run_rounds(contenders: list[Any], settings: BenchSettings, progress=None) -> list[Result]:
-    """Round-robin: every contender runs one request per round; warm-up rounds are dropped."""
+def run_rounds(
+    contenders: list[Any], settings: BenchSettings, progress=None, probe=None
+) -> tuple[list[Result], list[float]]:
+    """Round-robin: every contender runs one request per round; warm-up rounds are dropped. `probe` (e.g. the
+    memory-bandwidth measurement) runs at the start of every timed round, so it sees the machine as that round's
+    contenders do: (results, the probe's value per timed round)."""
     results = [
         Result(c.label, c.kind, c.precision_name(), c.text_only, load_s=c.load_s, rss_after_load=c.rss_after_load)
         for c in contenders
     ]
+    probed: list[float] = []
     total = settings.warmup + settings.iters
     for round_no in range(total):
+        if probe is not None and round_no >= settings.warmup:
+            probed.append(probe())
         for contender, result in zip(contenders, results):
             sample = contender.run()
             if round_no >= settings.warmup:
@@ -220,7 +227,7 @@ def run_rounds(contenders: list[Any], settings: BenchSettings, progress=None) ->
                     f"[{round_no + 1}/{total}] {contender.label} ({tag}): ttft {sample.stages['ttft'] * 1e3:.0f} ms, "
                     f"{sample.tokens_per_s:.1f} tok/s"
                 )
-    return results
+    return results, probed
 
 
 def sweep_decode(contenders: list[Any], settings: BenchSettings, contexts: list[int], progress=None) -> dict:

@@ -27,7 +27,9 @@ def result_json(result) -> dict[str, Any]:
         "load_s": result.load_s,
         "rss_after_load_bytes": result.rss_after_load,
         "roofline": result.roofline.to_json() if result.roofline else None,
-        "roofline_fraction": result.roofline.fraction(result.tokens_per_s) if result.roofline else None,
+        "roofline_fraction": (
+            result.roofline.fraction([s.tokens_per_s for s in result.samples]) if result.roofline else None
+        ),  # fmt: skip
     }
 
 
@@ -58,9 +60,11 @@ def table(report: dict[str, Any]) -> str:
         "encoder, no interaction layers)"
     )
     threads = report["settings"]["threads"]
+    per_round = report.get("bandwidths_bytes_per_s") or [bw]
+    spread = f", {min(per_round) / 1e9:.1f}-{max(per_round) / 1e9:.1f} over {len(per_round)} rounds"
     lines.append(
-        f"roofline: {bw / 1e9:.1f} GB/s measured in this run ({threads} threads); "
-        "'bound' = measured tok/s / (bandwidth / bytes a step must read)"
+        f"roofline: {bw / 1e9:.1f} GB/s measured in this run ({threads} threads, median{spread}); 'bound' = median "
+        "over rounds of tok/s / (that round's bandwidth / bytes a step must read)"
     )
     for r in results:
         if r["roofline"]:

@@ -8,28 +8,39 @@ mask. Weights and cache are counted at the run's precision.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import statistics
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Roofline:
     weight_bytes: float
     kv_bytes: float
-    bandwidth_bytes_per_s: float
+    bandwidths: tuple[float, ...]  # bytes/s, measured at the start of every timed round
 
     @property
     def bytes_per_step(self) -> float:
         return self.weight_bytes + self.kv_bytes
 
     @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return statistics.median(self.bandwidths)
+
+    @property
     def bound_tokens_per_s(self) -> float:
         return self.bandwidth_bytes_per_s / self.bytes_per_step
 
-    def fraction(self, tokens_per_s: float) -> float:
-        return tokens_per_s / self.bound_tokens_per_s
+    def fraction(self, tokens_per_s: list[float]) -> float:
+        """The median over rounds of each round's tok/s against the bound of that round's bandwidth: a shared
+        machine's bandwidth drifts between rounds, and a round is held to what the machine streamed around it."""
+        if len(tokens_per_s) != len(self.bandwidths):
+            return statistics.median(tokens_per_s) / self.bound_tokens_per_s
+        return statistics.median(t * self.bytes_per_step / bw for t, bw in zip(tokens_per_s, self.bandwidths))
 
     def to_json(self) -> dict:
-        return {**asdict(self), "bytes_per_step": self.bytes_per_step, "bound_tokens_per_s": self.bound_tokens_per_s}
+        return {"weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes, "bandwidths": list(self.bandwidths),
+                "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s, "bytes_per_step": self.bytes_per_step,
+                "bound_tokens_per_s": self.bound_tokens_per_s}  # fmt: skip
 
 
 def decoder_weight_values(config) -> int:
@@ -63,10 +74,10 @@ def decode_roofline(
     kv_value_bytes: float,
     kv_columns: float,
     batch: int,
-    bandwidth: float,
+    bandwidths: list[float],
     weight_bytes: float | None = None,  # measured from the graph (quantized), else counted from the config
 ) -> Roofline:
     d = config.decoder
     kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_columns * batch * kv_value_bytes
     weights = weight_bytes if weight_bytes is not None else decoder_weight_values(config) * weight_value_bytes
-    return Roofline(weights, kv, bandwidth)
+    return Roofline(weights, kv, tuple(bandwidths))

@@ -113,9 +113,45 @@ def test_decode_attention_onnx_form_runs_on_onnxruntime(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
-    """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it;
-    the static check reads the node as the parser does: through its function."""
+def test_decode_attention_onnx_form_reads_an_int8_cache(dtype):
+    """An int8 cache with per-tensor scales (node attributes k_scale, v_scale, which the local function reads by
+    reference): ONNX Runtime equals the reference op's dequantized attention; a node without the attributes
+    takes the defaults (1.0)."""
+    import onnx
+    import onnxruntime as ort
+
+    from engines.plugins.onnx_forms import decode_attention_model
+
+    k_scale, v_scale = 0.0123, 0.0457
+    model = decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40, kv_dtype=3,
+                                   k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    q, k, v, start, end = _case(3, 8, 2, 2, 61, 40, dtype, seed=7)
+    k8, v8 = (x.float().mul(40).round().clamp(-127, 127).to(torch.int8) for x in (k, v))
+    feeds = {"q": q.numpy(), "k": k8.numpy(), "v": v8.numpy(), "start": start.numpy(), "end": end.numpy()}
+    out = torch.from_numpy(session.run(None, feeds)[0])
+    expected = decode_attention_reference(q, k8, v8, start, end, k_scale, v_scale)
+    assert out.dtype == dtype and (out.float() - expected.float()).abs().max() <= TOLERANCE[dtype]
+    unscaled = decode_attention_reference(q, k8, v8, start, end)  # the scales are not a no-op here
+    assert (unscaled.float() - expected.float()).abs().max() > 100 * TOLERANCE[dtype]
+    plain = decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40)
+    del plain.graph.node[0].attribute[:]
+    session = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds |= {"k": k.numpy(), "v": v.numpy()}
+    out = torch.from_numpy(session.run(None, feeds)[0])
+    assert (out.float() - decode_attention_reference(q, k, v, start, end).float()).abs().max() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype"),
+    [(torch.float32, None), (torch.float16, None), (torch.float16, 3)],
+    ids=["fp32", "fp16", "q8"],
+)
+def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, kv_dtype, tmp_path):
+    """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it
+    (an int8 cache too: the scales reach the function body by attribute reference); the static check reads the
+    node as the parser does: through its function."""
     from engines.plugins.onnx_forms import decode_attention_model
 
     from .conftest import build_plugin_model
@@ -123,7 +159,8 @@ def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
     q, kv = ((1, 8, 1, 40), (4, 8, 4, 40)), ((1, 2, 8, 40), (4, 2, 1024, 40))
     profile = {"q": (*q, q[1]), "k": (*kv, kv[1]), "v": (*kv, kv[1]), "start": ((1,), (4,), (4,)),
                "end": ((1,), (4,), (4,))}  # fmt: skip
-    model = decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40)
+    model = decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40, kv_dtype=kv_dtype,
+                                   k_scale=0.02, v_scale=0.03)  # fmt: skip
     build_plugin_model(model, tmp_path / "decode_attention.onnx", profile, min_layers=10, min_plan_bytes=100_000)
 
 

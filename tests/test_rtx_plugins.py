@@ -11,6 +11,7 @@ from __future__ import annotations
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,7 +29,7 @@ from engines.plugins.onnx_forms import (  # noqa: E402
     interaction_attention_model,
     window_max_pool_model,
 )
-from engines.plugins.tensorrt_plugins import LOCAL_FUNCTION, register_plugins  # noqa: E402
+from engines.plugins.tensorrt_plugins import ATTRIBUTES, LOCAL_FUNCTION, register_plugins  # noqa: E402
 from engines.plugins.window_max_pool import window_max_pool_reference  # noqa: E402
 from engines.trt_api import load_trt  # noqa: E402
 
@@ -77,20 +78,26 @@ def test_type_combinations(trt):
     assert rtx_plugins.allowed_types(t, DECODE_ATTENTION) == [
         (t.float32, t.float32, t.float32, t.int32, t.int32, t.float32),
         (t.float16, t.float16, t.float16, t.int32, t.int32, t.float16),
+        (t.float32, t.int8, t.int8, t.int32, t.int32, t.float32),  # an int8 cache
+        (t.float16, t.int8, t.int8, t.int32, t.int32, t.float16),
     ]
     assert rtx_plugins.allowed_types(t, INTERACTION_ATTENTION) == [(t.float32,) * 4, (t.float16,) * 4]
     assert rtx_plugins.allowed_types(t, WINDOW_MAX_POOL) == [
         (t.float32, t.int64, t.float32), (t.float16, t.int64, t.float16), (t.int8, t.int64, t.int8)]  # fmt: skip
 
 
-def _cases(dtype: torch.dtype) -> dict[str, tuple]:
+SCALES = {"k_scale": 0.0123, "v_scale": 0.0457}  # an int8 cache's
+
+
+def _cases(dtype: torch.dtype, int8_cache: bool) -> dict[str, tuple]:
     """Per op: a one-node model, its optimization profile (dynamic batch), the output's network shape."""
     d = ONNX_TYPES[dtype]
+    cache = {"kv_dtype": ONNX_TYPES[torch.int8], **SCALES} if int8_cache else {}
     q, kv = ((1, 8, 1, 40), (4, 8, 4, 40)), ((1, 2, 8, 40), (4, 2, 1024, 40))
     lengths = ((1,), (4,), (4,))
     grids = {name: tuple((b, side, side, 16, 32) for b in (1, 2, 4)) for name, side in (("q", 8), ("k", 24), ("v", 24))}
     return {
-        DECODE_ATTENTION: (decode_attention_model(d, heads=8, kv_heads=2, head_dim=40),
+        DECODE_ATTENTION: (decode_attention_model(d, heads=8, kv_heads=2, head_dim=40, **cache),
                            {"q": (*q, q[1]), "k": (*kv, kv[1]), "v": (*kv, kv[1]), "start": lengths, "end": lengths},
                            (-1, 8, -1, 40)),
         INTERACTION_ATTENTION: (interaction_attention_model(d, side=8, window=3, heads=16, head_dim=32), grids,
@@ -101,17 +108,18 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize(
-    ("op", "dtype"),
-    [(op, dtype) for op in OPS for dtype in (torch.float32, torch.float16)] + [(WINDOW_MAX_POOL, torch.int8)],
+    ("op", "dtype", "int8_cache"),
+    [(op, dtype, False) for op in OPS for dtype in (torch.float32, torch.float16)]
+    + [(WINDOW_MAX_POOL, torch.int8, False), (DECODE_ATTENTION, torch.float16, True)],
 )
-def test_plugin_node_becomes_one_plugin_layer_and_builds(trt, op, dtype, tmp_path):
+def test_plugin_node_becomes_one_plugin_layer_and_builds(trt, op, dtype, int8_cache, tmp_path):
     """With the plugins registered and ENABLE_PLUGIN_OVERRIDE, TensorRT-RTX's parser makes the node one IPluginV3
     layer (not the local function's dozens) whose output shape and type come from the plugin's callbacks, and the
-    builder builds it with no GPU; int8 is WindowMaxPool's only (the attention kernels take int8 K/V through
-    constexpr scales, not as an engine I/O type)."""
+    builder builds it with no GPU: fp32 and fp16, int8 WindowMaxPool, and DecodeAttention over an int8 cache,
+    whose scales (node attributes -> plugin fields) are serialized into the engine."""
     import onnx
 
-    model, profile, shape = _cases(dtype)[op]
+    model, profile, shape = _cases(dtype, int8_cache)[op]
     path = tmp_path / f"{op}.onnx"
     onnx.save(model, path)
     builder, network, errors = trt.parse(path, plugins=True)
@@ -128,6 +136,8 @@ def test_plugin_node_becomes_one_plugin_layer_and_builds(trt, op, dtype, tmp_pat
     config.add_optimization_profile(optimization_profile)
     plan = builder.build_serialized_network(network, config)
     assert plan is not None and op.encode() in bytes(plan)  # the plugin is serialized into the engine by name
+    for name, value in SCALES.items():
+        assert (np.float32(value).tobytes() in bytes(plan)) == int8_cache, name  # 1.0 otherwise
 
 
 def _desc(trt, tensor: torch.Tensor):
@@ -145,21 +155,27 @@ def test_enqueue_writes_the_kernel_result_into_the_output_buffer(trt, dtype):
     q, k, v = torch.randn(2, 8, 3, 40), torch.randn(2, 2, 32, 40), torch.randn(2, 2, 32, 40)
     start, end = torch.tensor([0, 5], dtype=torch.int32), torch.tensor([12, 30], dtype=torch.int32)
     lq, lk, lv = torch.randn(2, 3, 3, 4, 8), torch.randn(2, 6, 6, 4, 8), torch.randn(2, 6, 6, 4, 8)
+    k8, v8 = torch.randint(-127, 128, k.shape, dtype=torch.int8), torch.randint(-127, 128, v.shape, dtype=torch.int8)
     grid = torch.randn(2, 13, 13, 24)
     index = torch.zeros(5, dtype=torch.int64)  # only its length (the output side) is read
-    cases = {
-        DECODE_ATTENTION: ([q, k, v, start, end], decode_attention_reference(q, k, v, start, end)),
-        INTERACTION_ATTENTION: ([lq, lk, lv], interaction_attention_reference(lq, lk, lv)),
-        WINDOW_MAX_POOL: ([grid, index], window_max_pool_reference(grid, 5)),
-    }
+    q16 = q.to(dtype)  # the reference op computes in float32 from the kernel's input type
+    cases = [
+        (DECODE_ATTENTION, [q, k, v, start, end], {}, decode_attention_reference(q, k, v, start, end)),
+        (DECODE_ATTENTION, [q, k8, v8, start, end], SCALES, decode_attention_reference(q16, k8, v8, start, end,
+                                                                                       **SCALES)),
+        (INTERACTION_ATTENTION, [lq, lk, lv], {}, interaction_attention_reference(lq, lk, lv)),
+        (WINDOW_MAX_POOL, [grid, index], {}, window_max_pool_reference(grid, 5)),
+    ]  # fmt: skip
     tolerance = {torch.float32: 2e-5, torch.float16: 3e-3}[dtype]
     creator = rtx_plugins._classes(t).creator
-    for op, (inputs, expected) in cases.items():
+    for op, inputs, attributes, expected in cases:
         inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
-        plugin = creator(op).create_plugin(op, t.PluginFieldCollection([]), t.TensorRTPhase.RUNTIME)
+        fields = t.PluginFieldCollection([rtx_plugins.plugin_field(t, n, v) for n, v in attributes.items()])
+        plugin = creator(op).create_plugin(op, fields, t.TensorRTPhase.RUNTIME)
+        assert plugin.attributes == {**ATTRIBUTES[op], **{n: float(np.float32(v)) for n, v in attributes.items()}}
         plugin.device = "cpu"
         runner = plugin.attach_to_context(None)  # what TensorRT runs: a clone
         out = torch.full(expected.shape, float("nan"), dtype=dtype)
         runner.enqueue([_desc(t, x) for x in inputs], [_desc(t, out)], [x.data_ptr() for x in inputs],
                        [out.data_ptr()], 0, 0)  # fmt: skip
-        assert (out.float() - expected.float()).abs().max() <= tolerance, op
+        assert (out.float() - expected.float()).abs().max() <= tolerance, (op, attributes)

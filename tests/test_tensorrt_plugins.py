@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 from engines.plugins import decode_attention, interaction_attention, window_max_pool  # noqa: E402
 from engines.plugins.launch import compile_ptx  # noqa: E402
 from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL  # noqa: E402
-from engines.plugins.tensorrt_plugins import _DEFINITIONS, register_plugins  # noqa: E402
+from engines.plugins.tensorrt_plugins import _DEFINITIONS, ATTRIBUTES, register_plugins  # noqa: E402
 from reference_model.config import preset_config  # noqa: E402
 from reference_model.errors import FusionError  # noqa: E402
 
@@ -136,11 +136,12 @@ def check_registration_bodies() -> None:
         pid = f"{DOMAIN}::{op}"
         assert {kind for kind, p in api.recorded if p == pid} == {"register", "autotune", "impl", "aot_impl"}
         descs = [_Desc(shape, trt_types[dtype]) for shape, dtype in inputs]
-        out = api.recorded[("register", pid)](*descs)
+        attributes = list(ATTRIBUTES[op].values())  # the node's float attributes, after the inputs
+        out = api.recorded[("register", pid)](*descs, *attributes)
         assert out.shape_expr == output_shape and out.dtype == TRT_TYPES.float16
         [(combination, layout)] = api.recorded[("autotune", pid)](*descs, [out])
         assert len(combination.split(",")) == len(descs) + 1 and layout == "LINEAR"
-        name, ptx, params, scalars = api.recorded[("aot_impl", pid)](*descs, [out], 0)
+        name, ptx, params, scalars = api.recorded[("aot_impl", pid)](*descs, *attributes, [out], 0)
         run = _launch(op, [shape for shape, _ in inputs])
         assert name.decode() in ptx.decode() and b".target sm_87" in ptx
         assert (params.grid_x, getattr(params, "grid_y", 1)) == (run.grid + (1,))[:2]

@@ -22,6 +22,7 @@ DOMAIN = "fusion_export.plugins"
 DECODE_ATTENTION = "DecodeAttention"
 WINDOW_MAX_POOL = "WindowMaxPool"
 INTERACTION_ATTENTION = "InteractionAttention"
+KV_SCALES = ("k_scale", "v_scale")  # DecodeAttention's float attributes: an int8 cache's per-tensor scales (else 1)
 
 
 def _const(name: str, value) -> onnx.NodeProto:
@@ -35,9 +36,12 @@ def register_schemas() -> None:
     p = OpSchema.FormalParameter
     schemas = {
         DECODE_ATTENTION: dict(
-            inputs=[p("q", "T"), p("k", "T"), p("v", "T"), p("start", "I"), p("end", "I")],
+            inputs=[p("q", "T"), p("k", "K"), p("v", "K"), p("start", "I"), p("end", "I")],
             type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
+                              ("K", ["tensor(float)", "tensor(float16)", "tensor(int8)"], "q's type, or int8"),
                               ("I", ["tensor(int32)"], "per-row column range")],
+            attributes=[OpSchema.Attribute(name, helper.make_attribute(name, 1.0), "int8 cache: value = int8 * scale")
+                        for name in KV_SCALES],
         ),
         WINDOW_MAX_POOL: dict(
             inputs=[p("grid", "T"), p("index", "I")],
@@ -54,27 +58,50 @@ def register_schemas() -> None:
             register_schema(OpSchema(name, DOMAIN, 1, outputs=[p("out", "T")], **schema))
 
 
-def decode_attention_function(opset: int = 20) -> onnx.FunctionProto:
-    """The standard-op decomposition (opset >= 15 for CastLike)."""
+def _attribute_constant(name: str, attribute: str) -> onnx.NodeProto:
+    """A Constant holding the calling node's float attribute `attribute` (a function-body reference)."""
+    node = helper.make_node("Constant", [], [name])
+    node.attribute.append(
+        onnx.AttributeProto(name="value_float", ref_attr_name=attribute, type=onnx.AttributeProto.FLOAT)
+    )
+    return node
+
+
+def decode_attention_function(opset: int = 20, int8_cache: bool = False) -> onnx.FunctionProto:
+    """The standard-op decomposition (opset >= 15 for CastLike). A model holds one body per op, so the exporter
+    picks it by the cache's type: `int8_cache` dequantizes K and V first (DequantizeLinear by the node's k_scale /
+    v_scale, the one form in which TensorRT reads int8 tensors), the float body casts them to float32."""
     n = helper.make_node
+    if int8_cache:
+        read_cache = [
+            _attribute_constant("k_scale", "k_scale"), _attribute_constant("v_scale", "v_scale"),
+            # an explicit int8 zero point: without one, ONNX Runtime 1.32's graph optimizations turned every
+            # negative cache value into 0 in front of the GQA Expand below (measured; no optimizations: correct)
+            _const("zero_point", np.array(0, np.int8)),
+            n("DequantizeLinear", ["k", "k_scale", "zero_point"], ["kd"]),
+            n("DequantizeLinear", ["v", "v_scale", "zero_point"], ["vd"]),
+        ]  # fmt: skip
+    else:
+        read_cache = [n("CastLike", ["k", "f1"], ["kd"]), n("CastLike", ["v", "f1"], ["vd"])]
     nodes = [
         _const("i0", np.array([0], np.int64)), _const("i1", np.array([1], np.int64)),
         _const("i2", np.array([2], np.int64)), _const("i3", np.array([3], np.int64)),
         _const("i4", np.array([4], np.int64)), _const("zero", np.array(0, np.int64)),
         _const("one", np.array(1, np.int64)), _const("neg_inf", np.array(-np.inf, np.float32)),
         _const("f1", np.array(1.0, np.float32)),
-        n("Shape", ["q"], ["sq"]), n("Shape", ["k"], ["sk"]),
+        *read_cache,  # kd, vd: the cache in float32
+        n("Shape", ["q"], ["sq"]), n("Shape", ["kd"], ["sk"]),
         n("Slice", ["sq", "i0", "i1"], ["B"]), n("Slice", ["sq", "i1", "i2"], ["H"]),
         n("Slice", ["sq", "i2", "i3"], ["T"]), n("Slice", ["sq", "i3", "i4"], ["D"]),
         n("Slice", ["sk", "i1", "i2"], ["KVH"]), n("Slice", ["sk", "i2", "i3"], ["C"]),
         n("Div", ["H", "KVH"], ["G"]),
         n("Concat", ["B", "KVH", "G", "C", "D"], ["s5"], axis=0), n("Concat", ["B", "H", "C", "D"], ["s4"], axis=0),
         # GQA: every KV head serves G query heads
-        n("Unsqueeze", ["k", "i2"], ["k5"]), n("Expand", ["k5", "s5"], ["kx5"]), n("Reshape", ["kx5", "s4"], ["kx"]),
-        n("Unsqueeze", ["v", "i2"], ["v5"]), n("Expand", ["v5", "s5"], ["vx5"]), n("Reshape", ["vx5", "s4"], ["vx"]),
+        n("Unsqueeze", ["kd", "i2"], ["k5"]), n("Expand", ["k5", "s5"], ["kx5"]), n("Reshape", ["kx5", "s4"], ["kf"]),
+        n("Unsqueeze", ["vd", "i2"], ["v5"]), n("Expand", ["v5", "s5"], ["vx5"]), n("Reshape", ["vx5", "s4"], ["vf"]),
         # CastLike, not Cast: ONNX Runtime 1.32's basic optimizer drops a float->float Cast of a graph input and
         # leaves its consumers dangling ("... is not a graph input, initializer, or output of a previous node")
-        n("CastLike", ["q", "f1"], ["qf"]), n("CastLike", ["kx", "f1"], ["kf"]), n("CastLike", ["vx", "f1"], ["vf"]),
+        n("CastLike", ["q", "f1"], ["qf"]),
         n("Cast", ["D"], ["Df"], to=TensorProto.FLOAT), n("Sqrt", ["Df"], ["sqrt_d"]),
         n("Div", ["f1", "sqrt_d"], ["scale"]),
         n("Mul", ["qf", "scale"], ["qs"]), n("Transpose", ["kf"], ["kt"], perm=[0, 1, 3, 2]),
@@ -94,7 +121,7 @@ def decode_attention_function(opset: int = 20) -> onnx.FunctionProto:
     ]  # fmt: skip
     return helper.make_function(
         DOMAIN, DECODE_ATTENTION, ["q", "k", "v", "start", "end"], ["out"], nodes,
-        [helper.make_opsetid("", opset)],
+        [helper.make_opsetid("", opset)], attribute_protos=[helper.make_attribute(a, 1.0) for a in KV_SCALES],
     )  # fmt: skip
 
 
@@ -109,18 +136,31 @@ def _one_node_model(graph: onnx.GraphProto, function: onnx.FunctionProto, opset:
     return model
 
 
-def decode_attention_model(dtype: int, heads: int, kv_heads: int, head_dim: int, opset: int = 20) -> onnx.ModelProto:
-    """A one-node model (dynamic batch, new tokens and capacity): the unit the plugin's tests parse and run."""
+def decode_attention_model(
+    dtype: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    opset: int = 20,
+    kv_dtype: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> onnx.ModelProto:
+    """A one-node model (dynamic batch, new tokens and capacity): the unit the plugin's tests parse and run.
+    `kv_dtype`: the cache's type (default q's; TensorProto.INT8 with its scales for an int8 cache)."""
     io = helper.make_tensor_value_info
+    kv_dtype = kv_dtype or dtype
+    node = helper.make_node(DECODE_ATTENTION, ["q", "k", "v", "start", "end"], ["out"], domain=DOMAIN,
+                            k_scale=float(k_scale), v_scale=float(v_scale))  # fmt: skip
     graph = helper.make_graph(
-        [helper.make_node(DECODE_ATTENTION, ["q", "k", "v", "start", "end"], ["out"], domain=DOMAIN)],
+        [node],
         "decode_attention",
-        [io("q", dtype, ["B", heads, "T", head_dim]), io("k", dtype, ["B", kv_heads, "C", head_dim]),
-         io("v", dtype, ["B", kv_heads, "C", head_dim]), io("start", TensorProto.INT32, ["B"]),
+        [io("q", dtype, ["B", heads, "T", head_dim]), io("k", kv_dtype, ["B", kv_heads, "C", head_dim]),
+         io("v", kv_dtype, ["B", kv_heads, "C", head_dim]), io("start", TensorProto.INT32, ["B"]),
          io("end", TensorProto.INT32, ["B"])],
         [io("out", dtype, ["B", heads, "T", head_dim])],
     )  # fmt: skip
-    return _one_node_model(graph, decode_attention_function(opset), opset)
+    return _one_node_model(graph, decode_attention_function(opset, kv_dtype == TensorProto.INT8), opset)
 
 
 def window_max_pool_function(opset: int = 20) -> onnx.FunctionProto:

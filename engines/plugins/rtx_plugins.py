@@ -27,8 +27,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .onnx_forms import WINDOW_MAX_POOL
-from .tensorrt_plugins import TYPE_COMBINATIONS, run_kernel
+from .tensorrt_plugins import ATTRIBUTES, TYPE_COMBINATIONS, run_kernel
 
 VERSION = "1"
 NAMESPACE = ""  # what the parser searches (above); a serialized plugin is found again under the same one
@@ -104,7 +106,6 @@ _CLASSES: dict[int, Any] = {}
 def buffer_tensor(pointer: int, desc: Any, trt: Any, device: str = "cuda") -> Any:
     """A torch view (no copy) of a buffer TensorRT owns, through the CUDA array interface; `device` "cpu" reads a
     host buffer through numpy's (how the tests drive `enqueue` in Triton's interpreter)."""
-    import numpy as np
     import torch
 
     types = {trt.float32: "<f4", trt.float16: "<f2", trt.int8: "|i1", trt.int32: "<i4", trt.int64: "<i8"}
@@ -115,18 +116,25 @@ def buffer_tensor(pointer: int, desc: Any, trt: Any, device: str = "cuda") -> An
     return torch.as_tensor(type("Device", (), {"__cuda_array_interface__": interface})(), device=device)
 
 
+def plugin_field(trt: Any, name: str, value: float | None) -> Any:
+    """A float attribute as a plugin field: FLOAT32, as TensorRT's ONNX parser passes a node's float attribute
+    (None: the creator's empty declaration of the field)."""
+    data = np.array([] if value is None else [value], dtype=np.float32)
+    return trt.PluginField(name, data, trt.PluginFieldType.FLOAT32)
+
+
 def _classes(trt: Any) -> Any:
     """The plugin and creator classes, derived from this TensorRT module's bindings (made once per module)."""
     if id(trt) in _CLASSES:
         return _CLASSES[id(trt)]
 
     class FusionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        def __init__(self, op: str) -> None:
+        def __init__(self, op: str, attributes: dict[str, float]) -> None:
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
-            self.op, self.num_outputs = op, 1
+            self.op, self.attributes, self.num_outputs = op, attributes, 1
             self.plugin_name, self.plugin_namespace, self.plugin_version = op, NAMESPACE, VERSION
             self.combinations = allowed_types(trt, op)
             self.device = "cuda"  # "cpu": host buffers, Triton's interpreter (tests)
@@ -165,7 +173,7 @@ def _classes(trt: Any) -> Any:
             out = buffer_tensor(outputs[0], output_desc[0], trt, self.device)
             on_stream = torch.cuda.stream(torch.cuda.ExternalStream(stream)) if self.device == "cuda" else None
             with on_stream or contextlib.nullcontext():
-                run_kernel(self.op, tensors, out)
+                run_kernel(self.op, tensors, out, self.attributes)
 
         def attach_to_context(self, context: Any) -> Any:
             return self.clone()
@@ -174,10 +182,12 @@ def _classes(trt: Any) -> Any:
             pass
 
         def get_fields_to_serialize(self) -> Any:
-            return trt.PluginFieldCollection([])  # no attributes: every size is carried by the shapes
+            # sizes are carried by the shapes; what the engine keeps is the float attributes (an int8 cache's scales)
+            fields = [plugin_field(trt, name, value) for name, value in self.attributes.items()]
+            return trt.PluginFieldCollection(fields)
 
         def clone(self) -> Any:
-            twin = FusionPlugin(self.op)
+            twin = FusionPlugin(self.op, dict(self.attributes))
             twin.device = self.device
             return twin
 
@@ -185,10 +195,15 @@ def _classes(trt: Any) -> Any:
         def __init__(self, op: str) -> None:
             trt.IPluginCreatorV3One.__init__(self)
             self.name, self.plugin_namespace, self.plugin_version = op, NAMESPACE, VERSION
-            self.field_names = trt.PluginFieldCollection([])
+            self.field_names = trt.PluginFieldCollection([plugin_field(trt, name, None) for name in ATTRIBUTES[op]])
 
         def create_plugin(self, name: str, fields: Any, phase: Any) -> Any:
-            return FusionPlugin(self.name)
+            """The node's attributes (the parser passes those the node has: FLOAT32 fields), defaults for the rest."""
+            given = {f.name: float(np.asarray(f.data).reshape(-1)[0]) for f in fields}
+            unknown = set(given) - set(ATTRIBUTES[self.name])
+            if unknown:
+                raise ValueError(f"{self.name}: unknown attributes {sorted(unknown)}")
+            return FusionPlugin(self.name, {**ATTRIBUTES[self.name], **given})
 
     class Classes:
         plugin, creator = FusionPlugin, FusionPluginCreator

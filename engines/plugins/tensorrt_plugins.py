@@ -24,23 +24,30 @@ from reference_model.errors import FusionError
 
 from . import decode_attention, interaction_attention, window_max_pool
 from .launch import Launch, compile_ptx
-from .onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL
+from .onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, KV_SCALES, WINDOW_MAX_POOL
 
 LOCAL_FUNCTION = "local function"  # no plugin registered: the parser inlines the node's standard-op decomposition
 
 # The type combinations each kernel takes, per input then output, in tensorrt.plugin's AutoTuneCombination notation:
 # position by position, the i-th choice of every multi-choice position goes together (all float, or all half).
 TYPE_COMBINATIONS = {
-    DECODE_ATTENTION: "FP32|FP16, FP32|FP16, FP32|FP16, INT32, INT32, FP32|FP16",  # q, k, v, start, end -> out
+    # q, k, v, start, end -> out; the cache is q's type or int8 (dequantized in the kernel by k_scale / v_scale)
+    DECODE_ATTENTION: (
+        "FP32|FP16|FP32|FP16, FP32|FP16|INT8|INT8, FP32|FP16|INT8|INT8, INT32, INT32, FP32|FP16|FP32|FP16"
+    ),
     INTERACTION_ATTENTION: "FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16",  # q, k, v -> out
     WINDOW_MAX_POOL: "FP32|FP16|INT8, INT64, FP32|FP16|INT8",  # grid, index (its length is the output side) -> out
 }
 
 
-def run_kernel(op: str, inputs: list[Any], out: Any) -> None:
+# Each op's float attributes (ONNX node attributes, plugin fields) and their defaults.
+ATTRIBUTES = {DECODE_ATTENTION: dict.fromkeys(KV_SCALES, 1.0), INTERACTION_ATTENTION: {}, WINDOW_MAX_POOL: {}}
+
+
+def run_kernel(op: str, inputs: list[Any], out: Any, attributes: dict[str, float] | None = None) -> None:
     """The op's Triton kernel on device tensors (the plugin's inputs, its output buffer), on the current stream."""
     if op == DECODE_ATTENTION:
-        decode_attention.decode_attention(*inputs, out=out)
+        decode_attention.decode_attention(*inputs, **(attributes or {}), out=out)
     elif op == INTERACTION_ATTENTION:
         interaction_attention.interaction_attention(*inputs, out=out)
     else:
@@ -140,7 +147,9 @@ def _define_decode_attention(trtp: Any, trt_module: Any, arch: int | None) -> No
     TensorDesc = trtp.TensorDesc  # noqa: N806 (the annotation tensorrt.plugin matches)
 
     @trtp.register(pid)
-    def _(q: TensorDesc, k: TensorDesc, v: TensorDesc, start: TensorDesc, end: TensorDesc) -> TensorDesc:
+    def _(
+        q: TensorDesc, k: TensorDesc, v: TensorDesc, start: TensorDesc, end: TensorDesc, k_scale: float, v_scale: float
+    ) -> TensorDesc:
         return q.like()
 
     @trtp.autotune(pid)
@@ -148,16 +157,17 @@ def _define_decode_attention(trtp: Any, trt_module: Any, arch: int | None) -> No
         return [trtp.AutoTuneCombination(TYPE_COMBINATIONS[DECODE_ATTENTION], "LINEAR")]
 
     @trtp.impl(pid)
-    def _(q, k, v, start, end, outputs, stream) -> None:
+    def _(q, k, v, start, end, k_scale: float, v_scale: float, outputs, stream) -> None:
         with _on_stream(stream):
             *inputs, out = _torch(q, k, v, start, end, outputs[0])
-            run_kernel(DECODE_ATTENTION, inputs, out)
+            run_kernel(DECODE_ATTENTION, inputs, out, {"k_scale": k_scale, "v_scale": v_scale})
 
     if arch is not None:
 
         @trtp.aot_impl(pid)
-        def _(q, k, v, start, end, outputs, tactic) -> tuple:
-            run = decode_attention.launch(q.shape_expr, k.shape_expr)
+        def _(q, k, v, start, end, k_scale: float, v_scale: float, outputs, tactic) -> tuple:
+            # the scales are the kernel's compile-time constants: an int8 cache's are fixed at export
+            run = decode_attention.launch(q.shape_expr, k.shape_expr, k_scale, v_scale)
             return _aot(trtp, trt_module, decode_attention, [q, k, v, start, end, outputs[0]], run, arch)
 
 

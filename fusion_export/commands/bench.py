@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    import statistics
     import time
 
     import torch
@@ -211,21 +212,26 @@ def run_bench(args: argparse.Namespace) -> int:
     for contender in contenders:
         progress(f"loading {contender.label}")
         contender.prepare()
-    progress(f"measuring memory bandwidth ({args.threads} threads)")
     device = "cuda" if any(c.kind == "tensorrt" for c in contenders) or args.device.startswith("cuda") else "cpu"
-    bandwidth = measure_bandwidth(args.threads, device)
+
+    def bandwidth_probe() -> float:
+        rate = measure_bandwidth(args.threads, device)
+        progress(f"memory bandwidth ({args.threads} threads, {device}): {rate / 1e9:.1f} GB/s")
+        return rate
+
     started = time.perf_counter()
-    results = run_rounds(contenders, settings, progress)
+    results, bandwidths = run_rounds(contenders, settings, progress, probe=bandwidth_probe)
     for contender, result in zip(contenders, results):
         columns = contender.kv_columns(settings.prompt_len)
         cfg = config or contender.backend.config
         result.roofline = decode_roofline(cfg, contender.weight_value_bytes(), contender.kv_value_bytes(), columns,
-                                          settings.batch, bandwidth, contender.weight_bytes())  # fmt: skip
+                                          settings.batch, bandwidths, contender.weight_bytes())  # fmt: skip
     report = {
         "format": FORMAT,
         "machine": machine_info(),
         "settings": {**vars(settings), "image": str(settings.image) if settings.image else None},
-        "bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_bytes_per_s": statistics.median(bandwidths),
+        "bandwidths_bytes_per_s": bandwidths,  # one per timed round, measured at its start
         "bandwidth_device": device,
         "results": [result_json(r) for r in results],
         "peak_rss_bytes": rss_bytes()[1],

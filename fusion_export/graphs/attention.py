@@ -167,7 +167,8 @@ def _decode_plugin(q, k, v, mask):
     last_row = op.Cast(op.Squeeze(op.Slice(mask, [-1], [2**62], [2]), [1, 2]), to=ir.DataType.INT32)  # (B, C)
     start = op.Cast(op.ArgMax(last_row, axis=-1, keepdims=0), to=ir.DataType.INT32)
     end = op.Add(start, op.ReduceSum(last_row, op.Constant(value_ints=[-1]), keepdims=0))
-    return getattr(Opset(DOMAIN, 1), DECODE_ATTENTION)(q, k, v, start, end)
+    # a float cache: scales 1, written out all the same (TensorRT hands a plugin only the attributes a node has)
+    return getattr(Opset(DOMAIN, 1), DECODE_ATTENTION)(q, k, v, start, end, k_scale=1.0, v_scale=1.0)
 
 
 def translation_table(opset: int, plugins: bool = False) -> dict:
