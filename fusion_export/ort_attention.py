@@ -303,9 +303,13 @@ def fuse_attention(path, num_layers: int, num_heads: int, num_kv_heads: int, hea
     (external weights still referenced by location), or None and why the graph runs as exported."""
     import onnx
 
+    from .ort_norms import fuse_skip_norms
+
     model = ir.serde.deserialize_model(onnx.load(path, load_external_data=False))
     try:
         fused = _Rewrite(model, num_layers, num_heads, num_kv_heads, head_dim).run()
     except NotFusable as reason:
         return None, str(reason)
-    return ir.serde.serialize_model(model).SerializeToString(), f"{fused} layers as GroupQueryAttention"
+    norms = fuse_skip_norms(model)
+    form = f"{fused} layers as GroupQueryAttention, {norms} residual norms as SkipSimplifiedLayerNormalization"
+    return ir.serde.serialize_model(model).SerializeToString(), form

@@ -73,6 +73,9 @@ def test_fused_attention_matches_the_exported_graphs(gqa_checkpoint, gqa_export,
     fused, exported = OrtModel(artifact).load(), OrtModel(artifact, attention="graph").load()
     layers = artifact.config.decoder.num_layers
     assert fused.attention_form.count(f"{layers} layers as GroupQueryAttention") == 2, fused.attention_form
+    # every norm but the first reads a residual sum: each layer's two, the final norm's
+    step_form = fused.attention_form.partition("decoder_step: ")[2]
+    assert f"{2 * layers} residual norms as SkipSimplifiedLayerNormalization" in step_form, step_form
     assert "GroupQueryAttention" not in exported.attention_form
     assert fused.attends_to_valid_columns and not exported.attends_to_valid_columns  # the bench's roofline
 
@@ -212,3 +215,59 @@ def test_ort_attention_flag_applies_to_onnxruntime_only(gqa_checkpoint, gqa_expo
     }
     assert all(r.returncode == 0 for r in answers.values()), [r.stderr for r in answers.values()]
     assert answers["fused"].stdout == answers["graph"].stdout  # the same greedy answer
+
+
+def _norm_graph(skip_shape: list[int], observe_sum: bool, decomposed: bool) -> onnx.ModelProto:
+    """h = x + r; y = rms_norm(h) * g; out = h + y @ w: a residual norm whose sum is used again; the norm as
+    opset 23's RMSNormalization or as the opset-17 exports write it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    if decomposed:
+        norm = [n("Pow", ["h", "two"], ["h2"]), n("ReduceMean", ["h2"], ["ms"], axes=[-1]),
+                n("Add", ["ms", "eps"], ["ms_eps"]), n("Sqrt", ["ms_eps"], ["rms"]), n("Div", ["h", "rms"], ["hn"]),
+                n("Mul", ["hn", "g"], ["y"])]  # fmt: skip
+    else:
+        norm = [n("RMSNormalization", ["h", "g"], ["y"], epsilon=1e-5)]
+    nodes = [n("Add", ["x", "r"], ["h"]), *norm, n("MatMul", ["y", "w"], ["z"]), n("Add", ["h", "z"], ["out"])]
+    io = helper.make_tensor_value_info
+    outputs = [io("out", TensorProto.FLOAT, [2, 3, 8])] + ([io("h", TensorProto.FLOAT, [2, 3, 8])] * observe_sum)
+    constants = {"g": rng.standard_normal(8), "w": rng.standard_normal((8, 8)), "two": np.array(2.0),
+                 "eps": np.array(1e-5)}  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "norm", [io("x", TensorProto.FLOAT, [2, 3, 8]), io("r", TensorProto.FLOAT, skip_shape)], outputs,
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in constants.items()],
+    )  # fmt: skip
+    opset = 17 if decomposed else 23
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["RMSNormalization", "decomposed"])
+@pytest.mark.parametrize(
+    "skip_shape,observe_sum,fused", [([2, 3, 8], False, 1), ([8], False, 0), ([2, 3, 8], True, 0)],
+    ids=["residual", "broadcast", "observed"],
+)  # fmt: skip
+def test_residual_norm_fusion(skip_shape, observe_sum, fused, decomposed):
+    """Add + RMSNorm (either form) becomes one SkipSimplifiedLayerNormalization (its sum output feeds the later
+    residual) and ONNX Runtime computes the same; a broadcasting Add or an observed sum stays as it is."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from fusion_export.ort_norms import fuse_skip_norms
+
+    model = _norm_graph(skip_shape, observe_sum, decomposed)
+    rewritten = ir.serde.deserialize_model(model)
+    assert fuse_skip_norms(rewritten) == fused
+    ops = [node.op_type for node in rewritten.graph]
+    assert ops.count("SkipSimplifiedLayerNormalization") == fused
+    assert ops.count("Sqrt" if decomposed else "RMSNormalization") == 1 - fused
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32),
+             "r": rng.standard_normal(skip_shape).astype(np.float32)}  # fmt: skip
+    outs = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for m in (model, ir.serde.serialize_model(rewritten))
+    ]
+    for a, b in zip(*outs):
+        assert np.abs(a - b).max() <= 1e-5
