@@ -45,6 +45,7 @@ class BackendOptions:
     provider: Any = None  # onnxruntime: providers.Device (default: cuda when available)
     threads: int | None = None  # onnxruntime: intra-op threads
     ort_weights: str | None = None  # onnxruntime on CPU: auto | shared | packed (OrtModel)
+    ort_int8_kernels: str | None = None  # onnxruntime on CPU, W8A8 artifacts: auto | on | off (OrtModel)
     ort_attention: str | None = None  # onnxruntime on CPU: fused | graph (OrtModel)
 
 

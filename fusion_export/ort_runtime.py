@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,23 @@ class SharedInitializers:
         return out
 
 
+def cpu_int8_dot(machine: str | None = None, flags: set[str] | None = None) -> bool:
+    """Whether this CPU multiplies int8 without saturating: ONNX Runtime's x86 W8A8 kernels (u8s8) sum pairs of
+    products into int16 with saturation unless the CPU has VNNI (AVX512-VNNI, AVX-VNNI) or AMX; ARM's dot-product
+    kernels accumulate in int32. Measured here on a Zen 3 EPYC (AVX2 only): the W8A8 demo artifact's vision
+    outputs came out 1.2-1.3x past their int8 gates with the integer kernels, within them with float math on the
+    dequantized values (what TensorRT's int32 accumulation computes)."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+        except OSError:
+            return True  # unknown: trust the integer kernels
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
 class OrtModel:
     """An artifact in ONNX Runtime (the `onnxruntime` backend): vision encoder, decoder prefill and step sessions,
     the embedding table. Opening checks the artifact and the provider; the sessions are created on first use."""
@@ -81,17 +99,23 @@ class OrtModel:
         threads: int | None = None,
         weights: str = "auto",
         attention: str = "fused",
+        int8_kernels: str = "auto",
     ):
         """weights (CPU): "shared" = the two decoder sessions read one memory-mapped copy of the weights;
         "packed" = each session also keeps ONNX Runtime's prepacked copy (GEMM/GEMV-friendly layout, ~11% faster
         decode on the `small` preset, twice the weights' memory); "auto" = packed while two copies of fp32 decoder
         weights take under a quarter of the machine's memory, else shared.
         attention (CPU): "fused" = each decoder layer's attention as GroupQueryAttention (ort_attention) where the
-        graphs allow it; "graph" = the graphs' own ops, as exported."""
+        graphs allow it; "graph" = the graphs' own ops, as exported.
+        int8_kernels (W8A8 artifacts on CPU): "on" = ONNX Runtime's integer kernels; "off" = the same quantized
+        math in float32 (DequantizeLinear, then float MatMul); "auto" = on where the CPU has an int8 dot-product
+        instruction (`cpu_int8_dot`), off on x86 without one, whose u8s8 kernels saturate."""
         if weights not in ("auto", "shared", "packed"):
             raise FusionError(f"--ort-weights {weights!r}: choose auto, shared or packed")
         if attention not in ("fused", "graph"):
             raise FusionError(f"--ort-attention {attention!r}: choose fused or graph")
+        if int8_kernels not in ("auto", "on", "off"):
+            raise FusionError(f"--ort-int8-kernels {int8_kernels!r}: choose auto, on or off")
         self.attention = attention
         self.attention_form = "as exported"  # set by load()
         self.attends_to_valid_columns = False  # True once load() fused the step graph's attention
@@ -113,13 +137,16 @@ class OrtModel:
         self.packed = self.on_cpu and (
             weights == "packed" or (weights == "auto" and small and artifact.precision is Precision.fp32)
         )
+        saturates = self.on_cpu and self.quantization == "int8" and not cpu_int8_dot()
+        self.int8_kernels = int8_kernels == "on" or (int8_kernels == "auto" and not saturates)
         self._loaded = False
 
     def describe(self) -> str:
         layout = ("prepacked per session" if self.packed else "one shared copy") if self.on_cpu else "on the device"
+        int8 = "" if self.int8_kernels else ", INT8 as float math on dequantized values (no int8 dot product here)"
         return (
             f"onnxruntime {self.providers[0]}, {self.precision} graphs from {self.artifact.folder}, weights {layout}, "
-            f"attention {self.attention_form}"
+            f"attention {self.attention_form}{int8}"
         )
 
     def load(self) -> OrtModel:
@@ -150,6 +177,8 @@ class OrtModel:
                 # ops per request, nothing gained) took the cores from the step session's pool: the first 3-5
                 # decode steps ran 2-3x slower on 2 cores. Only the step session, many short ops, spins.
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if not self.int8_kernels:
+                opts.add_session_config_entry("session.disable_quant_qdq", "1")  # DQ -> float MatMul, unfused
             if fp16_on_cpu:
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 opts.enable_cpu_mem_arena = False  # hand each per-call float32 weight copy straight back
@@ -215,6 +244,7 @@ def open_backend(path: Path, options) -> OrtModel:
         options.threads,
         options.ort_weights or "auto",
         options.ort_attention or "fused",
+        options.ort_int8_kernels or "auto",
     )
 
 

@@ -248,3 +248,24 @@ def test_entropy_threshold_clips_outliers_and_keeps_counts():
     h.add(x[1000:])
     assert h.counts.sum() == 200_000 and h.top >= 60
     assert 3.0 < h.threshold() < 8.0
+
+
+def test_int8_kernels_follow_the_cpu(quantized, monkeypatch):
+    """W8A8 on ONNX Runtime's CPU kernels: integer kernels where the CPU multiplies int8 without saturating (VNNI,
+    AMX, ARM), float math on the dequantized values on x86 without (auto), either on request; a weight-only
+    artifact always keeps its kernels (no u8s8 product)."""
+    import fusion_export.ort_runtime as ort_runtime
+    from fusion_export.ort_runtime import OrtModel, cpu_int8_dot
+    from reference_model.errors import FusionError
+
+    assert cpu_int8_dot("x86_64", {"avx2", "avx512_vnni"}) and cpu_int8_dot("x86_64", {"avx2", "avx_vnni"})
+    assert not cpu_int8_dot("x86_64", {"avx2", "fma"}) and cpu_int8_dot("aarch64", set())
+    w8a8, weight_only = (open_artifact(quantized("trt-10.3", mode)) for mode in ("int8", "int8-weight-only"))
+    for has_dot in (True, False):
+        monkeypatch.setattr(ort_runtime, "cpu_int8_dot", lambda has_dot=has_dot: has_dot)
+        auto = OrtModel(w8a8)
+        assert auto.int8_kernels == has_dot and ("as float math" in auto.describe()) == (not has_dot)
+        assert OrtModel(w8a8, int8_kernels="on").int8_kernels and not OrtModel(w8a8, int8_kernels="off").int8_kernels
+        assert OrtModel(weight_only).int8_kernels
+    with pytest.raises(FusionError, match="--ort-int8-kernels 'fast'"):
+        OrtModel(w8a8, int8_kernels="fast")

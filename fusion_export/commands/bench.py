@@ -51,6 +51,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="ONNX Runtime on CPU: decoder weights shared by the sessions or prepacked per session",
     )
     p.add_argument(
+        "--ort-int8-kernels",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ONNX Runtime on CPU, W8A8 artifacts: integer kernels, or float math on the dequantized values; auto: "
+        "integer kernels only where the CPU has VNNI/AMX (x86 without them saturates)",
+    )
+    p.add_argument(
         "--ort-attention",
         type=_attention_forms,
         default=["fused"],
@@ -187,10 +194,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.export:
         artifacts += _exports(args, model_dir, resolve_query_len(args.query_len, config), progress)
     for folder, attention in itertools.product(artifacts, args.ort_attention):
-        options = BackendOptions(threads=args.threads, ort_weights=args.ort_weights, ort_attention=attention)
+        options = BackendOptions(threads=args.threads, ort_weights=args.ort_weights, ort_attention=attention,
+                                 ort_int8_kernels=args.ort_int8_kernels)  # fmt: skip
         backend = open_backend(BackendKind.onnxruntime, folder, options)
         target = backend.artifact.manifest["export"]["trt_target"]
-        numbers = backend.quantization or backend.precision
+        numbers = (backend.quantization or backend.precision) + ("" if backend.int8_kernels else " as float math")
         form = ", graph attention" if attention == "graph" and len(args.ort_attention) > 1 else ""
         contenders.append(BackendContender(f"onnxruntime {target} {numbers} ({Path(folder).name}{form})",
                                            backend, settings))  # fmt: skip
