@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from reference_model.errors import FusionError
 
 from .onnx_forms import WINDOW_MAX_POOL
 from .tensorrt_plugins import ATTRIBUTES, TYPE_COMBINATIONS, run_kernel
@@ -74,7 +77,7 @@ def parser_can_import_plugins(folder: Path | None = None) -> str:
             staged.unlink(missing_ok=True)
         return (f"TensorRT-RTX's parser opens {_LIBRARY} to import plugins and the wheel ships only {versioned.name}; "
                 f"linking it failed ({e}): run `ln -s {versioned.name} {link}`")  # fmt: skip
-    print(f"linked {link} -> {versioned.name} (TensorRT-RTX's parser opens it to import plugins)")
+    print(f"linked {link} -> {versioned.name} (TensorRT-RTX's parser opens it to import plugins)", file=sys.stderr)
     return ""
 
 
@@ -95,7 +98,7 @@ def register(trt: Any, ops: list[str]) -> dict[str, str]:
             creator = classes.creator(op)
             _ALIVE.append(creator)  # the registry keeps a pointer, not a reference
             if not registry.register_creator(creator, NAMESPACE):
-                raise RuntimeError(f"TensorRT-RTX refused the plugin creator {op}")
+                raise FusionError(f"TensorRT-RTX refused the plugin creator {op} (registry: {registry})")
     return dict.fromkeys(ops, IMPLEMENTATION)
 
 
