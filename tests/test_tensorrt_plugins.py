@@ -80,6 +80,13 @@ def check_kernels_compile_to_ptx() -> None:
     for op in (DECODE_ATTENTION, INTERACTION_ATTENTION, WINDOW_MAX_POOL):
         for arch in (87, 90):
             _check_kernel_compiles(op, arch)
+    # decode attention over an int8 cache: int8 K/V pointers, the scales compiled in
+    _, inputs, _ = _full_size_inputs()[DECODE_ATTENTION]
+    (q, _), (kv, _) = inputs[:2]
+    run = decode_attention.launch(q, kv, k_scale=0.0123, v_scale=0.0457)
+    pointers = ["float16", "int8", "int8", "int32", "int32", "float16"]
+    compiled = compile_ptx(decode_attention.triton_kernel(compiled=True), pointers, run, 87)
+    assert ".target sm_87" in compiled.ptx and "ld.global" in compiled.ptx and ".s8" in compiled.ptx
 
 
 def _check_kernel_compiles(op: str, arch: int) -> None:
