@@ -80,8 +80,9 @@ def _rms_norm(node: ir.Node) -> _Norm | None:
     add = sqrt and _producer(sqrt.inputs[0], "Add")
     if add is None:
         return None
-    eps = [_constant(v) for v in add.inputs if _constant(v) is not None and _constant(v).size == 1]
-    mean = next((_producer(v, "ReduceMean") for v in add.inputs if _constant(v) is None), None)
+    constants = [_constant(v) for v in add.inputs]
+    eps = [c for c in constants if c is not None and c.size == 1]
+    mean = next((_producer(v, "ReduceMean") for v, c in zip(add.inputs, constants) if c is None), None)
     power = mean and _producer(mean.inputs[0], "Pow")
     x = div.inputs[0]
     if power is None or len(eps) != 1 or power.inputs[0] is not x:

@@ -143,7 +143,7 @@ class OrtModel:
 
     def describe(self) -> str:
         layout = ("prepacked per session" if self.packed else "one shared copy") if self.on_cpu else "on the device"
-        int8 = "" if self.int8_kernels else ", INT8 as float math on dequantized values (no int8 dot product here)"
+        int8 = "" if self.int8_kernels else ", INT8 as float math on dequantized values"
         return (
             f"onnxruntime {self.providers[0]}, {self.precision} graphs from {self.artifact.folder}, weights {layout}, "
             f"attention {self.attention_form}{int8}"

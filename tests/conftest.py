@@ -165,13 +165,19 @@ def build_plugin_model(model, path: Path, profile: dict[str, tuple], min_layers:
     for target in TrtTarget:
         report = check_graphs({path.stem: path}, target)
         assert report.ok and any("local-function decomposition" in f.message for f in report.findings)
+    plan = build_plan(builder, network, profile)
+    assert plan is not None and plan.nbytes > min_plan_bytes
+
+
+def build_plan(builder, network, profile: dict[str, tuple]):
+    """The serialized engine of a parsed network under one optimization profile ({input: (min, opt, max)}), or
+    None when the builder refuses it."""
     config = builder.create_builder_config()
     optimization_profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.items():
         optimization_profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(optimization_profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None and plan.nbytes > min_plan_bytes
+    return builder.build_serialized_network(network, config)
 
 
 def run_main(*args: str) -> CliResult:

@@ -119,6 +119,8 @@ def test_plugin_node_becomes_one_plugin_layer_and_builds(trt, op, dtype, int8_ca
     whose scales (node attributes -> plugin fields) are serialized into the engine."""
     import onnx
 
+    from .conftest import build_plan
+
     model, profile, shape = _cases(dtype, int8_cache)[op]
     path = tmp_path / f"{op}.onnx"
     onnx.save(model, path)
@@ -129,12 +131,7 @@ def test_plugin_node_becomes_one_plugin_layer_and_builds(trt, op, dtype, int8_ca
     assert kinds == [trt.module.LayerType.PLUGIN_V3]
     out = network.get_output(0)
     assert tuple(out.shape) == shape and out.dtype == network.get_input(0).dtype
-    config = builder.create_builder_config()
-    optimization_profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile.items():
-        optimization_profile.set_shape(name, low, opt, high)
-    config.add_optimization_profile(optimization_profile)
-    plan = builder.build_serialized_network(network, config)
+    plan = build_plan(builder, network, profile)
     assert plan is not None and op.encode() in bytes(plan)  # the plugin is serialized into the engine by name
     for name, value in SCALES.items():
         assert (np.float32(value).tobytes() in bytes(plan)) == int8_cache, name  # 1.0 otherwise

@@ -23,6 +23,7 @@ the parser library (which searches its own folder, RPATH $ORIGIN) before any plu
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -103,7 +104,6 @@ def register(trt: Any, ops: list[str]) -> dict[str, str]:
 
 
 _ALIVE: list[Any] = []
-_CLASSES: dict[int, Any] = {}
 
 
 def buffer_tensor(pointer: int, desc: Any, trt: Any, device: str = "cuda") -> Any:
@@ -126,10 +126,9 @@ def plugin_field(trt: Any, name: str, value: float | None) -> Any:
     return trt.PluginField(name, data, trt.PluginFieldType.FLOAT32)
 
 
+@functools.cache
 def _classes(trt: Any) -> Any:
     """The plugin and creator classes, derived from this TensorRT module's bindings (made once per module)."""
-    if id(trt) in _CLASSES:
-        return _CLASSES[id(trt)]
 
     class FusionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, op: str, attributes: dict[str, float]) -> None:
@@ -211,5 +210,4 @@ def _classes(trt: Any) -> Any:
     class Classes:
         plugin, creator = FusionPlugin, FusionPluginCreator
 
-    _CLASSES[id(trt)] = Classes
     return Classes
