@@ -156,69 +156,81 @@ class OrtModel:
         import onnxruntime as ort
 
         ort.disable_telemetry_events()  # nothing leaves the machine (tests/test_no_network.py watches for it)
-        artifact, threads = self.artifact, self.threads
+        artifact = self.artifact
         embeddings = artifact.manifest["embeddings"]
         with safe_open(artifact.folder / embeddings["file"], "np") as f:
             self.embed_table = f.get_tensor(embeddings["tensor"])
 
-        # ONNX Runtime's x86 CPU kernels have no fp16 MatMul: session set-up converts every fp16 weight to a
-        # float32 copy (a full-size fp16 decoder would need ~18 GB per session). fp16 artifacts are for GPUs;
-        # to validate them on a CPU, graph rewrites are switched off so weights are cast per call instead,
-        # slowly but within the fp16 footprint.
-        fp16_on_cpu = self.on_cpu and artifact.precision is Precision.fp16
-
-        def options(spin: bool = False) -> ort.SessionOptions:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3  # in-place TensorScatter notices are not errors
-            if threads:
-                opts.intra_op_num_threads = threads
-            if not spin:
-                # Each session has its own thread pool. Spinning after the vision and prefill runs (a few long
-                # ops per request, nothing gained) took the cores from the step session's pool: the first 3-5
-                # decode steps ran 2-3x slower on 2 cores. Only the step session, many short ops, spins.
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if not self.int8_kernels:
-                opts.add_session_config_entry("session.disable_quant_qdq", "1")  # DQ -> float MatMul, unfused
-            if fp16_on_cpu:
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                opts.enable_cpu_mem_arena = False  # hand each per-call float32 weight copy straight back
-            return opts
-
-        def session(path: Path, opts: ort.SessionOptions, model: bytes | None = None) -> ort.InferenceSession:
-            if model is not None:  # rewritten in memory: its external weights are still read from the artifact
-                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-            created = ort.InferenceSession(model or str(path), opts, providers=self.providers)
-            if created.get_providers()[0] != self.providers[0]:  # ORT falls back silently when CUDA fails
-                raise FusionError(
-                    f"{path.name}: ONNX Runtime could not start {self.providers[0]} "
-                    f"(it fell back to {created.get_providers()[0]}); check the CUDA/cuDNN installation"
-                )
-            return created
-
-        self.vision = session(artifact.graph_path("vision_encoder"), options())
+        self.vision = self._session(artifact.graph_path("vision_encoder"), self._options())
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
-        sessions, forms = [], []
-        for name in ("decoder_prefill", "decoder_step"):
-            path, opts = artifact.graph_path(name), options(spin=name == "decoder_step")
-            model, form = self._fused_attention(path)
-            forms.append(f"{name}: {form}")
-            # a fused step reads only the written KV columns (the bench's roofline counts those)
-            self.attends_to_valid_columns = name == "decoder_step" and model is not None
-            if self.on_cpu and not self.packed:
-                # One memory-mapped copy of the decoder weights for both sessions, not repacked per session
-                # (prepacking would give each session a private copy of every MatMul weight).
-                opts.add_session_config_entry("session.disable_prepacking", "1")
-                for init_name, value in self._shared.for_graph(path).items():
-                    opts.add_initializer(init_name, value)
-            # packed: each session loads and prepacks its own copy (ONNX Runtime does not prepack initializers
-            # handed in by the caller; its prepacked LM head streams at ~36 GB/s here against ~25 unpacked)
-            sessions.append(session(path, opts, model))
-        self.prefill_session, self.step_session = sessions
+        self.prefill_session = None  # the general prefill: made here, or on the first padded batch (prefill_for)
+        self.unpadded_prefill, form = self._decoder_session("decoder_prefill", unpadded=True)
+        if self.unpadded_prefill is None:  # nothing to specialise: the one prefill serves every batch
+            self.prefill_session, form = self._decoder_session("decoder_prefill")
+        forms = [f"decoder_prefill: {form}"]
+        self.step_session, form = self._decoder_session("decoder_step")
+        forms.append(f"decoder_step: {form}")
+        # a fused step reads only the written KV columns (the bench's roofline counts those)
+        self.attends_to_valid_columns = "GroupQueryAttention" in form
+        self.step_input_names = {i.name for i in self.step_session.get_inputs()}
         self.attention_form = "; ".join(forms)
         self._loaded = True
         return self
 
-    def _fused_attention(self, path: Path) -> tuple[bytes | None, str]:
+    def _options(self, spin: bool = False):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # in-place TensorScatter notices are not errors
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        if not spin:
+            # Each session has its own thread pool. Spinning after the vision and prefill runs (a few long
+            # ops per request, nothing gained) took the cores from the step session's pool: the first 3-5
+            # decode steps ran 2-3x slower on 2 cores. Only the step session, many short ops, spins.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not self.int8_kernels:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")  # DQ -> float MatMul, unfused
+        # ONNX Runtime's x86 CPU kernels have no fp16 MatMul: session set-up converts every fp16 weight to a
+        # float32 copy (a full-size fp16 decoder would need ~18 GB per session). fp16 artifacts are for GPUs;
+        # to validate them on a CPU, graph rewrites are switched off so weights are cast per call instead,
+        # slowly but within the fp16 footprint.
+        if self.on_cpu and self.artifact.precision is Precision.fp16:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            opts.enable_cpu_mem_arena = False  # hand each per-call float32 weight copy straight back
+        return opts
+
+    def _session(self, path: Path, opts, model: bytes | None = None):
+        import onnxruntime as ort
+
+        if model is not None:  # rewritten in memory: its external weights are still read from the artifact
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        created = ort.InferenceSession(model or str(path), opts, providers=self.providers)
+        if created.get_providers()[0] != self.providers[0]:  # ORT falls back silently when CUDA fails
+            raise FusionError(
+                f"{path.name}: ONNX Runtime could not start {self.providers[0]} "
+                f"(it fell back to {created.get_providers()[0]}); check the CUDA/cuDNN installation"
+            )
+        return created
+
+    def _decoder_session(self, name: str, unpadded: bool = False):
+        """A decoder graph's session and the form its attention runs in. unpadded: the prefill specialised for
+        batches without padding (RoPE inside the attention kernel, no mask), or None where nothing differs."""
+        path, opts = self.artifact.graph_path(name), self._options(spin=name == "decoder_step")
+        model, form = self._fused_attention(path, unpadded)
+        if unpadded and model is None:
+            return None, form
+        if self.on_cpu and not self.packed:
+            # One memory-mapped copy of the decoder weights for all sessions, not repacked per session
+            # (prepacking would give each session a private copy of every MatMul weight).
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            for init_name, value in self._shared.for_graph(path).items():
+                opts.add_initializer(init_name, value)
+        # packed: each session loads and prepacks its own copy (ONNX Runtime does not prepack initializers
+        # handed in by the caller; its prepacked LM head streams at ~36 GB/s here against ~25 unpacked)
+        return self._session(path, opts, model), form
+
+    def _fused_attention(self, path: Path, unpadded: bool = False) -> tuple[bytes | None, str]:
         """The decoder graph with GroupQueryAttention (CPU, float32 graphs), or None and the form it runs in."""
         if self.attention == "graph":
             return None, "as exported (--ort-attention graph)"
@@ -227,8 +239,19 @@ class OrtModel:
         from .ort_attention import fuse_attention
 
         d = self.config.decoder
-        model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim)
-        return model, form if model is not None else f"as exported ({form})"
+        model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, unpadded)
+        if model is None:
+            return None, f"as exported ({form})"
+        return model, form + (" (unpadded batches: RoPE inside the kernel, no mask)" if unpadded else "")
+
+    def prefill_for(self, batch: PreparedBatch):
+        """The prefill session for a batch: the unpadded specialisation where it exists and applies, else the
+        general graph (its session is made on the first padded batch: most requests never need it)."""
+        if self.unpadded_prefill is not None and bool(batch.layout.attention_mask.all()):
+            return self.unpadded_prefill
+        if self.prefill_session is None:
+            self.prefill_session, _ = self._decoder_session("decoder_prefill")
+        return self.prefill_session
 
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
         return OrtSession(self, batch, max_new_tokens)
@@ -275,12 +298,21 @@ class OrtSession:
         self.past_names, self.present_names = past_names(d.num_layers), present_names(d.num_layers)
         self.vision: VisionOutputs | None = None
         self.feeds = StepFeeds(self.state, model.embed_table, d.rope, max_new_tokens)
+        self.fused_feeds = None
+        if model.attends_to_valid_columns:  # the fused step graph takes its lengths, bias and RoPE rows from here
+            from .ort_attention import FusedStepFeeds
+
+            self.fused_feeds = FusedStepFeeds(
+                model.step_input_names, self.batch_size, 1, self.state.capacity, d.head_dim
+            )
         self._step_binding = None  # bound once, on the first step: the feeds are updated in place
 
     def _run(self, session, inputs: dict[str, np.ndarray]) -> np.ndarray:
         binding = session.io_binding()
+        wanted = {i.name for i in session.get_inputs()}  # a specialised graph may read fewer
         for name, value in inputs.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            if name in wanted:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_output(LOGITS, "cpu")  # first bound output = get_outputs()[0]
         for past, present, value in zip(self.past_names, self.present_names, self.cache):
             binding.bind_ortvalue_input(past, value)
@@ -299,7 +331,7 @@ class OrtSession:
         self.vision = VisionOutputs(*(torch.from_numpy(x) for x in outputs))
         require_finite("vision encoder", **vars(self.vision))
         inputs = prefill_inputs(self.batch, model.embed_table, *outputs, rope)
-        logits = torch.from_numpy(self._run(model.prefill_session, inputs))
+        logits = torch.from_numpy(self._run(model.prefill_for(self.batch), inputs))
         clock.lap("decoder_prefill")
         self.stage_seconds = clock.seconds
         require_finite("decoder prefill", logits=logits)
@@ -309,10 +341,13 @@ class OrtSession:
         import onnxruntime as ort
 
         arrays = self.feeds.advance(tokens)
+        if self.fused_feeds is not None:
+            arrays = {**arrays, **self.fused_feeds.update(arrays)}
         if self._step_binding is None:  # inputs, outputs and cache all bound once, by reference
             binding = self.model.step_session.io_binding()
             for name, array in arrays.items():
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+                if name in self.model.step_input_names:
+                    binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
             self._logits = np.zeros((self.batch_size, self.model.config.decoder.vocab_size), np.float32)
             binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits))
             for past, present, value in zip(self.past_names, self.present_names, self.cache):

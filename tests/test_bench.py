@@ -53,3 +53,34 @@ def test_bench_refuses_missing_optional_modules_before_work(demo_checkpoint, tmp
     result = run_main("bench", "--model", str(demo_checkpoint), "--peers", "genai-int4")
     assert result.returncode == 2 and "'onnxruntime_genai'" in result.stderr and "fusion-export[bench]" in result.stderr
     assert not (tmp_path / "b.png").exists()
+
+
+def test_ort_profile_breaks_down_both_decoder_graphs(export_demo, tmp_path, capsys):
+    """The profiling tool behind the README's op-type figures: ONNX Runtime's own profiler over real requests."""
+    from benchmarks.ort_profile import main
+    from fusion_export.manifest import open_artifact
+
+    folder, out = export_demo("trt-10.3"), tmp_path / "ops.json"
+    main([str(folder), "--requests", "2", "--new-tokens", "3", "--prompt-len", "860", "--out", str(out)])
+    data = json.loads(out.read_text())
+    layers = open_artifact(folder).config.decoder.num_layers
+    prefill, step = data["decoder_prefill"], data["decoder_step"]
+    assert prefill["runs"] == 1 and step["runs"] == 2  # the last prefill; the second request's steps
+    for graph in (prefill, step):
+        assert graph["ops"]["GroupQueryAttention"]["count"] == layers and graph["kernel_ms_per_run"] > 0
+    assert not {"Range", "Pad", "Where"} & set(step["ops"])  # lengths, bias and RoPE rows come from the host
+    assert "decoder_step:" in capsys.readouterr().out
+
+
+def test_decode_attention_kernels_agree_before_timing():
+    """The CPU attention-kernel comparison checks that ONNX Runtime's two forms compute PyTorch's attention over
+    the same buffers before it times them (tiny preset shapes, a short context)."""
+    from benchmarks.decode_attention_kernels import measure
+
+    result = measure("tiny", context=37, threads=1, iters=2)
+    assert set(result) == {
+        "onnxruntime GroupQueryAttention",
+        "onnxruntime MatMul form",
+        "torch scaled_dot_product_attention",
+    }
+    assert all(r["ms"] > 0 and r["kv_mb"] > 0 for r in result.values())

@@ -16,7 +16,7 @@ import pytest
 
 from fusion_export.manifest import open_artifact
 from fusion_export.onnx_export import REGION_KEY
-from fusion_export.ort_attention import fuse_attention
+from fusion_export.ort_attention import FusedStepFeeds, fuse_attention
 from fusion_export.ort_runtime import OrtModel
 from reference_model import GenerationConfig, ReferenceSession, generate, make_request, prepare_batch
 from reference_model.prompt import load_tokenizer
@@ -97,6 +97,40 @@ def test_fused_attention_matches_the_exported_graphs(gqa_checkpoint, gqa_export,
         assert np.abs(a[:, :, :written] - b[:, :, :written]).max() <= FUSED_VS_GRAPH
 
 
+@pytest.mark.parametrize("target,plugins,max_context", FORMS[:2])
+def test_unpadded_prefill(gqa_export, target, plugins, max_context):
+    """A batch without padding prefills through the specialised graph (RoPE inside the kernel, no mask), rows
+    of one length included; the general prefill is made only when a padded batch arrives."""
+    artifact = open_artifact(gqa_export(target, plugins, max_context))
+    d = artifact.config.decoder
+    model, form = fuse_attention(
+        artifact.graph_path("decoder_prefill"), d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, unpadded=True
+    )
+    graph = onnx.load_from_string(model).graph
+    rotary = [
+        a.i for n in graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute if a.name == "do_rotary"
+    ]
+    assert rotary == [1] * d.num_layers, form
+    assert "attention_mask" not in {i.name for i in graph.input}  # causal only: the kernel's own
+
+    fused, exported = OrtModel(artifact).load(), OrtModel(artifact, attention="graph").load()
+    assert "unpadded batches" in fused.attention_form and fused.prefill_session is None
+    tokenizer = load_tokenizer(artifact.model_dir)
+    request = make_request(DEMO_IMAGE, "Count the boxes, then name every one of their colours.", tokenizer,
+                           artifact.config)  # fmt: skip
+    batch = prepare_batch([request, request], artifact.config, 16)  # two rows, one length: no padding
+    assert bool(batch.layout.attention_mask.all())
+    assert fused.prefill_for(batch) is fused.unpadded_prefill
+    config = GenerationConfig(max_new_tokens=5)
+    ours = generate(fused.session(batch, 5), config, keep_logits=True)
+    graph_run = generate(exported.session(batch, 5), config, keep_logits=True)
+    assert ours.token_ids == graph_run.token_ids
+    assert (ours.step_logits - graph_run.step_logits).abs().max().item() <= FUSED_VS_GRAPH
+    assert fused.prefill_session is None  # no padded batch yet
+    padded = _batch(artifact.model_dir, artifact.config)
+    assert fused.prefill_for(padded) is fused.prefill_session is not None
+
+
 def _step_feeds(session, new: int, rng) -> dict[str, np.ndarray]:
     """A step of `new` tokens at columns 20.. of the buffer (40 columns, or the graph's fixed capacity); row 1
     left-padded by 6 columns."""
@@ -151,9 +185,14 @@ def test_multi_token_steps(gqa_export, target, plugins, max_context):
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     fused = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     exported = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in fused.get_inputs()}
+    assert {"attention_mask", "write_indices", "rope_cos", "rope_sin"}.isdisjoint(names)  # all fed from the host
     for new in (1, 3):
         feeds = _step_feeds(exported, new, np.random.default_rng(new))
-        (logits_f, cache_f), (logits_g, cache_g) = _run(fused, feeds), _run(exported, feeds)
+        capacity = feeds["past_key_values.0.key"].shape[2]
+        fed = FusedStepFeeds(names, 2, new, capacity, d.head_dim).update(feeds)
+        ours = {name: array for name, array in {**feeds, **fed}.items() if name in names}
+        (logits_f, cache_f), (logits_g, cache_g) = _run(fused, ours), _run(exported, feeds)
         assert np.abs(logits_f - logits_g).max() <= FUSED_VS_GRAPH
         for a, b in zip(cache_f, cache_g):
             assert np.abs(a[:, :, : 20 + new] - b[:, :, : 20 + new]).max() <= FUSED_VS_GRAPH

@@ -1,0 +1,177 @@
+"""One decode step's attention over every layer's KV buffers, through the CPU kernels a deployment can use:
+ONNX Runtime's GroupQueryAttention (what our fused step graph runs), ONNX Runtime MatMul + Softmax + MatMul on
+the same buffers, and PyTorch's scaled_dot_product_attention. All three read the same bytes; the streaming rate
+each reaches is what separates a decode step from its bandwidth bound once the weights stream at full speed.
+
+    python -m benchmarks.decode_attention_kernels [--preset small] [--context 1040] [--threads 2] [--iters 200]
+
+The outputs are compared before anything is timed (they compute the same attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from reference_model.config import preset_config
+
+
+def _gqa_model(layers: int, heads: int, kv_heads: int, head_dim: int):
+    from onnx import TensorProto, helper
+
+    def f(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    nodes, inputs, outputs = [], [f("q", ["b", 1, heads * head_dim])], []
+    for i in range(layers):
+        inputs += [f(f"k{i}", ["b", kv_heads, "c", head_dim]), f(f"v{i}", ["b", kv_heads, "c", head_dim])]
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                ["q", "k_new", "v_new", f"k{i}", f"v{i}", "seqlens_k", "total"],
+                [f"o{i}", f"k{i}.present", f"v{i}.present"],
+                domain="com.microsoft",
+                num_heads=heads,
+                kv_num_heads=kv_heads,
+                scale=1 / math.sqrt(head_dim),
+            )
+        )
+        outputs += [f(f"o{i}", None), f(f"k{i}.present", None), f(f"v{i}.present", None)]
+    inputs += [f("k_new", ["b", 1, kv_heads * head_dim]), f("v_new", ["b", 1, kv_heads * head_dim])]
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"])]
+    inputs += [helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    graph = helper.make_graph(nodes, "gqa", inputs, outputs)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def _matmul_model(layers: int, heads: int, head_dim: int):
+    """q (1, heads, 1, d) against K (1, heads, c, d) as K @ q^T: the cache as the untransposed operand."""
+    from onnx import TensorProto, helper
+
+    def f(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    nodes, outputs = [], []
+    inputs = [f("q_t", [1, heads, head_dim, 1]), helper.make_tensor_value_info("scores_shape", TensorProto.INT64, [4])]
+    for i in range(layers):
+        inputs += [f(f"k{i}", [1, heads, "c", head_dim]), f(f"v{i}", [1, heads, "c", head_dim])]
+        nodes += [
+            helper.make_node("MatMul", [f"k{i}", "q_t"], [f"s{i}"]),
+            helper.make_node("Reshape", [f"s{i}", "scores_shape"], [f"r{i}"]),
+            helper.make_node("Softmax", [f"r{i}"], [f"p{i}"], axis=-1),
+            helper.make_node("MatMul", [f"p{i}", f"v{i}"], [f"o{i}"]),
+        ]
+        outputs.append(f(f"o{i}", None))
+    graph = helper.make_graph(nodes, "matmul", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def measure(preset: str, context: int, threads: int, iters: int) -> dict[str, dict[str, float]]:
+    import onnxruntime as ort
+
+    d = preset_config(preset).decoder
+    layers, heads, kv_heads, hd = d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim
+    if heads != kv_heads:
+        raise ValueError(f"--preset {preset}: the MatMul form here needs as many KV heads as query heads")
+    rng = np.random.default_rng(0)
+    cache = [rng.standard_normal((1, kv_heads, context, hd), dtype=np.float32) for _ in range(2 * layers)]
+    q = rng.standard_normal((1, 1, heads * hd), dtype=np.float32)
+    new = [rng.standard_normal((1, 1, kv_heads * hd), dtype=np.float32) for _ in range(2)]
+    # the step writes column context - 1 and attends to all `context` columns: give every path those keys/values
+    for i in range(layers):
+        for j in range(2):
+            cache[2 * i + j][0, :, -1] = new[j].reshape(kv_heads, hd)
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    # timed in turn: a pool spinning after its run would take a core from the next contender
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    gqa = ort.InferenceSession(_gqa_model(layers, heads, kv_heads, hd).SerializeToString(), options)
+    matmul = ort.InferenceSession(_matmul_model(layers, heads, hd).SerializeToString(), options)
+    values = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
+    g = gqa.io_binding()
+    g.bind_cpu_input("q", q)
+    g.bind_cpu_input("k_new", new[0])
+    g.bind_cpu_input("v_new", new[1])
+    g.bind_cpu_input("seqlens_k", np.array([context - 1], np.int32))
+    g.bind_cpu_input("total", np.array(context, np.int32))
+    m = matmul.io_binding()
+    q_heads = q.reshape(1, heads, hd, 1) / np.float32(math.sqrt(hd))
+    m.bind_cpu_input("q_t", np.ascontiguousarray(q_heads))
+    m.bind_cpu_input("scores_shape", np.array([1, heads, 1, context], np.int64))
+    for i in range(layers):
+        g.bind_output(f"o{i}")  # bound first: get_outputs() keeps the binding order
+        m.bind_output(f"o{i}")
+        for j, kind in enumerate("kv"):
+            g.bind_ortvalue_input(f"{kind}{i}", values[2 * i + j])
+            g.bind_ortvalue_output(f"{kind}{i}.present", values[2 * i + j])  # in place, as our step binds them
+            m.bind_ortvalue_input(f"{kind}{i}", values[2 * i + j])
+    tq = torch.from_numpy(q).view(1, 1, heads, hd).transpose(1, 2).contiguous()
+    tcache = [torch.from_numpy(c) for c in cache]
+    torch.set_num_threads(threads)
+
+    def run_torch():
+        return [
+            torch.nn.functional.scaled_dot_product_attention(tq, tcache[2 * i], tcache[2 * i + 1])
+            for i in range(layers)
+        ]
+
+    def run_gqa():
+        gqa.run_with_iobinding(g)
+
+    def run_matmul():
+        matmul.run_with_iobinding(m)
+
+    run_gqa(), run_matmul()
+    expected = torch.stack(run_torch()).reshape(layers, heads * hd).numpy()
+    attention_outputs = {
+        "GroupQueryAttention": g.get_outputs()[::3],  # each layer's output, then its present key and value
+        "MatMul form": m.get_outputs(),
+    }
+    for name, outs in attention_outputs.items():
+        got = np.stack([o.numpy().reshape(heads * hd) for o in outs])
+        if not np.allclose(got, expected, atol=1e-5):
+            raise AssertionError(f"{name} differs from PyTorch's attention by {np.abs(got - expected).max():.2e}")
+
+    kv_bytes = sum(c.nbytes for c in cache)
+    timings = {"onnxruntime GroupQueryAttention": run_gqa, "onnxruntime MatMul form": run_matmul,
+               "torch scaled_dot_product_attention": run_torch}  # fmt: skip
+    times = {name: [] for name in timings}
+    for _ in range(iters):  # interleaved: a noisy machine slows all three alike
+        for name, fn in timings.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "ms": statistics.median(t) * 1e3,
+            "gb_per_s": kv_bytes / statistics.median(t) / 1e9,
+            "kv_mb": kv_bytes / 1e6,
+        }
+        for name, t in times.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.decode_attention_kernels", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--preset", default="small")
+    p.add_argument("--context", type=int, default=1040)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=200)
+    args = p.parse_args(argv)
+    for name, r in measure(args.preset, args.context, args.threads, args.iters).items():
+        print(f"{name:36s} {r['ms']:7.3f} ms  {r['gb_per_s']:5.1f} GB/s over {r['kv_mb']:.0f} MB of KV")
+
+
+if __name__ == "__main__":
+    main()
