@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from .conftest import run_main
@@ -74,13 +75,33 @@ def test_ort_profile_breaks_down_both_decoder_graphs(export_demo, tmp_path, caps
 
 def test_decode_attention_kernels_agree_before_timing():
     """The CPU attention-kernel comparison checks that ONNX Runtime's two forms compute PyTorch's attention over
-    the same buffers before it times them (tiny preset shapes, a short context)."""
+    the same buffers, on the first and last of the copies it cycles through, before it times them (tiny preset
+    shapes, a short context)."""
     from benchmarks.decode_attention_kernels import measure
 
-    result = measure("tiny", context=37, threads=1, iters=2)
+    result = measure("tiny", context=37, threads=1, iters=2, stream_bytes=600_000)
     assert set(result) == {
         "onnxruntime GroupQueryAttention",
         "onnxruntime MatMul form",
         "torch scaled_dot_product_attention",
     }
-    assert all(r["ms"] > 0 and r["kv_mb"] > 0 for r in result.values())
+    assert all(r["ms"] > 0 and r["kv_mb"] > 0 and r["copies"] >= 2 for r in result.values())
+
+
+def test_decode_attention_kernels_refuse_a_kernel_that_disagrees(monkeypatch):
+    """A GroupQueryAttention built with twice the softmax scale is caught before any timing."""
+    import benchmarks.decode_attention_kernels as kernels
+
+    built = kernels._gqa_model
+
+    def wrong_scale(*args):
+        model = built(*args)
+        for node in model.graph.node:
+            for attribute in node.attribute:
+                if attribute.name == "scale":
+                    attribute.f *= 2
+        return model
+
+    monkeypatch.setattr(kernels, "_gqa_model", wrong_scale)
+    with pytest.raises(AssertionError, match="GroupQueryAttention differs from PyTorch"):
+        kernels.measure("tiny", context=37, threads=1, iters=2, stream_bytes=0)
