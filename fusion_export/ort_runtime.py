@@ -164,14 +164,13 @@ class OrtModel:
         self.vision = self._session(artifact.graph_path("vision_encoder"), self._options())
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
         self.prefill_session = None  # the general prefill: made here, or on the first padded batch (prefill_for)
-        self.unpadded_prefill, form = self._decoder_session("decoder_prefill", unpadded=True)
+        self.unpadded_prefill, form, _ = self._decoder_session("decoder_prefill", unpadded=True)
         if self.unpadded_prefill is None:  # nothing to specialise: the one prefill serves every batch
-            self.prefill_session, form = self._decoder_session("decoder_prefill")
+            self.prefill_session, form, _ = self._decoder_session("decoder_prefill")
         forms = [f"decoder_prefill: {form}"]
-        self.step_session, form = self._decoder_session("decoder_step")
+        self.step_session, form, fused = self._decoder_session("decoder_step")
         forms.append(f"decoder_step: {form}")
-        # a fused step reads only the written KV columns (the bench's roofline counts those)
-        self.attends_to_valid_columns = "GroupQueryAttention" in form
+        self.attends_to_valid_columns = fused  # a fused step reads only the written KV columns (bench roofline)
         self.step_input_names = {i.name for i in self.step_session.get_inputs()}
         self.attention_form = "; ".join(forms)
         self._loaded = True
@@ -214,12 +213,13 @@ class OrtModel:
         return created
 
     def _decoder_session(self, name: str, unpadded: bool = False):
-        """A decoder graph's session and the form its attention runs in. unpadded: the prefill specialised for
-        batches without padding (RoPE inside the attention kernel, no mask), or None where nothing differs."""
+        """A decoder graph's session, the form its attention runs in and whether that is the fused one. unpadded:
+        the prefill specialised for batches without padding (RoPE inside the attention kernel, no mask), or no
+        session where nothing differs."""
         path, opts = self.artifact.graph_path(name), self._options(spin=name == "decoder_step")
         model, form = self._fused_attention(path, unpadded)
         if unpadded and model is None:
-            return None, form
+            return None, form, False
         if self.on_cpu and not self.packed:
             # One memory-mapped copy of the decoder weights for all sessions, not repacked per session
             # (prepacking would give each session a private copy of every MatMul weight).
@@ -228,7 +228,7 @@ class OrtModel:
                 opts.add_initializer(init_name, value)
         # packed: each session loads and prepacks its own copy (ONNX Runtime does not prepack initializers
         # handed in by the caller; its prepacked LM head streams at ~36 GB/s here against ~25 unpacked)
-        return self._session(path, opts, model), form
+        return self._session(path, opts, model), form, model is not None
 
     def _fused_attention(self, path: Path, unpadded: bool = False) -> tuple[bytes | None, str]:
         """The decoder graph with GroupQueryAttention (CPU, float32 graphs), or None and the form it runs in."""
@@ -250,7 +250,7 @@ class OrtModel:
         if self.unpadded_prefill is not None and bool(batch.layout.attention_mask.all()):
             return self.unpadded_prefill
         if self.prefill_session is None:
-            self.prefill_session, _ = self._decoder_session("decoder_prefill")
+            self.prefill_session, _, _ = self._decoder_session("decoder_prefill")
         return self.prefill_session
 
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
