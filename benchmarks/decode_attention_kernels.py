@@ -1,5 +1,6 @@
 """One decode step's attention over every layer's KV buffers, through the CPU kernels a deployment can use:
-ONNX Runtime's GroupQueryAttention (what our fused step graph runs), ONNX Runtime MatMul + Softmax + MatMul on
+ONNX Runtime's GroupQueryAttention (as our fused step graph calls it, with an additive bias over the buffer,
+less the RoPE of one new q and k it also applies), ONNX Runtime MatMul + Softmax + MatMul on
 the same buffers, and PyTorch's scaled_dot_product_attention. All three read the same bytes; the streaming rate
 each reaches is what separates a decode step from its bandwidth bound once the weights stream at full speed.
 
@@ -36,7 +37,7 @@ def _gqa_model(layers: int, heads: int, kv_heads: int, head_dim: int):
         nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
-                ["q", "k_new", "v_new", f"k{i}", f"v{i}", "seqlens_k", "total"],
+                ["q", "k_new", "v_new", f"k{i}", f"v{i}", "seqlens_k", "total", "", "", "", "bias"],
                 [f"o{i}", f"k{i}.present", f"v{i}.present"],
                 domain="com.microsoft",
                 num_heads=heads,
@@ -48,6 +49,7 @@ def _gqa_model(layers: int, heads: int, kv_heads: int, head_dim: int):
     inputs += [f("k_new", ["b", 1, kv_heads * head_dim]), f("v_new", ["b", 1, kv_heads * head_dim])]
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"])]
     inputs += [helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    inputs += [f("bias", ["b", 1, 1, "c"])]
     graph = helper.make_graph(nodes, "gqa", inputs, outputs)
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
@@ -120,6 +122,7 @@ def measure(
         g.bind_cpu_input("v_new", new[1])
         g.bind_cpu_input("seqlens_k", np.array([context - 1], np.int32))
         g.bind_cpu_input("total", np.array(context, np.int32))
+        g.bind_cpu_input("bias", np.zeros((1, 1, 1, context), np.float32))  # every column valid
         m.bind_cpu_input("q_t", q_heads)
         m.bind_cpu_input("scores_shape", np.array([1, heads, 1, context], np.int64))
         for i in range(layers):

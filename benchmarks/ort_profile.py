@@ -66,10 +66,9 @@ def profile(artifact_dir: Path, requests: int, settings: BenchSettings) -> dict:
         for _ in range(requests):
             contender.run()
         out = {"artifact": str(artifact_dir), "attention": model.attention_form}
-        sessions = {
-            "decoder_prefill": model.unpadded_prefill or model.prefill_session,
-            "decoder_step": model.step_session,
-        }
+        # the harness batches copies of one request: the unpadded prefill form where the artifact has one
+        prefill = model.unpadded_prefill if model.unpadded_prefill is not None else model.prefill_session
+        sessions = {"decoder_prefill": prefill, "decoder_step": model.step_session}
         for name, session in sessions.items():
             events = json.loads(Path(session.end_profiling()).read_text())
             runs = sum(e.get("name") == "model_run" for e in events)
@@ -90,8 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.requests < 2:
         p.error("--requests must be at least 2 (the first one warms the sessions)")
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (the first token comes from the prefill, the rest from steps)")
+    from reference_model.errors import FusionError
+
     settings = BenchSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads)
-    result = profile(args.artifact, args.requests, settings)
+    try:
+        result = profile(args.artifact, args.requests, settings)
+    except FusionError as e:  # an unreadable artifact, a prompt that does not fit: said without a traceback
+        p.error(str(e))
     for name in ("decoder_prefill", "decoder_step"):
         r = result[name]
         print(

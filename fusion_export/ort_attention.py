@@ -214,7 +214,7 @@ class _Rewrite:
         self.graph.inputs.append(value)
         return value
 
-    def _fed_step_inputs(self, rotary: bool) -> tuple[ir.Value, ...]:
+    def _fed_step_inputs(self, rotary: bool) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value, tuple | None]:
         """A step's lengths, bias and RoPE tables as graph inputs (FusedStepFeeds)."""
         batch, new = self.inputs["inputs_embeds"].shape[:2]
         capacity = self.inputs[self.pasts[0]].shape[2]
@@ -267,7 +267,9 @@ class _Rewrite:
 
     def _module_boundary(self, layer: _Layer) -> tuple[ir.Value, ir.Value]:
         """The attention module's input from its qkv projection (batch, new, (heads + 2 kv_heads) * head_dim) and
-        its output to o_proj (batch, new, heads * head_dim): what crosses the layer's regions."""
+        its output to o_proj (batch, new, heads * head_dim): what crosses the layer's regions. Only float values
+        count: a region may also hold shape values that other layers read (the optimizer shares them), which
+        stay in the graph."""
         nodes = [*layer.forward, *layer.attention, *layer.writes]
         inputs = [
             v
@@ -287,7 +289,7 @@ class _Rewrite:
             raise NotFusable(f"{layer.scope}: {len(inputs)} projection inputs and {len(outputs)} outputs")
         return inputs[0], outputs[0]
 
-    def _layer(self, layer: _Layer, seqlens, total, bias, query_lengths, rotary) -> None:
+    def _layer(self, layer: _Layer, seqlens, total, bias, query_lengths, tables) -> None:
         presents = {node.outputs[0] for node in layer.writes}
         observed = [  # e.g. a graph instrumented for calibration: the rewrite would remove what it observes
             out.name
@@ -331,9 +333,9 @@ class _Rewrite:
         ]
         if len(results) != 1:
             raise NotFusable(f"{layer.scope}: the attention region has {len(results)} outputs")
-        if rotary is not None:  # the whole module after its projection: packed q|k|v in, RoPE inside the kernel
+        if tables is not None:  # the whole module after its projection: packed q|k|v in, RoPE inside the kernel
             packed, result = self._module_boundary(layer)
-            qkv, cos_sin, replaced = [packed, None, None], [*rotary], result
+            qkv, cos_sin, replaced = [packed, None, None], [*tables], result
         else:  # the attention alone, on the graph's rotated q, k, v
             qkv, cos_sin, replaced = [self._to_bsd(x) for x in (query, k_new, v_new)], [None] * 3, results[0]
         out, present_k, present_v = self._node(
@@ -345,9 +347,9 @@ class _Rewrite:
             num_heads=self.heads,
             kv_num_heads=self.kv_heads,
             scale=1.0 / math.sqrt(self.head_dim),
-            do_rotary=int(rotary is not None),
+            do_rotary=int(tables is not None),
         )
-        if rotary is None:
+        if tables is None:
             per_head = self._op("Reshape", out, self._const([0, 0, self.heads, self.head_dim]))
             out = self._op("Transpose", per_head, perm=[0, 2, 1, 3])
         ir.convenience.replace_all_uses_with(replaced, out)
@@ -360,6 +362,7 @@ class _Rewrite:
 
     def run(self) -> int:
         rotary = (self.step or self.unpadded) and all(layer.forward for layer in self.layers.values())
+        self.rotary = rotary
         if self.step:
             seqlens, total, bias, query_lengths, tables = self._fed_step_inputs(rotary)
         else:
@@ -391,9 +394,11 @@ def fuse_attention(
 
     model = ir.serde.deserialize_model(onnx.load(path, load_external_data=False))
     try:
-        fused = _Rewrite(model, num_layers, num_heads, num_kv_heads, head_dim, unpadded).run()
+        rewrite = _Rewrite(model, num_layers, num_heads, num_kv_heads, head_dim, unpadded)
+        fused = rewrite.run()
     except NotFusable as reason:
         return None, str(reason)
     norms = fuse_skip_norms(model)
-    form = f"{fused} layers as GroupQueryAttention, {norms} residual norms as SkipSimplifiedLayerNormalization"
+    rope = " (RoPE inside)" if rewrite.rotary else ""
+    form = f"{fused} layers as GroupQueryAttention{rope}, {norms} residual norms as SkipSimplifiedLayerNormalization"
     return ir.serde.serialize_model(model).SerializeToString(), form

@@ -1,7 +1,8 @@
 """ONNX Runtime backend: the artifact's graphs behind the same DecoderSession interface as the reference.
 
-- The decoder's prefill and step sessions share one copy of the weights on CPU: both get the tensors of
-  `decoder.onnx.data` as memory-mapped initializers instead of loading the file twice.
+- The decoder's sessions (the step; the prefill, in two forms on CPU: for unpadded batches and, made on the first
+  padded batch, the general one) share one copy of the weights on CPU: they get the tensors of
+  `decoder.onnx.data` as memory-mapped initializers instead of loading the file per session.
 - The KV cache is one buffer pair per layer, sized prompt + max_new_tokens (or the fixed capacity of graphs
   exported with --max-context), bound as both `past_*` input and `present_*` output (IOBinding), so the graphs'
   scatter updates it in place and no step copies it.
@@ -101,10 +102,11 @@ class OrtModel:
         attention: str = "fused",
         int8_kernels: str = "auto",
     ):
-        """weights (CPU): "shared" = the two decoder sessions read one memory-mapped copy of the weights;
-        "packed" = each session also keeps ONNX Runtime's prepacked copy (GEMM/GEMV-friendly layout, ~11% faster
-        decode on the `small` preset, twice the weights' memory); "auto" = packed while two copies of fp32 decoder
-        weights take under a quarter of the machine's memory, else shared.
+        """weights (CPU): "shared" = the decoder sessions read one memory-mapped copy of the weights;
+        "packed" = the step and the (unpadded) prefill each keep ONNX Runtime's prepacked copy (GEMM/GEMV-friendly
+        layout, ~11% faster decode on the `small` preset, twice the weights' memory; the general prefill, made for
+        padded batches only, reads the shared copy); "auto" = packed while two copies of fp32 decoder weights take
+        under a quarter of the machine's memory, else shared.
         attention (CPU): "fused" = each decoder layer's attention as GroupQueryAttention (ort_attention) where the
         graphs allow it; "graph" = the graphs' own ops, as exported.
         int8_kernels (W8A8 artifacts on CPU): "on" = ONNX Runtime's integer kernels; "off" = the same quantized
@@ -212,15 +214,15 @@ class OrtModel:
             )
         return created
 
-    def _decoder_session(self, name: str, unpadded: bool = False):
+    def _decoder_session(self, name: str, unpadded: bool = False, shared: bool = False):
         """A decoder graph's session, the form its attention runs in and whether that is the fused one. unpadded:
         the prefill specialised for batches without padding (RoPE inside the attention kernel, no mask), or no
-        session where nothing differs."""
+        session where nothing differs. shared: read the memory-mapped weights even when the others are packed."""
         path, opts = self.artifact.graph_path(name), self._options(spin=name == "decoder_step")
         model, form = self._fused_attention(path, unpadded)
         if unpadded and model is None:
             return None, form, False
-        if self.on_cpu and not self.packed:
+        if self.on_cpu and (shared or not self.packed):
             # One memory-mapped copy of the decoder weights for all sessions, not repacked per session
             # (prepacking would give each session a private copy of every MatMul weight).
             opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -242,15 +244,17 @@ class OrtModel:
         model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, unpadded)
         if model is None:
             return None, f"as exported ({form})"
-        return model, form + (" (unpadded batches: RoPE inside the kernel, no mask)" if unpadded else "")
+        return model, form + (" for unpadded batches, no mask" if unpadded else "")
 
     def prefill_for(self, batch: PreparedBatch):
         """The prefill session for a batch: the unpadded specialisation where it exists and applies, else the
-        general graph (its session is made on the first padded batch: most requests never need it)."""
+        general graph. That session is made on the first padded batch (most requests never need it), reading the
+        shared memory-mapped weights (no third prepacked copy), and its form joins `attention_form`."""
         if self.unpadded_prefill is not None and bool(batch.layout.attention_mask.all()):
             return self.unpadded_prefill
         if self.prefill_session is None:
-            self.prefill_session, _, _ = self._decoder_session("decoder_prefill")
+            self.prefill_session, form, _ = self._decoder_session("decoder_prefill", shared=True)
+            self.attention_form += f"; decoder_prefill, padded batches: {form}"
         return self.prefill_session
 
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
@@ -286,6 +290,7 @@ class OrtSession:
         d = model.config.decoder
         self.state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
         self.model, self.batch = model, batch
+        self.prefill_session = model.prefill_for(batch)  # made here if new: session set-up, not prefill time
         self.batch_size = batch.layout.batch_size
         shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
         device = "cpu" if model.on_cpu else "cuda"
@@ -331,7 +336,7 @@ class OrtSession:
         self.vision = VisionOutputs(*(torch.from_numpy(x) for x in outputs))
         require_finite("vision encoder", **vars(self.vision))
         inputs = prefill_inputs(self.batch, model.embed_table, *outputs, rope)
-        logits = torch.from_numpy(self._run(model.prefill_for(self.batch), inputs))
+        logits = torch.from_numpy(self._run(self.prefill_session, inputs))
         clock.lap("decoder_prefill")
         self.stage_seconds = clock.seconds
         require_finite("decoder prefill", logits=logits)
@@ -342,9 +347,11 @@ class OrtSession:
 
         arrays = self.feeds.advance(tokens)
         if self.fused_feeds is not None:
-            arrays = {**arrays, **self.fused_feeds.update(arrays)}
+            self.fused_feeds.update(arrays)  # in place: bound by reference like the others
         if self._step_binding is None:  # inputs, outputs and cache all bound once, by reference
             binding = self.model.step_session.io_binding()
+            if self.fused_feeds is not None:
+                arrays = {**arrays, **self.fused_feeds.arrays}
             for name, array in arrays.items():
                 if name in self.model.step_input_names:
                     binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))

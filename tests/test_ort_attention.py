@@ -9,6 +9,7 @@ of the parity tests (1e-4).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import onnx
@@ -116,10 +117,14 @@ def test_unpadded_prefill(gqa_export, target, plugins, max_context):
     fused, exported = OrtModel(artifact).load(), OrtModel(artifact, attention="graph").load()
     assert "unpadded batches" in fused.attention_form and fused.prefill_session is None
     tokenizer = load_tokenizer(artifact.model_dir)
-    request = make_request(DEMO_IMAGE, "Count the boxes, then name every one of their colours.", tokenizer,
-                           artifact.config)  # fmt: skip
-    batch = prepare_batch([request, request], artifact.config, 16)  # two rows, one length: no padding
-    assert bool(batch.layout.attention_mask.all())
+    questions = ["Count the boxes.", "Name the boxes.", "Where is the door?", "What colour is it?", "Is it red?"]
+    for pair in itertools.combinations(questions, 2):  # two different rows of one length: no padding
+        requests = [make_request(DEMO_IMAGE, q, tokenizer, artifact.config) for q in pair]
+        batch = prepare_batch(requests, artifact.config, 16)
+        if bool(batch.layout.attention_mask.all()):
+            break
+    else:
+        pytest.fail("no two of the questions tokenize to one length")
     assert fused.prefill_for(batch) is fused.unpadded_prefill
     config = GenerationConfig(max_new_tokens=5)
     ours = generate(fused.session(batch, 5), config, keep_logits=True)
@@ -129,6 +134,7 @@ def test_unpadded_prefill(gqa_export, target, plugins, max_context):
     assert fused.prefill_session is None  # no padded batch yet
     padded = _batch(artifact.model_dir, artifact.config)
     assert fused.prefill_for(padded) is fused.prefill_session is not None
+    assert f"decoder_prefill, padded batches: {d.num_layers} layers as GroupQueryAttention," in fused.attention_form
 
 
 def _step_feeds(session, new: int, rng) -> dict[str, np.ndarray]:
