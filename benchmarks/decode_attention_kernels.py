@@ -25,15 +25,19 @@ from reference_model.config import preset_config
 MAX_COPIES = 256
 
 
+def _float(name: str, shape: list | None):
+    """A float32 graph input or output."""
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
 def _gqa_model(layers: int, heads: int, kv_heads: int, head_dim: int):
     from onnx import TensorProto, helper
 
-    def f(name, shape):
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-    nodes, inputs, outputs = [], [f("q", ["b", 1, heads * head_dim])], []
+    nodes, inputs, outputs = [], [_float("q", ["b", 1, heads * head_dim])], []
     for i in range(layers):
-        inputs += [f(f"k{i}", ["b", kv_heads, "c", head_dim]), f(f"v{i}", ["b", kv_heads, "c", head_dim])]
+        inputs += [_float(f"k{i}", ["b", kv_heads, "c", head_dim]), _float(f"v{i}", ["b", kv_heads, "c", head_dim])]
         nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
@@ -45,11 +49,11 @@ def _gqa_model(layers: int, heads: int, kv_heads: int, head_dim: int):
                 scale=1 / math.sqrt(head_dim),
             )
         )
-        outputs += [f(f"o{i}", None), f(f"k{i}.present", None), f(f"v{i}.present", None)]
-    inputs += [f("k_new", ["b", 1, kv_heads * head_dim]), f("v_new", ["b", 1, kv_heads * head_dim])]
+        outputs += [_float(f"o{i}", None), _float(f"k{i}.present", None), _float(f"v{i}.present", None)]
+    inputs += [_float("k_new", ["b", 1, kv_heads * head_dim]), _float("v_new", ["b", 1, kv_heads * head_dim])]
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"])]
     inputs += [helper.make_tensor_value_info("total", TensorProto.INT32, [])]
-    inputs += [f("bias", ["b", 1, 1, "c"])]
+    inputs += [_float("bias", ["b", 1, 1, "c"])]
     graph = helper.make_graph(nodes, "gqa", inputs, outputs)
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
@@ -60,20 +64,20 @@ def _matmul_model(layers: int, heads: int, head_dim: int):
     """q (1, heads, 1, d) against K (1, heads, c, d) as K @ q^T: the cache as the untransposed operand."""
     from onnx import TensorProto, helper
 
-    def f(name, shape):
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
     nodes, outputs = [], []
-    inputs = [f("q_t", [1, heads, head_dim, 1]), helper.make_tensor_value_info("scores_shape", TensorProto.INT64, [4])]
+    inputs = [
+        _float("q_t", [1, heads, head_dim, 1]),
+        helper.make_tensor_value_info("scores_shape", TensorProto.INT64, [4]),
+    ]
     for i in range(layers):
-        inputs += [f(f"k{i}", [1, heads, "c", head_dim]), f(f"v{i}", [1, heads, "c", head_dim])]
+        inputs += [_float(f"k{i}", [1, heads, "c", head_dim]), _float(f"v{i}", [1, heads, "c", head_dim])]
         nodes += [
             helper.make_node("MatMul", [f"k{i}", "q_t"], [f"s{i}"]),
             helper.make_node("Reshape", [f"s{i}", "scores_shape"], [f"r{i}"]),
             helper.make_node("Softmax", [f"r{i}"], [f"p{i}"], axis=-1),
             helper.make_node("MatMul", [f"p{i}", f"v{i}"], [f"o{i}"]),
         ]
-        outputs.append(f(f"o{i}", None))
+        outputs.append(_float(f"o{i}", None))
     graph = helper.make_graph(nodes, "matmul", inputs, outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 

@@ -167,6 +167,8 @@ class _Rewrite:
         self.tagged = {n for layer in self.layers.values() for n in [*layer.attention, *layer.writes, *layer.forward]}
         self.step = "write_indices" in self.inputs
         self.unpadded = unpadded
+        # RoPE inside the kernel: a step, or an unpadded prefill, whose layers all recorded their module's ops
+        self.rotary = (self.step or unpadded) and all(layer.forward for layer in self.layers.values())
         self.dtype = self.inputs["inputs_embeds"].dtype
         if self.dtype != ir.DataType.FLOAT:
             raise NotFusable(f"{self.dtype} graph (only float32 graphs are rewritten)")
@@ -361,15 +363,13 @@ class _Rewrite:
             present.shape, present.type = old.shape, old.type
 
     def run(self) -> int:
-        rotary = (self.step or self.unpadded) and all(layer.forward for layer in self.layers.values())
-        self.rotary = rotary
         if self.step:
-            seqlens, total, bias, query_lengths, tables = self._fed_step_inputs(rotary)
+            seqlens, total, bias, query_lengths, tables = self._fed_step_inputs(self.rotary)
         else:
             (seqlens, total), query_lengths = self._prefill_lengths(), None
             # an unpadded batch's mask is causal, which the kernel applies itself
             bias = None if self.unpadded else self._prefill_bias()
-            tables = self._prefill_tables() if rotary else None
+            tables = self._prefill_tables() if self.rotary else None
         for layer in self.layers.values():
             self._layer(layer, seqlens, total, bias, query_lengths, tables)
         self.graph.extend(self.new)
