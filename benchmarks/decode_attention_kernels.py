@@ -1,8 +1,12 @@
 """One decode step's attention over every layer's KV buffers, through the CPU kernels a deployment can use:
 ONNX Runtime's GroupQueryAttention (as our fused step graph calls it, with an additive bias over the buffer,
 less the RoPE of one new q and k it also applies), ONNX Runtime MatMul + Softmax + MatMul on
-the same buffers, and PyTorch's scaled_dot_product_attention. All three read the same bytes; the streaming rate
+the same buffers, and PyTorch's scaled_dot_product_attention. All of them read the same bytes; the streaming rate
 each reaches is what separates a decode step from its bandwidth bound once the weights stream at full speed.
+
+Where a C compiler is found (`cc`, or $CC), a fourth contender is a plain two-pass C kernel
+(`benchmarks/decode_attention.c`, OpenMP over heads, compiled here with -O3 -march=native): what a native
+decode-attention op for ONNX Runtime's CPU provider could reach, which no runtime here uses.
 
     python -m benchmarks.decode_attention_kernels [--preset small] [--context 1040] [--threads 2] [--iters 200]
                                                   [--stream-mb 1024]
@@ -13,9 +17,15 @@ The outputs are compared before anything is timed (they compute the same attenti
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
+import os
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +33,38 @@ import torch
 from reference_model.config import preset_config
 
 MAX_COPIES = 256
+NATIVE = "C streaming kernel (native-op ceiling)"
+_NATIVE_SOURCE = Path(__file__).with_name("decode_attention.c")
+
+
+def native_kernel(threads: int):
+    """The C kernel compiled into a temporary folder and loaded, or None where no C compiler (with OpenMP) is
+    found. Its OpenMP threads sleep as soon as a call ends (OMP_WAIT_POLICY=passive, read when the runtime
+    loads): spinning, they would take a core from the contender timed next."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        library = Path(tmp) / "decode_attention.so"
+        build = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(library),
+                 str(_NATIVE_SOURCE)]  # fmt: skip
+        if subprocess.run(build, capture_output=True).returncode != 0:
+            return None
+        settings = {"OMP_WAIT_POLICY": "passive", "OMP_NUM_THREADS": str(threads)}
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)  # read once, as the OpenMP runtime loads with the kernel
+        try:
+            kernel = ctypes.CDLL(str(library)).decode_attention  # mapped: the file may go
+        finally:  # this process's other libraries and its subprocesses keep their own settings
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
+    pointer, i32 = ctypes.c_void_p, ctypes.c_int
+    kernel.argtypes = [pointer] * 4 + [i32] * 5 + [pointer] * 2
+    kernel.restype = None
+    return kernel
 
 
 def _float(name: str, shape: list | None):
@@ -117,6 +159,10 @@ def measure(
     q_heads = np.ascontiguousarray(q.reshape(1, heads, hd, 1) / np.float32(math.sqrt(hd)))
     tq = torch.from_numpy(q).view(1, 1, heads, hd).transpose(1, 2).contiguous()
     torch.set_num_threads(threads)
+    native = native_kernel(threads)
+    q_scaled = np.ascontiguousarray(q.reshape(heads, hd) / np.float32(math.sqrt(hd)))
+    no_bias = np.zeros(context, np.float32)  # every column valid
+    scores = np.empty((heads, context), np.float32)
 
     def bind(cache: list[np.ndarray]):
         values = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
@@ -137,7 +183,7 @@ def measure(
                 g.bind_ortvalue_output(f"{kind}{i}.present", values[2 * i + j])  # in place, as our step binds
                 m.bind_ortvalue_input(f"{kind}{i}", values[2 * i + j])
         tcache = [torch.from_numpy(c) for c in cache]
-        return {
+        kernels = {
             "onnxruntime GroupQueryAttention": (lambda: gqa.run_with_iobinding(g), lambda: g.get_outputs()[::3]),
             "onnxruntime MatMul form": (lambda: matmul.run_with_iobinding(m), m.get_outputs),
             "torch scaled_dot_product_attention": (
@@ -148,6 +194,15 @@ def measure(
                 None,
             ),
         }
+        if native is not None:
+            out = np.empty((layers, heads, hd), np.float32)
+            calls = [
+                (q_scaled.ctypes.data, cache[2 * i].ctypes.data, cache[2 * i + 1].ctypes.data, no_bias.ctypes.data,
+                 heads, kv_heads, context, context, hd, scores.ctypes.data, out[i].ctypes.data)
+                for i in range(layers)
+            ]  # fmt: skip
+            kernels[NATIVE] = (lambda: [native(*call) for call in calls], lambda: list(out))
+        return kernels
 
     runs = [bind(cache) for cache in copies]
     for kernels in (runs[0], runs[-1]):  # every form computes the same attention, on any copy
@@ -156,12 +211,13 @@ def measure(
             if outputs is None:
                 continue
             run()
-            got = np.stack([o.numpy().reshape(heads * hd) for o in outputs()])
+            host = [o if isinstance(o, np.ndarray) else o.numpy() for o in outputs()]  # OrtValues, or the C kernel's
+            got = np.stack([o.reshape(heads * hd) for o in host])
             if not np.allclose(got, expected, atol=1e-5):
                 raise AssertionError(f"{name} differs from PyTorch's attention by {np.abs(got - expected).max():.2e}")
 
     times = {name: [] for name in runs[0]}
-    for i in range(iters):  # interleaved: a noisy machine slows all three alike
+    for i in range(iters):  # interleaved: a noisy machine slows them all alike
         for name, (run, _) in runs[i % len(runs)].items():
             start = time.perf_counter()
             run()

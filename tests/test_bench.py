@@ -77,14 +77,12 @@ def test_decode_attention_kernels_agree_before_timing():
     """The CPU attention-kernel comparison checks that ONNX Runtime's two forms compute PyTorch's attention over
     the same buffers, on the first and last of the copies it cycles through, before it times them (tiny preset
     shapes, a short context)."""
-    from benchmarks.decode_attention_kernels import measure
+    from benchmarks.decode_attention_kernels import NATIVE, measure, native_kernel
 
     result = measure("tiny", context=37, threads=1, iters=2, stream_bytes=600_000)
-    assert set(result) == {
-        "onnxruntime GroupQueryAttention",
-        "onnxruntime MatMul form",
-        "torch scaled_dot_product_attention",
-    }
+    native = {NATIVE} if native_kernel(1) is not None else set()  # compiled where a C compiler is found
+    onnxruntime = {"onnxruntime GroupQueryAttention", "onnxruntime MatMul form"}
+    assert set(result) == onnxruntime | {"torch scaled_dot_product_attention"} | native
     assert all(r["ms"] > 0 and r["kv_mb"] > 0 and r["copies"] >= 2 for r in result.values())
 
 
@@ -104,4 +102,19 @@ def test_decode_attention_kernels_refuse_a_kernel_that_disagrees(monkeypatch):
 
     monkeypatch.setattr(kernels, "_gqa_model", wrong_scale)
     with pytest.raises(AssertionError, match="GroupQueryAttention differs from PyTorch"):
+        kernels.measure("tiny", context=37, threads=1, iters=2, stream_bytes=0)
+
+
+def test_decode_attention_kernels_check_the_c_kernel(monkeypatch, tmp_path):
+    """The C kernel is held to PyTorch's attention like the others: a copy that halves its output is refused."""
+    import benchmarks.decode_attention_kernels as kernels
+
+    if kernels.native_kernel(1) is None:
+        pytest.skip("no C compiler with OpenMP here")
+    source = kernels._NATIVE_SOURCE.read_text()
+    assert "o[i] /= sum;" in source
+    halved = tmp_path / "decode_attention.c"
+    halved.write_text(source.replace("o[i] /= sum;", "o[i] /= 2.0f * sum;"))
+    monkeypatch.setattr(kernels, "_NATIVE_SOURCE", halved)
+    with pytest.raises(AssertionError, match="C streaming kernel .* differs from PyTorch"):
         kernels.measure("tiny", context=37, threads=1, iters=2, stream_bytes=0)
