@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 from reference_model.errors import FusionError
+from reference_model.interruption import raise_if_signalled
 
 MAX_REPORT_BYTES = 64 << 20  # an existing JSON report larger than this is not one of ours; never read it whole
 
@@ -174,6 +175,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))  # (writers may recreate the file, so its mode is set afterwards)
+        raise_if_signalled()  # a Ctrl-C a library swallowed: never publish what it interrupted
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs look like any other file
         os.replace(tmp, path)
     except BaseException:

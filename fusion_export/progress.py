@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+from reference_model.interruption import raise_if_signalled
+
 
 class Progress:
     def __init__(self, total_steps: int, out: TextIO = sys.stderr, enabled: bool = True):
@@ -17,6 +19,7 @@ class Progress:
         self._tty = enabled and out.isatty()
 
     def step(self, title: str) -> None:
+        raise_if_signalled()  # a Ctrl-C a library swallowed in the last step: stop before the next
         self._finish()
         self.step_no += 1
         self._title = title

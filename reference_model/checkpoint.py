@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from .config import FusionConfig, load_config
 from .errors import FusionError
+from .interruption import raise_if_signalled
 from .model import FusionModel
 
 SINGLE_FILE = "model.safetensors"
@@ -222,6 +223,7 @@ def staging_folder(out_dir: str | Path):
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
     try:
         yield tmp
+        raise_if_signalled()  # a Ctrl-C a library swallowed: never publish what it interrupted
         _apply_umask(tmp)  # mkdtemp creates 0700; the result should look like any other folder
         tmp.rename(out_dir)
     except BaseException:

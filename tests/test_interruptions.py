@@ -57,3 +57,70 @@ def _parser_running(run):
     parser.add_argument("rest", nargs="*")
     parser.set_defaults(run=run)
     return lambda: parser
+
+
+def _swallow(signum: int) -> None:
+    """What a library's `except ImportError` around an import that the signal interrupted does, in effect."""
+    try:
+        signal.raise_signal(signum)
+    except BaseException:
+        pass
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_a_library_swallows_still_stops_the_command(monkeypatch, capsys, tmp_path, signum, code):
+    """The exception is gone but the signal was recorded: the next step does not start, the staged folder is not
+    published, and the command exits as signalled (it exited 0 with its artifact written before)."""
+    from fusion_export import cli
+    from fusion_export.progress import Progress
+    from reference_model.checkpoint import staging_folder
+
+    out, ran = tmp_path / "art", []
+
+    def export(args):
+        progress = Progress(2, enabled=False)
+        with staging_folder(out) as tmp:
+            progress.step("trace")
+            (tmp / "manifest.json").write_text("{}")
+            _swallow(signum)
+            ran.append("trace")
+            progress.step("write")
+            ran.append("write")
+        return 0
+
+    monkeypatch.setattr(cli, "build_parser", _parser_running(export))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    assert cli.main(["export"]) == code
+    assert ran == ["trace"] and list(tmp_path.iterdir()) == []
+    reason = "interrupted" if signum == signal.SIGINT else "terminated by SIGTERM"
+    assert reason in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers main replaced are back
+    from reference_model.interruption import raise_if_signalled
+
+    raise_if_signalled()  # and forgotten: this process's later staging folders are not refused (they were)
+
+
+def test_a_swallowed_signal_is_not_published_by_write_atomically(monkeypatch, tmp_path):
+    from fusion_export import cli
+    from fusion_export.output_files import write_atomically
+
+    report = tmp_path / "report.json"
+
+    def write(tmp):
+        tmp.write_text("{}")
+        _swallow(signal.SIGINT)
+
+    monkeypatch.setattr(cli, "build_parser", _parser_running(lambda args: write_atomically(report, write) and 0))
+    assert cli.main(["bench"]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exit_with,code", [("exit_as_main", 130), ("sys-exit", -signal.SIGINT)])
+def test_interrupted_module_run_exits_130(exit_with, code):
+    """`python -m fusion_export.cli` after a Ctrl-C that passed through exec'd code: CPython would exit by SIGINT
+    (-2, the flaky failure of the export test above) whatever status `main` returned; `exit_as_main` keeps it."""
+    args = [] if exit_with == "exit_as_main" else [exit_with]
+    proc = subprocess.run([sys.executable, "-m", "tests.cli_interrupted_in_exec", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert "interrupted" in proc.stderr
