@@ -66,9 +66,7 @@ def profile(artifact_dir: Path, requests: int, settings: BenchSettings) -> dict:
         for _ in range(requests):
             contender.run()
         out = {"artifact": str(artifact_dir), "attention": model.attention_form}
-        # the harness batches copies of one request: the unpadded prefill form where the artifact has one
-        prefill = model.unpadded_prefill if model.unpadded_prefill is not None else model.prefill_session
-        sessions = {"decoder_prefill": prefill, "decoder_step": model.step_session}
+        sessions = {"decoder_prefill": model.prefill_session, "decoder_step": model.step_session}
         for name, session in sessions.items():
             events = json.loads(Path(session.end_profiling()).read_text())
             runs = sum(e.get("name") == "model_run" for e in events)

@@ -1,23 +1,24 @@
-"""ONNX Runtime's fused attention for the decoder graphs: each layer's KV write and attention as one
-`com.microsoft.GroupQueryAttention` node, rewritten in memory when the CPU sessions are created.
+"""The decoder graphs rewritten for ONNX Runtime's CPU kernels in memory, when the CPU sessions are created: a
+step's KV write and attention as one `com.microsoft.GroupQueryAttention` node per layer, a prefill's attention as
+causal query blocks in standard ops.
 
 The shipped graphs keep standard ops, because TensorRT must parse them. On ONNX Runtime's CPU kernels that form
-has two costs a fused op avoids (measured on the `small` preset, 2 threads, 1040 positions):
+costs more than it must (measured on the `small` preset, 2 threads, 1040 positions):
 - a decode step's scores `q K^T` are a matrix-vector product with the cache as the transposed operand, which
   ONNX Runtime's GEMM repacks on every call (its no-copy GEMV path takes only untransposed operands), and the
-  softmax runs over the whole buffer under a mask;
-- a prefill materialises the additive mask and the scores of every head (1040 x 1040 x heads floats per layer).
-GroupQueryAttention writes the new keys/values into the shared buffer in place and attends to each row's
-written columns only, causally, with the padding as `attention_bias`, so the math is the graph's: the same
-softmax(q k^T / sqrt(d) + mask) v over the same columns (parity is tested against the graphs and the reference).
-
-Three forms come out of one decoder graph:
-- the step: the whole attention module after its qkv projection is one kernel (RoPE inside); its lengths, bias
-  and RoPE rows are graph inputs the runtime keeps on the host (`FusedStepFeeds`), so a step runs ~80 nodes;
-- the prefill for unpadded batches (`unpadded=True`): RoPE inside the kernel as well, and no mask at all (causal
-  is the kernel's own). ONNX Runtime 1.32 rotates a first prompt's token s of every row by table row s, which is
-  right only when the rows share their positions, hence a separate form, chosen per batch by the runtime;
-- the general prefill: the graph's RoPE, the kernel on the rotated q, k, v, the graph's mask as the bias.
+  softmax runs over the whole buffer under a mask. GroupQueryAttention writes the new keys/values into the
+  shared buffer in place and attends to each row's written columns only, causally, with the padding as
+  `attention_bias`. The whole attention module after its qkv projection is one kernel (RoPE inside); its
+  lengths, bias and RoPE rows are graph inputs the runtime keeps on the host (`FusedStepFeeds`), so a step
+  runs ~80 nodes.
+- a prefill computes the scores of every head over the whole prompt, the masked upper triangle included. Cut
+  into 4 blocks of queries, each attending to the keys up to its last row only (the graph's mask, sliced, as
+  its bias), it does ~40% less work: one layer's attention took 17.8 ms against 31.7 ms for the whole form and
+  31.1 ms for GroupQueryAttention (no faster than the full square); a whole prefill's kernels
+  405 against 456 ms with GroupQueryAttention (ONNX Runtime profile). The graph's RoPE and its scatter into the
+  cache stay as exported, and one form serves padded and unpadded batches alike.
+Either way the math is the graph's: the same softmax(q k^T / sqrt(d) + mask) v over the same columns (parity is
+tested against the graphs and the reference).
 
 The layers are found without matching op patterns: the exporter records, on every node translated from a
 decoder layer's `kv_write` or attention, the region it came from (`fusion_export.region`, onnx_export.py).
@@ -38,6 +39,7 @@ from .graph_inputs import past_names
 from .onnx_export import REGION_KEY
 
 MS_DOMAIN = "com.microsoft"
+PREFILL_BLOCKS = 4  # query blocks of a prefill's attention (see _blocked_layer; 8 ran no faster, with 2x the nodes)
 ATTENTION_OPS = ("decode_attention", "scaled_dot_product_attention")
 
 
@@ -100,6 +102,19 @@ class _Layer:
     forward: list[ir.Node] = field(default_factory=list)  # the module's other ops: reshapes, RoPE
 
 
+@dataclass
+class _LayerIO:
+    past_k: ir.Value
+    past_v: ir.Value
+    writes: dict  # past buffer -> (its write node, the update written)
+    k_new: ir.Value  # the keys and values written (rotated)
+    v_new: ir.Value
+    query: ir.Value  # the attention region's inputs: rotated q; k and v as read (repeated for grouped heads)
+    key: ir.Value | None
+    value: ir.Value | None
+    result: ir.Value  # the region's output (batch, heads, seq, head_dim)
+
+
 def _regions(graph: ir.Graph) -> dict[str, _Layer]:
     layers: dict[str, _Layer] = {}
     for node in graph:
@@ -154,7 +169,6 @@ class _Rewrite:
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
-        unpadded: bool = False,
     ):
         self.model, self.graph = model, model.graph
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -166,9 +180,8 @@ class _Rewrite:
         self.in_attention = {node for layer in self.layers.values() for node in layer.attention}
         self.tagged = {n for layer in self.layers.values() for n in [*layer.attention, *layer.writes, *layer.forward]}
         self.step = "write_indices" in self.inputs
-        self.unpadded = unpadded
-        # RoPE inside the kernel: a step, or an unpadded prefill, whose layers all recorded their module's ops
-        self.rotary = (self.step or unpadded) and all(layer.forward for layer in self.layers.values())
+        # RoPE inside the kernel: a step whose layers all recorded their module's ops
+        self.rotary = self.step and all(layer.forward for layer in self.layers.values())
         self.dtype = self.inputs["inputs_embeds"].dtype
         if self.dtype != ir.DataType.FLOAT:
             raise NotFusable(f"{self.dtype} graph (only float32 graphs are rewritten)")
@@ -232,36 +245,25 @@ class _Rewrite:
             tables = (cos, sin, self._fed_input(POSITIONS, ir.DataType.INT64, [batch, new]))
         return seqlens, total, bias, query_lengths, tables
 
-    def _prefill_lengths(self) -> tuple[ir.Value, ir.Value]:
-        """A prefill starts at column 0 (left padding is in the mask): seqlens_k (batch,) int32 = seq - 1 for every
-        row, total_sequence_length = seq."""
-        embeds = self.inputs["inputs_embeds"]
-        seq = self._op("Cast", self._op("Shape", embeds, start=1, end=2), to=ir.DataType.INT32)  # (1,)
-        seqlens = self._op("Expand", self._op("Sub", seq, self._const([1], dtype=np.int32)),
-                           self._op("Shape", embeds, start=0, end=1))  # fmt: skip
-        return seqlens, self._op("Squeeze", seq)
+    def _block_edges(self) -> list[ir.Value]:
+        """The query blocks' edges over the prompt, 0 = e_0 < e_1 < ... < e_n = seq (1-D int64): e_i = seq * i // n."""
+        seq = self._op("Shape", self.inputs["inputs_embeds"], start=1, end=2)
+        inner = [self._op("Div", self._op("Mul", seq, self._const([i])), self._const([PREFILL_BLOCKS]))
+                 for i in range(1, PREFILL_BLOCKS)]  # fmt: skip
+        return [self._const([0]), *inner, seq]
 
-    def _prefill_bias(self) -> ir.Value:
-        """The graph's boolean mask (batch, 1, seq, seq) as GroupQueryAttention's additive bias: log(1) = 0,
-        log(0) = -inf. Where(mask, 0, -inf), and the Slice after it, gave the same values more slowly (Where
-        broadcasts its scalars element by element): 90 ms against 35 ms for Cast + Log in a first 1040-position
-        prefill on the `small` preset; Cast + Log take ~2 ms once the session is warm."""
-        return self._op("Log", self._op("Cast", self._mask(), to=self.dtype))
-
-    def _prefill_tables(self) -> tuple[ir.Value, ir.Value, None]:
-        """A prefill's RoPE inside the kernel: a first prompt takes no position ids (ONNX Runtime 1.32 rotates
-        token s of every row by table row s), so this form is only for unpadded batches, whose rows share their
-        positions: the first row's tables, first half (rotate-half tables repeat it)."""
-        half = self.head_dim // 2
-        tables = [
-            self._op(
-                "Squeeze",
-                self._op("Slice", self.inputs[name], self._const([0, 0]), self._const([1, half]), self._const([0, 2])),
-                self._const([0]),
-            )
-            for name in ("rope_cos", "rope_sin")
-        ]
-        return tables[0], tables[1], None
+    def _block_biases(self, edges: list[ir.Value]) -> list[ir.Value]:
+        """Block i's bias, shared by every layer: the graph's mask (batch, 1, seq, seq) at rows [e_i, e_i+1) and
+        columns [0, e_i+1), as log(1) = 0, log(0) = -inf (the same values as Where(mask, 0, -inf), more quickly:
+        Where broadcasts its scalars element by element). The block's later columns are masked for all of its
+        rows (causal), so they are left out."""
+        mask, zero = self._mask(), self._const([0])
+        biases = []
+        for a, b in zip(edges, edges[1:]):
+            starts, ends = self._op("Concat", a, zero, axis=0), self._op("Concat", b, b, axis=0)
+            block = self._op("Slice", mask, starts, ends, self._const([2, 3]))
+            biases.append(self._op("Log", self._op("Cast", block, to=self.dtype)))
+        return biases
 
     def _to_bsd(self, x: ir.Value) -> ir.Value:
         """(B, heads, S, hd) -> (B, S, heads * hd), GroupQueryAttention's layout."""
@@ -291,7 +293,8 @@ class _Rewrite:
             raise NotFusable(f"{layer.scope}: {len(inputs)} projection inputs and {len(outputs)} outputs")
         return inputs[0], outputs[0]
 
-    def _layer(self, layer: _Layer, seqlens, total, bias, query_lengths, tables) -> None:
+    def _layer_io(self, layer: _Layer) -> _LayerIO:
+        """What crosses a layer's attention region: its cache writes and the query, key and value it reads."""
         presents = {node.outputs[0] for node in layer.writes}
         observed = [  # e.g. a graph instrumented for calibration: the rewrite would remove what it observes
             out.name
@@ -316,17 +319,24 @@ class _Rewrite:
         if set(writes) != {past_k, past_v}:
             raise NotFusable(f"{layer.scope}: KV writes of {self.pasts[2 * index]} and its value not found")
         k_new, v_new = writes[past_k][1], writes[past_v][1]
-        candidates = [
+        inputs = [
             v
             for v in self._external_inputs(layer.attention)
             if v.dtype == self.dtype
             and v not in presents
             and (v.producer() is None or v.producer() not in self.in_attention)
-            and not ({k_new, v_new} & (_ancestors(v, 8) | {v}))
         ]
-        if len(candidates) != 1:
-            raise NotFusable(f"{layer.scope}: expected one query input to the attention, found {len(candidates)}")
-        query = candidates[0]
+        reach = {v: _ancestors(v, 8) | {v} for v in inputs}
+        found = {
+            role: [v for v in inputs if test(reach[v])]
+            for role, test in (
+                ("query", lambda r: not ({k_new, v_new} & r)),
+                ("key", lambda r: k_new in r),
+                ("value", lambda r: v_new in r),
+            )
+        }
+        if len(found["query"]) != 1:
+            raise NotFusable(f"{layer.scope}: expected one query input to the attention, found {len(found['query'])}")
         results = [
             out
             for node in layer.attention
@@ -335,15 +345,40 @@ class _Rewrite:
         ]
         if len(results) != 1:
             raise NotFusable(f"{layer.scope}: the attention region has {len(results)} outputs")
+        one = lambda values: values[0] if len(values) == 1 else None  # noqa: E731
+        return _LayerIO(past_k, past_v, writes, k_new, v_new, found["query"][0], one(found["key"]),
+                        one(found["value"]), results[0])  # fmt: skip
+
+    def _blocked_layer(self, layer: _Layer, edges: list[ir.Value], biases: list[ir.Value]) -> None:
+        """A prefill layer's attention region as query blocks over their causal key prefixes: the graph's own
+        softmax(q k^T / sqrt(d) + mask) v, row by row, without the scores of the masked upper triangle. The
+        graph's RoPE and its scatter into the cache stay as exported."""
+        io = self._layer_io(layer)
+        if io.key is None or io.value is None:
+            raise NotFusable(f"{layer.scope}: the attention's key and value inputs are not clear")
+        query = self._op("Mul", io.query, self._const(1.0 / math.sqrt(self.head_dim), dtype=np.float32))
+        keys_t, zero = self._op("Transpose", io.key, perm=[0, 1, 3, 2]), self._const([0])
+        blocks = []
+        for (a, b), bias in zip(zip(edges, edges[1:]), biases):
+            q_block = self._op("Slice", query, a, b, self._const([2]))
+            k_block = self._op("Slice", keys_t, zero, b, self._const([3]))
+            v_block = self._op("Slice", io.value, zero, b, self._const([2]))
+            probs = self._op("Softmax", self._op("Add", self._op("MatMul", q_block, k_block), bias), axis=-1)
+            blocks.append(self._op("MatMul", probs, v_block))
+        ir.convenience.replace_all_uses_with(io.result, self._op("Concat", *blocks, axis=2))
+
+    def _layer(self, layer: _Layer, seqlens, total, bias, query_lengths, tables) -> None:
+        """A step layer: its KV write and attention (with RoPE, where recorded) as one GroupQueryAttention."""
+        io = self._layer_io(layer)
         if tables is not None:  # the whole module after its projection: packed q|k|v in, RoPE inside the kernel
             packed, result = self._module_boundary(layer)
             qkv, cos_sin, replaced = [packed, None, None], [*tables], result
         else:  # the attention alone, on the graph's rotated q, k, v
-            qkv, cos_sin, replaced = [self._to_bsd(x) for x in (query, k_new, v_new)], [None] * 3, results[0]
+            qkv, cos_sin, replaced = [self._to_bsd(x) for x in (io.query, io.k_new, io.v_new)], [None] * 3, io.result
         out, present_k, present_v = self._node(
             "GroupQueryAttention",
             # no head sink, KV scales or q/k norms
-            [*qkv, past_k, past_v, seqlens, total, *cos_sin, bias, *[None] * 5, query_lengths],
+            [*qkv, io.past_k, io.past_v, seqlens, total, *cos_sin, bias, *[None] * 5, query_lengths],
             domain=MS_DOMAIN,
             num_outputs=3,
             num_heads=self.heads,
@@ -355,7 +390,7 @@ class _Rewrite:
             per_head = self._op("Reshape", out, self._const([0, 0, self.heads, self.head_dim]))
             out = self._op("Transpose", per_head, perm=[0, 2, 1, 3])
         ir.convenience.replace_all_uses_with(replaced, out)
-        for present, (node, _) in ((present_k, writes[past_k]), (present_v, writes[past_v])):
+        for present, (node, _) in ((present_k, io.writes[io.past_k]), (present_v, io.writes[io.past_v])):
             old = node.outputs[0]
             name = old.name
             ir.convenience.replace_all_uses_with(old, present, replace_graph_outputs=True)
@@ -365,13 +400,13 @@ class _Rewrite:
     def run(self) -> int:
         if self.step:
             seqlens, total, bias, query_lengths, tables = self._fed_step_inputs(self.rotary)
+            for layer in self.layers.values():
+                self._layer(layer, seqlens, total, bias, query_lengths, tables)
         else:
-            (seqlens, total), query_lengths = self._prefill_lengths(), None
-            # an unpadded batch's mask is causal, which the kernel applies itself
-            bias = None if self.unpadded else self._prefill_bias()
-            tables = self._prefill_tables() if self.rotary else None
-        for layer in self.layers.values():
-            self._layer(layer, seqlens, total, bias, query_lengths, tables)
+            edges = self._block_edges()
+            biases = self._block_biases(edges)
+            for layer in self.layers.values():
+                self._blocked_layer(layer, edges, biases)
         self.graph.extend(self.new)
         RemoveUnusedNodesPass()(self.model)  # the regions' nodes: nothing reads them any more
         # a step's mask, write columns and RoPE inputs now reach the kernel through FusedStepFeeds
@@ -379,26 +414,29 @@ class _Rewrite:
         for value in unread:
             self.graph.inputs.remove(value)
         TopologicalSortPass()(self.model)
-        self.model.opset_imports[MS_DOMAIN] = 1
+        if self.step:
+            self.model.opset_imports[MS_DOMAIN] = 1
         return len(self.layers)
 
 
-def fuse_attention(
-    path, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, unpadded: bool = False
-) -> tuple[bytes | None, str]:
-    """The decoder graph at `path` with each layer's KV write and attention as one GroupQueryAttention, serialized
-    (external weights still referenced by location), or None and why the graph runs as exported."""
+def fuse_attention(path, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[bytes | None, str]:
+    """The decoder graph at `path` rewritten for ONNX Runtime's CPU kernels (a step's attention as
+    GroupQueryAttention, a prefill's as query blocks), serialized (external weights still referenced by
+    location), or None and why the graph runs as exported."""
     import onnx
 
     from .ort_norms import fuse_skip_norms
 
     model = ir.serde.deserialize_model(onnx.load(path, load_external_data=False))
     try:
-        rewrite = _Rewrite(model, num_layers, num_heads, num_kv_heads, head_dim, unpadded)
+        rewrite = _Rewrite(model, num_layers, num_heads, num_kv_heads, head_dim)
         fused = rewrite.run()
     except NotFusable as reason:
         return None, str(reason)
     norms = fuse_skip_norms(model)
-    rope = " (RoPE inside)" if rewrite.rotary else ""
-    form = f"{fused} layers as GroupQueryAttention{rope}, {norms} residual norms as SkipSimplifiedLayerNormalization"
+    if rewrite.step:
+        attention = f"{fused} layers as GroupQueryAttention" + (" (RoPE inside)" if rewrite.rotary else "")
+    else:
+        attention = f"{fused} layers' attention in {PREFILL_BLOCKS} causal query blocks"
+    form = f"{attention}, {norms} residual norms as SkipSimplifiedLayerNormalization"
     return ir.serde.serialize_model(model).SerializeToString(), form

@@ -1,16 +1,15 @@
 """ONNX Runtime backend: the artifact's graphs behind the same DecoderSession interface as the reference.
 
-- The decoder's sessions (the step; the prefill, in two forms on CPU: for unpadded batches and, made on the first
-  padded batch, the general one) share one copy of the weights on CPU: they get the tensors of
-  `decoder.onnx.data` as memory-mapped initializers instead of loading the file per session.
+- The decoder's sessions (the prefill and the step) share one copy of the weights on CPU: they get the tensors
+  of `decoder.onnx.data` as memory-mapped initializers instead of loading the file per session.
 - The KV cache is one buffer pair per layer, sized prompt + max_new_tokens (or the fixed capacity of graphs
   exported with --max-context), bound as both `past_*` input and `present_*` output (IOBinding), so the graphs'
   scatter updates it in place and no step copies it.
 - Graph inputs (embedding gather from the artifact's single table, image-token scatter, LongRoPE tables, masks,
   write columns) are prepared by `graph_inputs`, the same code every graph backend uses.
-- On CPU, each decoder layer's KV write and attention run as ONNX Runtime's fused GroupQueryAttention
-  (`ort_attention`: the graphs are rewritten in memory when the sessions are created; `attention="graph"` runs
-  them as exported).
+- On CPU, each decoder layer's KV write and attention run as ONNX Runtime's fused GroupQueryAttention in a step,
+  and as causal query blocks in the prefill (`ort_attention`: the graphs are rewritten in memory when the
+  sessions are created; `attention="graph"` runs them as exported).
 - CUDA is used when onnxruntime-gpu provides it (or when asked); CPU otherwise.
 """
 
@@ -103,11 +102,10 @@ class OrtModel:
         int8_kernels: str = "auto",
     ):
         """weights (CPU): "shared" = the decoder sessions read one memory-mapped copy of the weights;
-        "packed" = the step and the (unpadded) prefill each keep ONNX Runtime's prepacked copy (GEMM/GEMV-friendly
-        layout, ~11% faster decode on the `small` preset, twice the weights' memory; the general prefill, made for
-        padded batches only, reads the shared copy); "auto" = packed while two copies of fp32 decoder weights take
-        under a quarter of the machine's memory, else shared.
-        attention (CPU): "fused" = each decoder layer's attention as GroupQueryAttention (ort_attention) where the
+        "packed" = the step and the prefill each keep ONNX Runtime's prepacked copy (GEMM/GEMV-friendly
+        layout, ~11% faster decode on the `small` preset, twice the weights' memory); "auto" = packed while two
+        copies of fp32 decoder weights take under a quarter of the machine's memory, else shared.
+        attention (CPU): "fused" = the graphs rewritten for ONNX Runtime's kernels (ort_attention) where the
         graphs allow it; "graph" = the graphs' own ops, as exported.
         int8_kernels (W8A8 artifacts on CPU): "on" = ONNX Runtime's integer kernels; "off" = the same quantized
         math in float32 (DequantizeLinear, then float MatMul); "auto" = on where the CPU has an int8 dot-product
@@ -165,10 +163,7 @@ class OrtModel:
 
         self.vision = self._session(artifact.graph_path("vision_encoder"), self._options())
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
-        self.prefill_session = None  # the general prefill: made here, or on the first padded batch (prefill_for)
-        self.unpadded_prefill, form, _ = self._decoder_session("decoder_prefill", unpadded=True)
-        if self.unpadded_prefill is None:  # nothing to specialise: the one prefill serves every batch
-            self.prefill_session, form, _ = self._decoder_session("decoder_prefill")
+        self.prefill_session, form, _ = self._decoder_session("decoder_prefill")
         forms = [f"decoder_prefill: {form}"]
         self.step_session, form, fused = self._decoder_session("decoder_step")
         forms.append(f"decoder_step: {form}")
@@ -214,15 +209,11 @@ class OrtModel:
             )
         return created
 
-    def _decoder_session(self, name: str, unpadded: bool = False, shared: bool = False):
-        """A decoder graph's session, the form its attention runs in and whether that is the fused one. unpadded:
-        the prefill specialised for batches without padding (RoPE inside the attention kernel, no mask), or no
-        session where nothing differs. shared: read the memory-mapped weights even when the others are packed."""
+    def _decoder_session(self, name: str):
+        """A decoder graph's session, the form its attention runs in and whether the graph was rewritten."""
         path, opts = self.artifact.graph_path(name), self._options(spin=name == "decoder_step")
-        model, form = self._fused_attention(path, unpadded)
-        if unpadded and model is None:
-            return None, form, False
-        if self.on_cpu and (shared or not self.packed):
+        model, form = self._fused_attention(path)
+        if self.on_cpu and not self.packed:
             # One memory-mapped copy of the decoder weights for all sessions, not repacked per session
             # (prepacking would give each session a private copy of every MatMul weight).
             opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -232,7 +223,7 @@ class OrtModel:
         # handed in by the caller; its prepacked LM head streams at ~36 GB/s here against ~25 unpacked)
         return self._session(path, opts, model), form, model is not None
 
-    def _fused_attention(self, path: Path, unpadded: bool = False) -> tuple[bytes | None, str]:
+    def _fused_attention(self, path: Path) -> tuple[bytes | None, str]:
         """The decoder graph with GroupQueryAttention (CPU, float32 graphs), or None and the form it runs in."""
         if self.attention == "graph":
             return None, "as exported (--ort-attention graph)"
@@ -241,21 +232,10 @@ class OrtModel:
         from .ort_attention import fuse_attention
 
         d = self.config.decoder
-        model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, unpadded)
+        model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim)
         if model is None:
             return None, f"as exported ({form})"
-        return model, form + (" for unpadded batches, no mask" if unpadded else "")
-
-    def prefill_for(self, batch: PreparedBatch):
-        """The prefill session for a batch: the unpadded specialisation where it exists and applies, else the
-        general graph. That session is made on the first padded batch (most requests never need it), reading the
-        shared memory-mapped weights (no third prepacked copy), and its form joins `attention_form`."""
-        if self.unpadded_prefill is not None and bool(batch.layout.attention_mask.all()):
-            return self.unpadded_prefill
-        if self.prefill_session is None:
-            self.prefill_session, form, _ = self._decoder_session("decoder_prefill", shared=True)
-            self.attention_form += f"; decoder_prefill, padded batches: {form}"
-        return self.prefill_session
+        return model, form
 
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
         return OrtSession(self, batch, max_new_tokens)
@@ -290,7 +270,6 @@ class OrtSession:
         d = model.config.decoder
         self.state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
         self.model, self.batch = model, batch
-        self.prefill_session = model.prefill_for(batch)  # made here if new: session set-up, not prefill time
         self.batch_size = batch.layout.batch_size
         shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
         device = "cpu" if model.on_cpu else "cuda"
@@ -336,7 +315,7 @@ class OrtSession:
         self.vision = VisionOutputs(*(torch.from_numpy(x) for x in outputs))
         require_finite("vision encoder", **vars(self.vision))
         inputs = prefill_inputs(self.batch, model.embed_table, *outputs, rope)
-        logits = torch.from_numpy(self._run(self.prefill_session, inputs))
+        logits = torch.from_numpy(self._run(model.prefill_session, inputs))
         clock.lap("decoder_prefill")
         self.stage_seconds = clock.seconds
         require_finite("decoder prefill", logits=logits)

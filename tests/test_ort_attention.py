@@ -17,7 +17,7 @@ import pytest
 
 from fusion_export.manifest import open_artifact
 from fusion_export.onnx_export import REGION_KEY
-from fusion_export.ort_attention import FusedStepFeeds, fuse_attention
+from fusion_export.ort_attention import PREFILL_BLOCKS, FusedStepFeeds, fuse_attention
 from fusion_export.ort_runtime import OrtModel
 from reference_model import GenerationConfig, ReferenceSession, generate, make_request, prepare_batch
 from reference_model.prompt import load_tokenizer
@@ -73,9 +73,10 @@ def test_fused_attention_matches_the_exported_graphs(gqa_checkpoint, gqa_export,
     artifact = open_artifact(gqa_export(target, plugins, max_context))
     fused, exported = OrtModel(artifact).load(), OrtModel(artifact, attention="graph").load()
     layers = artifact.config.decoder.num_layers
-    assert fused.attention_form.count(f"{layers} layers as GroupQueryAttention") == 2, fused.attention_form
+    prefill_form, _, step_form = fused.attention_form.partition("; decoder_step: ")
+    assert f"{layers} layers as GroupQueryAttention" in step_form, fused.attention_form
+    assert f"{layers} layers' attention in {PREFILL_BLOCKS} causal query blocks" in prefill_form, prefill_form
     # every norm but the first reads a residual sum: each layer's two, the final norm's
-    step_form = fused.attention_form.partition("decoder_step: ")[2]
     assert f"{2 * layers} residual norms as SkipSimplifiedLayerNormalization" in step_form, step_form
     assert "GroupQueryAttention" not in exported.attention_form
     assert fused.attends_to_valid_columns and not exported.attends_to_valid_columns  # the bench's roofline
@@ -99,23 +100,27 @@ def test_fused_attention_matches_the_exported_graphs(gqa_checkpoint, gqa_export,
 
 
 @pytest.mark.parametrize("target,plugins,max_context", FORMS[:2])
-def test_unpadded_prefill(gqa_export, target, plugins, max_context):
-    """A batch without padding prefills through the specialised graph (RoPE inside the kernel, no mask), rows
-    of one length included; the general prefill is made only when a padded batch arrives."""
+def test_blocked_prefill(gqa_export, target, plugins, max_context):
+    """The prefill's attention as causal query blocks: no GroupQueryAttention, each layer's output the concatenation
+    of its blocks, the graph's own KV writes kept; rows of one length (no padding) match the exported graph."""
     artifact = open_artifact(gqa_export(target, plugins, max_context))
     d = artifact.config.decoder
     model, form = fuse_attention(
-        artifact.graph_path("decoder_prefill"), d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, unpadded=True
+        artifact.graph_path("decoder_prefill"), d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim
     )
     graph = onnx.load_from_string(model).graph
-    rotary = [
-        a.i for n in graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute if a.name == "do_rotary"
+    assert not any(n.op_type == "GroupQueryAttention" for n in graph.node), form
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    blocked = [  # each layer's output: its blocks' probs @ v, concatenated
+        n
+        for n in graph.node
+        if n.op_type == "Concat" and [producer.get(i) for i in n.input] == ["MatMul"] * PREFILL_BLOCKS
     ]
-    assert rotary == [1] * d.num_layers, form
-    assert "attention_mask" not in {i.name for i in graph.input}  # causal only: the kernel's own
+    assert len(blocked) == d.num_layers, form
+    writes = [n for n in graph.node if any(i.startswith("past_key_values.") for i in n.input)]
+    assert len(writes) == 2 * d.num_layers  # the graph's scatter stores the keys and values
 
     fused, exported = OrtModel(artifact).load(), OrtModel(artifact, attention="graph").load()
-    assert "unpadded batches" in fused.attention_form and fused.prefill_session is None
     tokenizer = load_tokenizer(artifact.model_dir)
     questions = ["Count the boxes.", "Name the boxes.", "Where is the door?", "What colour is it?", "Is it red?"]
     for pair in itertools.combinations(questions, 2):  # two different rows of one length: no padding
@@ -125,16 +130,11 @@ def test_unpadded_prefill(gqa_export, target, plugins, max_context):
             break
     else:
         pytest.fail("no two of the questions tokenize to one length")
-    assert fused.prefill_for(batch) is fused.unpadded_prefill
     config = GenerationConfig(max_new_tokens=5)
     ours = generate(fused.session(batch, 5), config, keep_logits=True)
     graph_run = generate(exported.session(batch, 5), config, keep_logits=True)
     assert ours.token_ids == graph_run.token_ids
     assert (ours.step_logits - graph_run.step_logits).abs().max().item() <= FUSED_VS_GRAPH
-    assert fused.prefill_session is None  # no padded batch yet
-    padded = _batch(artifact.model_dir, artifact.config)
-    assert fused.prefill_for(padded) is fused.prefill_session is not None
-    assert f"decoder_prefill, padded batches: {d.num_layers} layers as GroupQueryAttention," in fused.attention_form
 
 
 def _step_feeds(session, new: int, rng) -> dict[str, np.ndarray]:

@@ -147,8 +147,6 @@ def calibrate(
         instrumented, watched = _instrumented_copy(artifact, scratch)
         # attention as exported: the watched activations are the graphs' own tensors, which a fused rewrite removes
         model = OrtModel(instrumented, threads=threads, weights="shared", attention="graph").load()
-        # as exported, one prefill serves every batch: the observed session below is the one OrtSession runs
-        assert model.unpadded_prefill is None, "calibration observes the general prefill only"
         counts = {n: len(artifact.manifest["graphs"][n]["outputs"]) for n in GRAPHS}
         model.vision = _Observed(model.vision, counts["vision_encoder"], watched["vision_encoder"], observer)
         model.prefill_session = _Observed(model.prefill_session, counts["decoder_prefill"],
