@@ -14,9 +14,9 @@ costs more than it must (measured on the `small` preset, 2 threads, 1040 positio
 - a prefill computes the scores of every head over the whole prompt, the masked upper triangle included. Cut
   into 4 blocks of queries, each attending to the keys up to its last row only (the graph's mask, sliced, as
   its bias), it does ~40% less work: one layer's attention took 17.8 ms against 31.7 ms for the whole form and
-  31.1 ms for GroupQueryAttention (no faster than the full square); a whole prefill's kernels
-  405 against 456 ms with GroupQueryAttention (ONNX Runtime profile). The graph's RoPE and its scatter into the
-  cache stay as exported, and one form serves padded and unpadded batches alike.
+  31.1 ms for GroupQueryAttention (no faster than the full square); whole prefills' kernels 549-613 against
+  630-715 ms with GroupQueryAttention (trt-10.3 graphs, three alternated ONNX Runtime profiles). The graph's
+  RoPE and its scatter into the cache stay as exported, and one form serves padded and unpadded batches alike.
 Either way the math is the graph's: the same softmax(q k^T / sqrt(d) + mask) v over the same columns (parity is
 tested against the graphs and the reference).
 
@@ -110,8 +110,8 @@ class _LayerIO:
     k_new: ir.Value  # the keys and values written (rotated)
     v_new: ir.Value
     query: ir.Value  # the attention region's inputs: rotated q; k and v as read (repeated for grouped heads)
-    key: ir.Value | None
-    value: ir.Value | None
+    keys: list[ir.Value]  # one each where the region is readable (only the prefill's rewrite needs them)
+    values: list[ir.Value]
     result: ir.Value  # the region's output (batch, heads, seq, head_dim)
 
 
@@ -327,16 +327,9 @@ class _Rewrite:
             and (v.producer() is None or v.producer() not in self.in_attention)
         ]
         reach = {v: _ancestors(v, 8) | {v} for v in inputs}
-        found = {
-            role: [v for v in inputs if test(reach[v])]
-            for role, test in (
-                ("query", lambda r: not ({k_new, v_new} & r)),
-                ("key", lambda r: k_new in r),
-                ("value", lambda r: v_new in r),
-            )
-        }
-        if len(found["query"]) != 1:
-            raise NotFusable(f"{layer.scope}: expected one query input to the attention, found {len(found['query'])}")
+        queries = [v for v in inputs if not ({k_new, v_new} & reach[v])]
+        if len(queries) != 1:
+            raise NotFusable(f"{layer.scope}: expected one query input to the attention, found {len(queries)}")
         results = [
             out
             for node in layer.attention
@@ -345,24 +338,24 @@ class _Rewrite:
         ]
         if len(results) != 1:
             raise NotFusable(f"{layer.scope}: the attention region has {len(results)} outputs")
-        one = lambda values: values[0] if len(values) == 1 else None  # noqa: E731
-        return _LayerIO(past_k, past_v, writes, k_new, v_new, found["query"][0], one(found["key"]),
-                        one(found["value"]), results[0])  # fmt: skip
+        keys, values = ([v for v in inputs if new in reach[v]] for new in (k_new, v_new))
+        return _LayerIO(past_k, past_v, writes, k_new, v_new, queries[0], keys, values, results[0])
 
     def _blocked_layer(self, layer: _Layer, edges: list[ir.Value], biases: list[ir.Value]) -> None:
         """A prefill layer's attention region as query blocks over their causal key prefixes: the graph's own
         softmax(q k^T / sqrt(d) + mask) v, row by row, without the scores of the masked upper triangle. The
         graph's RoPE and its scatter into the cache stay as exported."""
         io = self._layer_io(layer)
-        if io.key is None or io.value is None:
+        if len(io.keys) != 1 or len(io.values) != 1:
             raise NotFusable(f"{layer.scope}: the attention's key and value inputs are not clear")
+        key, value = io.keys[0], io.values[0]
         query = self._op("Mul", io.query, self._const(1.0 / math.sqrt(self.head_dim), dtype=np.float32))
-        keys_t, zero = self._op("Transpose", io.key, perm=[0, 1, 3, 2]), self._const([0])
+        keys_t, zero = self._op("Transpose", key, perm=[0, 1, 3, 2]), self._const([0])
         blocks = []
         for (a, b), bias in zip(zip(edges, edges[1:]), biases):
             q_block = self._op("Slice", query, a, b, self._const([2]))
             k_block = self._op("Slice", keys_t, zero, b, self._const([3]))
-            v_block = self._op("Slice", io.value, zero, b, self._const([2]))
+            v_block = self._op("Slice", value, zero, b, self._const([2]))
             probs = self._op("Softmax", self._op("Add", self._op("MatMul", q_block, k_block), bias), axis=-1)
             blocks.append(self._op("MatMul", probs, v_block))
         ir.convenience.replace_all_uses_with(io.result, self._op("Concat", *blocks, axis=2))

@@ -224,7 +224,8 @@ class OrtModel:
         return self._session(path, opts, model), form, model is not None
 
     def _fused_attention(self, path: Path) -> tuple[bytes | None, str]:
-        """The decoder graph with GroupQueryAttention (CPU, float32 graphs), or None and the form it runs in."""
+        """The decoder graph rewritten for ONNX Runtime's CPU kernels (ort_attention; float32 graphs), or None and
+        the form it runs in."""
         if self.attention == "graph":
             return None, "as exported (--ort-attention graph)"
         if not self.on_cpu:
