@@ -57,6 +57,7 @@ class Backend(Protocol):
     max_context: int | None  # KV columns fixed by the graphs; None: sized per request
     precision: Any  # Precision of the graphs; None for the reference
     quantization: str | None  # "int8" / "int8-weight-only" for Q/DQ graphs; None otherwise
+    kv_int8_scales: list[tuple[float, float]] | None  # an INT8 KV cache's (key, value) scales per layer; None: float
     attends_to_valid_columns: bool  # a decode step reads only the written KV columns (else the whole buffer)
 
     def describe(self) -> str: ...

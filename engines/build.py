@@ -208,6 +208,7 @@ def build_engines(
             },
             "precision": plan.precision,
             "quantization": artifact.quantization,  # INT8 Q/DQ graphs: "int8" or "int8-weight-only"
+            "kv_int8_scales": artifact.kv_int8_scales,  # an INT8 KV cache's (key, value) scales per layer, or None
             # plugin nodes in the graphs, and per op how the engines run it: a tensorrt.plugin implementation, or
             # "local function: <why>" (no plugin registered: the parser inlined its standard-op decomposition)
             "plugins": plugin_ops,

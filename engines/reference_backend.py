@@ -15,6 +15,7 @@ class ReferenceBackend:
     max_context = None
     precision = None
     quantization = None
+    kv_int8_scales = None
     attends_to_valid_columns = True  # its attention reads the cache's written columns only
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", device: str = "cpu"):

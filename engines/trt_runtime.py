@@ -30,6 +30,7 @@ from safetensors import safe_open
 from fusion_export.graph_inputs import (
     LOGITS,
     VISION_OUTPUTS,
+    cache_as_float,
     past_names,
     prefill_inputs,
     present_names,
@@ -119,6 +120,8 @@ class TrtModel:
         self.model_dir = engines.model_dir
         self.precision = Precision(engines.manifest["precision"])
         self.quantization = engines.manifest.get("quantization")
+        scales = engines.manifest.get("kv_int8_scales")  # an INT8 KV cache's (key, value) scales per layer
+        self.kv_int8_scales = None if scales is None else [(float(k), float(v)) for k, v in scales]
         self.attends_to_valid_columns = False  # the engines attend over the whole buffer under a mask
         self.query_len = int(engines.manifest["query_len"])
         self.limits = engines.limits
@@ -280,7 +283,7 @@ class TrtSession:
 
     def cache_arrays(self) -> list[np.ndarray]:
         self.synchronize()
-        return [t.float().cpu().numpy() for t in self.cache]
+        return cache_as_float([t.float().cpu().numpy() for t in self.cache], self.model.kv_int8_scales)
 
 
 def open_backend(path: Path, options: Any) -> TrtModel:

@@ -37,6 +37,14 @@ def present_names(num_layers: int) -> list[str]:
     return cache_names(num_layers, "present")
 
 
+def cache_as_float(arrays: list[np.ndarray], int8_scales: list[tuple[float, float]] | None) -> list[np.ndarray]:
+    """A backend's KV buffers (layer by layer, key then value) as the float values attention reads: an INT8
+    cache's q * scale (DequantizeLinear's arithmetic, exact in float32), a float cache as it is."""
+    if int8_scales is None:
+        return arrays
+    return [a.astype(np.float32) * np.float32(int8_scales[i // 2][i % 2]) for i, a in enumerate(arrays)]
+
+
 def _rope(position_ids: torch.Tensor, rope) -> tuple[np.ndarray, np.ndarray]:
     cos, sin = rope_cos_sin(position_ids, rope)
     return cos.numpy(), sin.numpy()

@@ -31,6 +31,7 @@ FORMAT = "fusion-export-onnx-artifact"
 FORMAT_VERSION = 2  # 2: manifest digest, precision and query_len checked against the graphs
 MODEL_SUBDIR = "model"  # config.json, vision_config.json and tokenizer files copied from the checkpoint
 GRAPHS = ("vision_encoder", "decoder_prefill", "decoder_step")
+KV_SCALE_SUFFIX = ".kv_scale"  # an INT8 KV cache's scale initializers: past_key_values.{i}.key.kv_scale, ...
 # what every reader relies on: section -> keys
 REQUIRED = {
     "model": ("config_digest",),
@@ -178,6 +179,9 @@ class Artifact:
     query_len: int
     max_context: int | None  # the decoder graphs' fixed KV capacity, or None when it is sized per request
     quantization: str | None = None  # "int8" (W8A8) or "int8-weight-only", read from the graphs' Q/DQ nodes
+    # an INT8 KV cache's per-layer (key, value) scales (the manifest's `kv_cache` record; the graphs' cache inputs
+    # are INT8 exactly when it is there), or None for a cache in the model's dtype
+    kv_int8_scales: list[tuple[float, float]] | None = None
 
     @property
     def config(self) -> FusionConfig:
@@ -208,8 +212,14 @@ def _io_entry(io: dict[str, list[dict[str, Any]]], kind: str, name: str, where: 
 
 
 def _quantization_of(paths: list[Path]) -> str | None:
-    """What the graphs' Q/DQ nodes make them: None, "int8-weight-only" (DQ only) or "int8" (Q and DQ)."""
-    ops = {n.op_type for p in paths for n in onnx.load(p, load_external_data=False).graph.node}
+    """What the graphs' Q/DQ nodes make them: None, "int8-weight-only" (DQ only) or "int8" (Q and DQ). An INT8 KV
+    cache's own Q/DQ (their scales named `<cache input>` + KV_SCALE_SUFFIX) do not count: it is recorded apart."""
+    ops = {
+        n.op_type
+        for p in paths
+        for n in onnx.load(p, load_external_data=False).graph.node
+        if not (len(n.input) > 1 and n.input[1].endswith(KV_SCALE_SUFFIX))
+    }
     if "QuantizeLinear" in ops:
         return "int8"
     return "int8-weight-only" if "DequantizeLinear" in ops else None
@@ -271,6 +281,43 @@ def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision
     return precision, query_len, capacity, quantization
 
 
+def _kv_cache_of(folder: Path, manifest: dict[str, Any]) -> list[tuple[float, float]] | None:
+    """The INT8 KV cache's scales from the manifest's `kv_cache` record, checked against the decoder graphs' cache
+    inputs: INT8 with a record, the model's dtype without one."""
+    record = manifest.get("kv_cache")
+    caches = {
+        (name, entry["name"]): entry["dtype"]
+        for name in ("decoder_prefill", "decoder_step")
+        for entry in manifest["graphs"][name]["inputs"]
+        if entry["name"].startswith("past_key_values.")
+    }
+    int8 = {dtype == "INT8" for dtype in caches.values()}
+    where = folder / MANIFEST
+    if len(int8) != 1:
+        raise ArtifactError(f"{where}: some KV cache inputs are INT8 and some are not")
+    if record is None:
+        if int8 == {True}:
+            raise ArtifactError(f"{where}: the graphs' KV cache is INT8 but the manifest has no kv_cache record")
+        return None
+    scales = record.get("scales") if isinstance(record, dict) else None
+    layers = len(caches) // 4
+    if (
+        int8 != {True}
+        or record.get("dtype") != "int8"
+        or not isinstance(scales, list)
+        or len(scales) != layers
+        or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, float) and s > 0 for s in pair)
+            for pair in scales
+        )
+    ):
+        raise ArtifactError(
+            f"{where}: kv_cache must be {{'dtype': 'int8', 'scales': {layers} [key, value] positive floats}} "
+            f"over INT8 cache inputs (found {record!r:.200} over {sorted(caches.values())[0]} inputs)"
+        )
+    return [(k, v) for k, v in scales]
+
+
 def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
     """Read manifest.json and check format, version, digest, presence, size and (by default) sha256 of every
     file, and the graphs' inputs and outputs against it."""
@@ -293,4 +340,5 @@ def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
         raise ArtifactError(f"{folder}: artifact does not match its manifest:\n  " + "\n  ".join(problems))
     precision, query_len, max_context, quantization = _read_graph_facts(folder, manifest)
     return Artifact(folder=folder, manifest=manifest, precision=precision, query_len=query_len,
-                    max_context=max_context, quantization=quantization)  # fmt: skip
+                    max_context=max_context, quantization=quantization,
+                    kv_int8_scales=_kv_cache_of(folder, manifest))  # fmt: skip

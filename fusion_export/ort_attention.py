@@ -18,7 +18,10 @@ costs more than it must (measured on the `small` preset, 2 threads, 1040 positio
   630-715 ms with GroupQueryAttention (trt-10.3 graphs, three alternated ONNX Runtime profiles). The graph's
   RoPE and its scatter into the cache stay as exported, and one form serves padded and unpadded batches alike.
 Either way the math is the graph's: the same softmax(q k^T / sqrt(d) + mask) v over the same columns (parity is
-tested against the graphs and the reference).
+tested against the graphs and the reference). An INT8 cache (quantization/kv_cache.py) stays INT8: the step's
+GroupQueryAttention takes the graph's per-tensor scales (k_scale / v_scale, PER_TENSOR, 8 bits; ONNX Runtime 1.32's
+CPU kernel quantizes its writes and dequantizes its reads as the graph's Q/DQ do, up to one-step rounding flips),
+and the prefill's blocks read the keys and values as computed, as the graph does.
 
 The layers are found without matching op patterns: the exporter records, on every node translated from a
 decoder layer's `kv_write` or attention, the region it came from (`fusion_export.region`, onnx_export.py).
@@ -153,6 +156,20 @@ def _absorb_untagged(graph: ir.Graph, layer: _Layer) -> None:
                 grown = True
 
 
+def _unquantized(value: ir.Value) -> ir.Value:
+    producer = value.producer()
+    return producer.inputs[0] if producer is not None and producer.op_type == "QuantizeLinear" else value
+
+
+def _write_scale(write: ir.Node, scope: str) -> ir.Value:
+    """An INT8 cache write's per-tensor scale: its QuantizeLinear's (quantization/kv_cache.py)."""
+    for value in write.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "QuantizeLinear" and value.dtype == ir.DataType.INT8:
+            return producer.inputs[1]
+    raise NotFusable(f"{scope}: an INT8 cache write {write.name} without its QuantizeLinear")
+
+
 def _ancestors(value: ir.Value, depth: int) -> set[ir.Value]:
     seen, frontier = set(), [value]
     for _ in range(depth):
@@ -186,6 +203,7 @@ class _Rewrite:
         if self.dtype != ir.DataType.FLOAT:
             raise NotFusable(f"{self.dtype} graph (only float32 graphs are rewritten)")
         self.new: list[ir.Node] = []
+        self.int8_cache = self.inputs[self.pasts[0]].dtype == ir.DataType.INT8
 
     def _node(self, op_type: str, inputs, domain: str = "", num_outputs: int = 1, **attributes) -> list[ir.Value]:
         node = ir.node(op_type, inputs, attributes=attributes, domain=domain, num_outputs=num_outputs)
@@ -312,7 +330,11 @@ class _Rewrite:
         writes = {}
         for node in layer.writes:
             data = [v for v in node.inputs if v in (past_k, past_v)]
-            updates = [v for v in node.inputs if v is not None and v not in (past_k, past_v) and v.dtype == self.dtype]
+            updates = [
+                _unquantized(v)  # an INT8 cache's write stores QuantizeLinear(update)
+                for v in node.inputs
+                if v is not None and v not in (past_k, past_v) and _unquantized(v).dtype == self.dtype
+            ]
             if len(data) != 1 or len(updates) != 1:
                 raise NotFusable(f"{layer.scope}: unreadable KV write {node.name}")
             writes[data[0]] = (node, updates[0])
@@ -368,16 +390,21 @@ class _Rewrite:
             qkv, cos_sin, replaced = [packed, None, None], [*tables], result
         else:  # the attention alone, on the graph's rotated q, k, v
             qkv, cos_sin, replaced = [self._to_bsd(x) for x in (io.query, io.k_new, io.v_new)], [None] * 3, io.result
+        scales, quantized = [None, None], {}
+        if self.int8_cache:  # the kernel quantizes its writes and dequantizes its reads with the graph's scales
+            scales = [_write_scale(io.writes[past][0], layer.scope) for past in (io.past_k, io.past_v)]
+            quantized = dict(k_quant_type="PER_TENSOR", v_quant_type="PER_TENSOR", kv_cache_bit_width=8)
         out, present_k, present_v = self._node(
             "GroupQueryAttention",
-            # no head sink, KV scales or q/k norms
-            [*qkv, io.past_k, io.past_v, seqlens, total, *cos_sin, bias, *[None] * 5, query_lengths],
+            # no head sink or q/k norms
+            [*qkv, io.past_k, io.past_v, seqlens, total, *cos_sin, bias, None, *scales, None, None, query_lengths],
             domain=MS_DOMAIN,
             num_outputs=3,
             num_heads=self.heads,
             kv_num_heads=self.kv_heads,
             scale=1.0 / math.sqrt(self.head_dim),
             do_rotary=int(tables is not None),
+            **quantized,
         )
         if tables is None:
             per_head = self._op("Reshape", out, self._const([0, 0, self.heads, self.head_dim]))

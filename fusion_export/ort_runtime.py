@@ -30,7 +30,15 @@ from reference_model.generation import DecodeState, GenerationError, StageClock,
 from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
-from .graph_inputs import LOGITS, StepFeeds, past_names, prefill_inputs, present_names, vision_inputs
+from .graph_inputs import (
+    LOGITS,
+    StepFeeds,
+    cache_as_float,
+    past_names,
+    prefill_inputs,
+    present_names,
+    vision_inputs,
+)
 from .manifest import Artifact
 from .precision import Precision
 from .providers import Device, resolve_providers
@@ -124,6 +132,7 @@ class OrtModel:
         self.model_dir = artifact.model_dir
         self.precision, self.query_len = artifact.precision, artifact.query_len
         self.quantization = artifact.quantization
+        self.kv_int8_scales = artifact.kv_int8_scales
         self.max_context = artifact.max_context
         self.providers = resolve_providers(device)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
@@ -347,5 +356,7 @@ class OrtSession:
         return logits
 
     def cache_arrays(self) -> list[np.ndarray]:
-        """The KV buffers (B, kv_heads, capacity, head_dim), layer by layer (key, value), as numpy copies."""
-        return [value.numpy().copy() for value in self.cache]  # numpy() is a view of memory the session frees
+        """The KV buffers (B, kv_heads, capacity, head_dim), layer by layer (key, value), as numpy copies of the
+        values attention reads (an INT8 cache dequantized)."""
+        copies = [value.numpy().copy() for value in self.cache]  # numpy() is a view of memory the session frees
+        return cache_as_float(copies, self.model.kv_int8_scales)

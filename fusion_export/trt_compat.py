@@ -24,6 +24,12 @@ from .output_files import OutputKind, write_json
 from .trt_targets import TrtTarget
 
 _DTYPE_NAMES = {v: k for k, v in onnx.TensorProto.DataType.items()}
+# Ops that move INT8 data (an INT8 KV cache) without computing on it. The operator tables list no INT8 for them
+# (only Q/DQ produce or read INT8 there), yet TensorRT-RTX 1.7.1's parser and builder take INT8 through each of
+# them (tests/test_kv_int8.py): a warning, to be confirmed on the target. TensorScatter is not among them: RTX
+# refuses an INT8 cache there ("cache has type Int8 but must have type Float, Half, or BFloat16").
+INT8_DATA_MOVEMENT = {"ScatterElements", "ScatterND", "Shape"}
+_INT8_UNLISTED = "INT8 data: not in the operator table's types, built by TensorRT-RTX 1.7.1; confirm on the target"
 
 
 @dataclass
@@ -166,16 +172,20 @@ class _GraphChecker:
         # the table lists one dtype set per op without saying which input it means; it describes the data
         # input, which is input 0 for every op this project emits
         dtypes = spec.get("dtypes") or []
+        moves_int8 = node.op_type in INT8_DATA_MOVEMENT
         if dtypes and node.input and node.input[0]:
             dtype = self.dtype(node.input[0])
-            if dtype is not None and dtype not in dtypes:
+            if dtype == "INT8" and moves_int8:
+                self.add("warning", where, _INT8_UNLISTED)
+            elif dtype is not None and dtype not in dtypes:
                 self.add("error", where, f"input dtype {dtype} not supported (allowed: {', '.join(dtypes)})")
         for out in node.output:
             dtype = self.dtype(out) if out else None
             if dtype in self.table.get("io_only_dtypes", []):
                 self.add("error", where, f"output '{out}' is {dtype}, which TensorRT allows only as network I/O")
             quantized = dtype in self.table.get("quantized_only_dtypes", [])
-            if quantized and node.op_type not in ("QuantizeLinear", "Constant"):
+            produced = node.op_type in ("QuantizeLinear", "Constant") or (dtype == "INT8" and moves_int8)
+            if quantized and not produced:
                 self.add("error", where, f"output '{out}' is {dtype}, which TensorRT produces only by QuantizeLinear")
 
     def check_attributes(self, node: onnx.NodeProto, where: str, spec: dict[str, Any]) -> None:

@@ -231,12 +231,19 @@ class DecodeState:
 class ReferenceSession:
     """The PyTorch reference as a DecoderSession (eager, fixed-capacity KV cache)."""
 
-    def __init__(self, model: FusionModel, batch: PreparedBatch, max_new_tokens: int):
+    def __init__(
+        self,
+        model: FusionModel,
+        batch: PreparedBatch,
+        max_new_tokens: int,
+        kv_int8_scales: list[tuple[float, float]] | None = None,
+    ):
+        """kv_int8_scales: an INT8 KV cache's per-layer (key, value) scales (an artifact's `kv_cache` record)."""
         max_positions = model.config.decoder.rope.max_position_embeddings
         self.state = DecodeState(batch.layout, max_new_tokens, max_positions)
         self.model, self.batch = model, batch
         self.batch_size = batch.layout.batch_size
-        self.cache = model.new_cache(self.batch_size, self.state.capacity)
+        self.cache = model.new_cache(self.batch_size, self.state.capacity, kv_int8_scales)
         self.vision: VisionOutputs | None = None  # the prefill's vision stage outputs
         self.keep_prefill_logits = False  # set True to keep every position's prefill logits
         self.prefill_logits: torch.Tensor | None = None  # (B, S, V) float32 when kept

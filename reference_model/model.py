@@ -134,6 +134,7 @@ class FusionModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int, int8_scales: list[tuple[float, float]] | None = None) -> KVCache:
+        """int8_scales: per layer (key, value) scales of an INT8 cache (kv_cache.py), or None for the model's dtype."""
         d = self.config.decoder
-        return KVCache(d.num_layers, batch, d.num_kv_heads, capacity, d.head_dim, self.dtype, self.device)
+        return KVCache(d.num_layers, batch, d.num_kv_heads, capacity, d.head_dim, self.dtype, self.device, int8_scales)

@@ -199,6 +199,7 @@ def run_bench(args: argparse.Namespace) -> int:
         backend = open_backend(BackendKind.onnxruntime, folder, options)
         target = backend.artifact.manifest["export"]["trt_target"]
         numbers = (backend.quantization or backend.precision) + ("" if backend.int8_kernels else " as float math")
+        numbers += ", INT8 KV" if backend.kv_int8_scales else ""
         form = ", graph attention" if attention == "graph" and len(args.ort_attention) > 1 else ""
         contenders.append(BackendContender(f"onnxruntime {target} {numbers} ({Path(folder).name}{form})",
                                            backend, settings))  # fmt: skip

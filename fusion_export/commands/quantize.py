@@ -26,6 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="ART_Q", help="artifact folder to create (must not exist)")
     p.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="int8 (default) or fp16")
     p.add_argument("--weight-only", action="store_true", help="int8 weights, float activations (no calibration)")
+    p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
+                   help="int8: an INT8 KV cache, its per-layer scales calibrated (a quarter of the bytes)")  # fmt: skip
+    p.add_argument("--linear", choices=["int8", "float"], default="int8",
+                   help="float: keep the linear layers as they are (with --kv-cache int8: only the cache)")  # fmt: skip
     p.add_argument("--calib", metavar="DIR", help="calibration images (+ questions.txt); default: bundled set")
     p.add_argument("--num-samples", type=positive_int, default=16, metavar="N", help="calibration requests (16)")
     p.add_argument("--decode-steps", type=positive_int, default=8, metavar="N", help="steps per request (8)")
@@ -51,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.percentile < 100:
         raise FusionError(f"--percentile {args.percentile}: must be in (0, 100)")
     artifact = open_artifact(args.artifact)
+    if args.precision == "fp16" and (args.kv_cache, args.linear) != ("float", "int8"):
+        raise FusionError("--kv-cache and --linear are for --precision int8")
+    if args.linear == "float" and (args.kv_cache == "float" or args.weight_only):
+        raise FusionError("--linear float quantizes only the KV cache: give --kv-cache int8 (and no --weight-only)")
     if args.precision == "fp16":
         return _fp16(args, artifact)
     if args.model:
@@ -60,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     exclude = DEFAULT_EXCLUDE if args.exclude is None else tuple(p for p in args.exclude if p != "none")
     floats = DEFAULT_FLOAT_INPUTS if args.float_inputs is None else tuple(p for p in args.float_inputs if p != "none")
-    calibration = None if args.weight_only else load_calibration_set(args.calib, args.num_samples)
+    calibrated = args.kv_cache == "int8" or (args.linear == "int8" and not args.weight_only)
+    calibration = load_calibration_set(args.calib, args.num_samples) if calibrated else None
     options = QuantizeOptions(
         weight_only=args.weight_only,
         method=args.method,
@@ -70,10 +79,17 @@ def run(args: argparse.Namespace) -> int:
         decode_steps=args.decode_steps,
         threads=args.threads,
         calibration=calibration,
+        linear=args.linear == "int8",
+        kv_cache=args.kv_cache == "int8",
     )
     result = quantize_int8(artifact, args.out, options, verbose=not args.quiet)
-    counts = ", ".join(f"{name} {len(done)}" for name, done in result.quantized.items())
-    print(f"INT8 linear layers: {counts}; kept in float: {', '.join(result.excluded) or 'none'}")
+    if options.linear:
+        counts = ", ".join(f"{name} {len(done)}" for name, done in result.quantized.items())
+        print(f"INT8 linear layers: {counts}; kept in float: {', '.join(result.excluded) or 'none'}")
+    if result.kv_int8_scales:
+        keys, values = zip(*result.kv_int8_scales)
+        print(f"INT8 KV cache: {len(keys)} layers, key scales {min(keys):.3g}-{max(keys):.3g}, "
+              f"value scales {min(values):.3g}-{max(values):.3g}")  # fmt: skip
     print(result.trt_report.table())
     return 0
 

@@ -87,15 +87,16 @@ def run(args: argparse.Namespace) -> int:
     session = candidate.session(batch, args.max_new_tokens)  # request limits checked before any heavy work
     model = load_model(args.model)  # the float32 reference is the truth for every precision
 
-    tolerances = Tolerances.for_precision(candidate.precision, candidate.quantization)
+    tolerances = Tolerances.for_precision(candidate.precision, candidate.quantization, candidate.kv_int8_scales)
     if args.atol is not None:
         tolerances = dataclasses.replace(tolerances, atol=args.atol)
-    report = validate_session(model, batch, session, args.max_new_tokens, tolerances)
+    report = validate_session(model, batch, session, args.max_new_tokens, tolerances, candidate.kv_int8_scales)
     report.info.update(
         deployment=str(Path(args.deployment).resolve()),
         backend=candidate.describe(),
         precision=candidate.precision.value,
         quantization=candidate.quantization,
+        kv_cache="int8" if candidate.kv_int8_scales else "float",
     )
     print(report.table())
     if args.json:

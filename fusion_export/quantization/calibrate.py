@@ -29,6 +29,7 @@ from ..manifest import GRAPHS, Artifact
 from ..ort_runtime import OrtModel, OrtSession
 from .calibration_set import CalibrationSet
 from .entropy import Histogram
+from .kv_cache import WRITE_UPDATE
 from .qdq import MIN_SCALE, QMAX, is_linear_weight
 
 METHODS = ("percentile", "max", "entropy", "smoothquant")
@@ -77,20 +78,35 @@ def _linear_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
     return out
 
 
-class _Observed:
-    """An InferenceSession that returns only the graph's own outputs and gives the extra ones to the observer."""
+def _kv_updates(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """new keys/values tensor -> [the cache input it is written into] (kv_cache.WRITE_UPDATE's rule, on the proto)."""
+    pasts = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
+    out: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in WRITE_UPDATE and node.input[0] in pasts:
+            out.setdefault(node.input[WRITE_UPDATE[node.op_type]], []).append(node.input[0])
+    return out
 
-    def __init__(self, session, n_outputs: int, watched: dict[str, list[str]], observer: RangeObserver):
-        self.session, self.n, self.watched, self.observer = session, n_outputs, watched, observer
+
+class _Observed:
+    """An InferenceSession that returns only the graph's own outputs and gives the extra ones to the observers:
+    `watched` is a list of (tensor -> keys, observer)."""
+
+    def __init__(self, session, n_outputs: int, watched: list[tuple[dict[str, list[str]], RangeObserver]]):
+        self.session, self.n, self.watched = session, n_outputs, watched
         self.names = [o.name for o in session.get_outputs()]
+
+    def _observe(self, name: str, value: np.ndarray) -> None:
+        for tensors, observer in self.watched:
+            if name in tensors:
+                observer.observe(tensors[name], value)
 
     def run(self, _names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs = self.session.run(None, feeds)
         for name, value in zip(self.names[self.n :], outputs[self.n :]):
-            self.observer.observe(self.watched[name], value)
+            self._observe(name, value)
         for name, value in feeds.items():  # an activation that is a graph input
-            if name in self.watched:
-                self.observer.observe(self.watched[name], value)
+            self._observe(name, value)
         return outputs[: self.n]
 
 
@@ -109,8 +125,11 @@ class _CalibrationSession(OrtSession):
         return torch.from_numpy(self._run(self.model.step_session, self.feeds.advance(tokens)).copy())
 
 
-def _instrumented_copy(artifact: Artifact, scratch: Path) -> tuple[Artifact, dict[str, dict[str, list[str]]]]:
-    """The artifact's files linked into `scratch`, its graphs replaced by copies with the extra outputs."""
+def _instrumented_copy(
+    artifact: Artifact, scratch: Path
+) -> tuple[Artifact, dict[str, dict[str, list[str]]], dict[str, dict[str, list[str]]]]:
+    """The artifact's files linked into `scratch`, its graphs replaced by copies with the extra outputs: the
+    linear layers' inputs and the KV cache writes' updates (the two `watched` maps returned)."""
     for entry in artifact.folder.iterdir():
         if entry.is_dir():
             shutil.copytree(entry, scratch / entry.name)
@@ -119,15 +138,16 @@ def _instrumented_copy(artifact: Artifact, scratch: Path) -> tuple[Artifact, dic
                 os.link(entry, scratch / entry.name)
             except OSError:  # another file system
                 shutil.copy2(entry, scratch / entry.name)
-    watched = {}
+    watched, kv_watched = {}, {}
     for name in GRAPHS:
         path = artifact.graph_path(name)
         model = onnx.load(path, load_external_data=False)
-        watched[name] = _linear_inputs(model)
+        watched[name], kv_watched[name] = _linear_inputs(model), _kv_updates(model)
         inputs = {i.name for i in model.graph.input}  # those are observed from the feeds
-        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in watched[name] if t not in inputs)
+        extra = [t for t in {**watched[name], **kv_watched[name]} if t not in inputs]
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
         onnx.save(model, scratch / path.name)
-    return replace(artifact, folder=scratch), watched
+    return replace(artifact, folder=scratch), watched, kv_watched
 
 
 def calibrate(
@@ -138,20 +158,26 @@ def calibrate(
     threads: int | None = None,
     on_sample: Callable[[int], None] | None = None,
     scratch_parent: Path | None = None,
+    kv_observer: RangeObserver | None = None,
 ) -> RangeObserver:
-    """Run every calibration request (prefill + `decode_steps` greedy steps) and record activation ranges."""
+    """Run every calibration request (prefill + `decode_steps` greedy steps) and record activation ranges; with
+    `kv_observer`, also the ranges of the keys and values written into each cache buffer (keyed by its input)."""
     config = artifact.config
     tokenizer = load_tokenizer(artifact.model_dir)
     scratch = Path(tempfile.mkdtemp(prefix=".calibration-", dir=scratch_parent))
     try:
-        instrumented, watched = _instrumented_copy(artifact, scratch)
+        instrumented, watched, kv_watched = _instrumented_copy(artifact, scratch)
         # attention as exported: the watched activations are the graphs' own tensors, which a fused rewrite removes
         model = OrtModel(instrumented, threads=threads, weights="shared", attention="graph").load()
         counts = {n: len(artifact.manifest["graphs"][n]["outputs"]) for n in GRAPHS}
-        model.vision = _Observed(model.vision, counts["vision_encoder"], watched["vision_encoder"], observer)
-        model.prefill_session = _Observed(model.prefill_session, counts["decoder_prefill"],
-                                          watched["decoder_prefill"], observer)  # fmt: skip
-        model.step_session = _Observed(model.step_session, counts["decoder_step"], watched["decoder_step"], observer)
+
+        def observed(session, name: str) -> _Observed:
+            pairs = [(watched[name], observer)] + ([(kv_watched[name], kv_observer)] if kv_observer else [])
+            return _Observed(session, counts[name], pairs)
+
+        model.vision = observed(model.vision, "vision_encoder")
+        model.prefill_session = observed(model.prefill_session, "decoder_prefill")
+        model.step_session = observed(model.step_session, "decoder_step")
         for i, (image, question) in enumerate(calibration.samples()):
             request = make_request(image, question, tokenizer, config)
             batch = prepare_batch([request], config, artifact.query_len)

@@ -88,7 +88,8 @@ def smoothing_factors(channel_max: np.ndarray, weight: np.ndarray, alpha: float)
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A named constant registered as one of the graph's initializers (scales, zero points, INT8 weights)."""
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
@@ -122,15 +123,15 @@ def quantize_graph(
         if name not in dequantized:  # one DequantizeLinear per weight, however many MatMuls read it
             weight = weight_value.const_value.numpy()
             q, scale = quantize_weight(weight if smooth is None else weight * smooth[:, None])
-            dq = ir.node("DequantizeLinear", [_initializer(graph, f"{name}.int8", q),
-                                              _initializer(graph, f"{name}.scale", scale)],
+            dq = ir.node("DequantizeLinear", [initializer(graph, f"{name}.int8", q),
+                                              initializer(graph, f"{name}.scale", scale)],
                          {"axis": 1}, name=f"{name}/dequantize")  # fmt: skip
             graph.insert_before(layer.node, dq)
             dequantized[name] = dq.outputs[0]
         layer.node.replace_input_with(1, dequantized[name])
         if quantize_input:
             if zero_point is None:
-                zero_point = _initializer(graph, "fusion_export.int8_zero_point", np.zeros((), np.int8))
+                zero_point = initializer(graph, "fusion_export.int8_zero_point", np.zeros((), np.int8))
             if name not in activation_scales:
                 raise FusionError(f"{name}: no calibration range for its input (the calibration never ran it)")
             scale_name = f"{name}.input_scale"
@@ -138,12 +139,12 @@ def quantize_graph(
                 value = activation_scales[name]
                 if smooth is not None:  # the smoothed input's range: max over channels of max|x_j| / s_j
                     value = max(float((channel_max[name] / smooth).max()) / QMAX, MIN_SCALE)
-                _initializer(graph, scale_name, np.array(value, np.float32))
+                initializer(graph, scale_name, np.array(value, np.float32))
             scale = graph.initializers[scale_name]
             activation = layer.activation
             if smooth is not None:
                 if f"{name}.smooth" not in graph.initializers:
-                    _initializer(graph, f"{name}.smooth", (1.0 / smooth).astype(np.float32))
+                    initializer(graph, f"{name}.smooth", (1.0 / smooth).astype(np.float32))
                 inverse = graph.initializers[f"{name}.smooth"]
                 mul = ir.node("Mul", [activation, inverse], name=f"{name}/{len(done)}/smooth")
                 graph.insert_before(layer.node, mul)

@@ -1,7 +1,9 @@
-"""An fp32 artifact -> a quantized artifact folder (same layout, same manifest format, a `quantization` record).
+"""An fp32 artifact -> a quantized artifact folder (same layout, same manifest format, a `quantization` record
+and/or a `kv_cache` record).
 
 int8: calibrate activation ranges through the source graphs (unless --weight-only), rewrite every graph's linear
-layers with Q/DQ (qdq.py), write the weights groups once each, run the ONNX checker and the static TensorRT
+layers with Q/DQ (qdq.py) and, with an INT8 KV cache, the decoder graphs' cache (kv_cache.py, its ranges
+calibrated on the same requests), write the weights groups once each, run the ONNX checker and the static TensorRT
 check for the source's target, and seal the manifest. fp16: re-export the checkpoint at fp16 with the source's
 settings (the exporter keeps norm statistics, softmax, RoPE tables and logits in float32).
 The folder is built under a temporary name and renamed at the end, so it exists only when complete.
@@ -20,6 +22,7 @@ from reference_model.checkpoint import staging_folder
 from reference_model.errors import FusionError
 
 from ..export import check_written_graphs
+from ..graph_inputs import past_names
 from ..manifest import GRAPHS, MODEL_SUBDIR, Artifact, graph_io, write_manifest
 from ..onnx_export import save_group
 from ..precision import Precision
@@ -27,6 +30,7 @@ from ..progress import Progress
 from ..trt_targets import TrtTarget
 from .calibrate import RangeObserver, calibrate
 from .calibration_set import CalibrationSet
+from .kv_cache import quantize_kv_cache
 from .qdq import DEFAULT_EXCLUDE, DEFAULT_FLOAT_INPUTS, quantize_graph
 
 
@@ -39,7 +43,9 @@ class QuantizeOptions:
     float_inputs: tuple[str, ...] = DEFAULT_FLOAT_INPUTS
     decode_steps: int = 8  # greedy steps per calibration request: the step graph sees real decode activations
     threads: int | None = None
-    calibration: CalibrationSet | None = None  # required unless weight_only
+    calibration: CalibrationSet | None = None  # required unless weight_only (and linear) without kv_cache
+    linear: bool = True  # quantize the linear layers (False: only the KV cache, with kv_cache)
+    kv_cache: bool = False  # an INT8 KV cache (kv_cache.py), its scales calibrated at max |x|
 
 
 @dataclass
@@ -47,6 +53,7 @@ class QuantizeResult:
     folder: Path
     quantized: dict[str, list[str]] = field(default_factory=dict)  # graph -> weights quantized
     excluded: list[str] = field(default_factory=list)
+    kv_int8_scales: list[tuple[float, float]] | None = None
     trt_report: Any = None
 
 
@@ -63,36 +70,57 @@ def _activation_rule(options: QuantizeOptions) -> str:
     return rule + (f" {options.percentile}" if options.method == "percentile" else "")
 
 
+def kv_scales(observer: RangeObserver, num_layers: int) -> list[tuple[float, float]]:
+    """Per layer (key, value) INT8 scales from the largest |key| / |value| written (max: a clipped key outlier
+    changes which columns a query attends to)."""
+    names = past_names(num_layers)
+    missing = [n for n in names if n not in observer.absmax]
+    if missing:
+        raise FusionError(f"{missing[0]}: no calibration range (the calibration never wrote that cache)")
+    scales = observer.scales()
+    return [(scales[names[2 * i]], scales[names[2 * i + 1]]) for i in range(num_layers)]
+
+
 def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOptions, verbose: bool = True):
-    if artifact.precision is not Precision.fp32 or artifact.quantization:
+    if artifact.precision is not Precision.fp32 or artifact.quantization or artifact.kv_int8_scales:
+        done = artifact.quantization or ("an INT8 KV cache" if artifact.kv_int8_scales else artifact.precision)
         raise FusionError(f"{artifact.folder}: int8 quantization starts from an fp32, unquantized artifact "
-                          f"(this one is {artifact.quantization or artifact.precision})")  # fmt: skip
+                          f"(this one is {done})")  # fmt: skip
+    if not (options.linear or options.kv_cache):
+        raise FusionError("nothing to quantize: neither the linear layers nor the KV cache")
     out_dir = Path(out_dir)
     calibration = options.calibration
-    steps = 4 + (0 if options.weight_only else 1)
+    activations = options.linear and not options.weight_only
+    steps = 4 + (1 if activations or options.kv_cache else 0)
+    layers = artifact.config.decoder.num_layers
     progress = Progress(total_steps=steps, enabled=verbose)
     manifest = artifact.manifest
     result = QuantizeResult(out_dir)
     with staging_folder(out_dir) as tmp:
-        scales, channel_max = None, None
-        if not options.weight_only:
+        scales, channel_max, cache_scales = None, None, None
+        if activations or options.kv_cache:
             if calibration is None:
-                raise FusionError("W8A8 needs a calibration set (or --weight-only)")
+                raise FusionError("W8A8 and an INT8 KV cache need a calibration set (or --weight-only)")
             progress.step(f"calibrate: {calibration.num_samples} requests from {calibration.source} ({options.method})")
-            observer = RangeObserver(options.method, options.percentile)
+            observer, kv_observer = RangeObserver(options.method, options.percentile), RangeObserver("max")
             calibrate(artifact, calibration, observer, options.decode_steps, options.threads,
                       on_sample=lambda n: progress.detail(f"{n}/{calibration.num_samples} requests"),
-                      scratch_parent=tmp)  # fmt: skip
-            scales = observer.scales()
-            channel_max = observer.channel_max if options.method == "smoothquant" else None
+                      scratch_parent=tmp, kv_observer=kv_observer if options.kv_cache else None)  # fmt: skip
+            scales = observer.scales() if activations else None
+            channel_max = observer.channel_max if activations and options.method == "smoothquant" else None
+            cache_scales = kv_scales(kv_observer, layers) if options.kv_cache else None
+            result.kv_int8_scales = cache_scales
         progress.step("rewrite graphs with Q/DQ")
         groups: dict[str, dict[str, ir.Model]] = {}
         excluded: set[str] = set()
         for name in GRAPHS:
             model = ir.load(artifact.graph_path(name))
-            done, skipped = quantize_graph(model.graph, options.exclude, scales, options.float_inputs, channel_max)
-            result.quantized[name] = done
-            excluded.update(skipped)
+            if options.linear:
+                done, skipped = quantize_graph(model.graph, options.exclude, scales, options.float_inputs, channel_max)
+                result.quantized[name] = done
+                excluded.update(skipped)
+            if cache_scales is not None and name != "vision_encoder":
+                quantize_kv_cache(model, layers, artifact.config.decoder.num_kv_heads, cache_scales)
             groups.setdefault(manifest["graphs"][name]["weights"], {})[name] = model
         result.excluded = sorted(excluded)
         progress.step("write graphs and weights")
@@ -110,6 +138,13 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
         result.trt_report = report
 
         progress.step("write manifest (sha256 of every file)")
+        calibration_record = None if calibration is None else {
+            "source": calibration.source,
+            "samples": calibration.num_samples,
+            "decode_steps": options.decode_steps,
+            "sha256": calibration.digest(),
+        }  # fmt: skip
+        source = {"name": artifact.folder.resolve().name, "manifest_sha256": manifest["manifest_sha256"]}
         record = {
             "mode": quantization_mode(options.weight_only),
             "weights": "INT8 per output channel, symmetric (zero-point 0), MSE-optimal clipping, DQ axis 1",
@@ -118,19 +153,23 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
             "quantized_layers": {name: len(done) for name, done in result.quantized.items()},
             "excluded": result.excluded,
             "exclude_patterns": list(options.exclude),
-            "source": {"name": artifact.folder.resolve().name, "manifest_sha256": manifest["manifest_sha256"]},
+            "source": source,
         }
         if not options.weight_only:
-            record["calibration"] = {
-                "source": calibration.source,
-                "samples": calibration.num_samples,
-                "decode_steps": options.decode_steps,
-                "sha256": calibration.digest(),
-            }
+            record["calibration"] = calibration_record
         content = {k: manifest[k] for k in ("model", "export", "embeddings")}
         content["graphs"] = {name: {**manifest["graphs"][name], **graph_io(path)} for name, path in paths.items()}
         content["trt_compat"] = {"target": report.target, "ok": report.ok, "report": "trt_compat.json"}
-        content["quantization"] = record
+        if options.linear:
+            content["quantization"] = record
+        if cache_scales is not None:
+            content["kv_cache"] = {
+                "dtype": "int8",
+                "scales": [[float(k), float(v)] for k, v in cache_scales],
+                "rule": "per layer and tensor (key, value), symmetric, zero point 0, scale = max |x| / 127",
+                "calibration": calibration_record,
+                "source": source,
+            }
         write_manifest(tmp, content, data_hashes)
     elapsed = progress.done()
     if verbose:
