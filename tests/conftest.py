@@ -36,6 +36,8 @@ EXPORT_GROUPS = [
     ("tests/test_trt_build.py::test_small_shape_builds", "small-build"),  # independent: balances the workers
     ("tests/test_trt_build.py", "demo-exports"),
     ("tests/test_bench.py", "demo-exports"),
+    ("tests/test_kv_int8.py", "demo-exports"),  # quantizes the demo exports above, its plugin form included
+    ("tests/test_plugin_kernels.py::test_export_with_plugins_matches_reference_and_builds", "demo-exports"),
     ("tests/test_quantize.py", "quantize"),  # its own demo exports: balances the workers
     ("tests/test_ort_attention.py", "ort-attention"),  # module-scoped GQA exports shared by its tests
 ]
@@ -214,15 +216,24 @@ FLAVOURS = [("trt-10.3", "fp32", None), ("trt-10.3", "fp16", None), ("trt-10.15"
 
 @pytest.fixture(scope="session")
 def export_demo(demo_checkpoint, tmp_path_factory):
-    """Export the demo model once per (target, precision, max_context) per test session."""
+    """Export the demo model once per (target, precision, max_context, plugins) per test session; the plugin form
+    through the CLI, so that `--plugins on` is what its tests read."""
     from fusion_export.export import ExportOptions, export_artifact
     from fusion_export.precision import Precision
     from fusion_export.trt_targets import TrtTarget
 
     cache: dict[tuple, Path] = {}
 
-    def get(target: str, precision: str = "fp32", max_context: int | None = None) -> Path:
-        key = (target, precision, max_context)
+    def get(target: str, precision: str = "fp32", max_context: int | None = None, plugins: bool = False) -> Path:
+        key = (target, precision, max_context, plugins)
+        if key not in cache and plugins:
+            out = tmp_path_factory.mktemp("demo-artifacts") / f"demo-{target}-{precision}-{max_context}-plugins"
+            capacity = ["--max-context", str(max_context)] if max_context else []
+            result = run_main("export", "--model", str(demo_checkpoint), "--out", str(out), "--query-len", "16",
+                              "--trt-target", target, "--dtype", precision, *capacity, "--plugins", "on",
+                              "--quiet")  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            cache[key] = out
         if key not in cache:
             out = tmp_path_factory.mktemp("demo-artifacts") / f"demo-{target}-{precision}-{max_context}"
             options = ExportOptions(

@@ -62,23 +62,17 @@ def test_reference_int8_cache_semantics():
 
 
 @pytest.fixture(scope="module")
-def kv_int8(export_demo, demo_checkpoint, tmp_path_factory):
-    """form -> an INT8-KV artifact of the demo model (linear layers float), made once."""
+def kv_int8(export_demo, tmp_path_factory):
+    """form -> an INT8-KV artifact of the demo model (linear layers float), made once from the shared exports."""
     made = {}
 
     def get(form: str):
         if form not in made:
             target, max_context, plugins = FORMS[form]
-            if plugins:
-                source = tmp_path_factory.mktemp("src") / "plugins"
-                result = run_main("export", "--model", str(demo_checkpoint), "--out", str(source), "--query-len",
-                                  "16", "--plugins", "on", "--quiet")  # fmt: skip
-                assert result.returncode == 0, result.stderr
-            else:
-                source = export_demo(target, "fp32", max_context)
             out = tmp_path_factory.mktemp("kv") / form
-            result = run_main("quantize", str(source), "--out", str(out), "--kv-cache", "int8", "--linear", "float",
-                              "--num-samples", "2", "--decode-steps", "4", "--quiet")  # fmt: skip
+            result = run_main("quantize", str(export_demo(target, "fp32", max_context, plugins)), "--out", str(out),
+                              "--kv-cache", "int8", "--linear", "float", "--num-samples", "2", "--decode-steps", "4",
+                              "--quiet")  # fmt: skip
             assert result.returncode == 0, result.stderr
             made[form] = out
         return made[form]

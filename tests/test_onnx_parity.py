@@ -20,9 +20,10 @@ from reference_model.prompt import load_tokenizer
 from .conftest import DEMO_IMAGE
 from .test_cli_golden import run_cli
 
-# query_len 16 and 64 pool unevenly (overlapping windows); 36 evenly. 36 also covers the opset-24
-# TensorScatter flavour, 16 and 64 the opset-20 ScatterElements one.
-CASES = [(16, "trt-10.3"), (36, "trt-10.15"), (64, "trt-10.3")]
+# Both flavours against the oracle: the default opset-20 ScatterElements graphs at the checkpoint's query_len,
+# the opset-24 TensorScatter graphs at 64, whose 8x8 windows overlap unevenly on the 54x54 grid (each oracle
+# export traces 26 vision layers, ~80 s here: even windows are left to tests/test_window_max_pool.py's ONNX form).
+CASES = [(16, "trt-10.3"), (64, "trt-10.15")]
 
 
 @pytest.mark.parametrize("query_len,target", CASES)

@@ -164,7 +164,7 @@ def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, kv_dtype, tm
     build_plugin_model(model, tmp_path / "decode_attention.onnx", profile, min_layers=10, min_plan_bytes=100_000)
 
 
-def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_path):
+def test_export_with_plugins_matches_reference_and_builds(export_demo, demo_checkpoint, tmp_path):
     """`export --plugins on`: the step graph's attention becomes DecodeAttention nodes, the prefill's interaction
     attention InteractionAttention nodes (no window gather left) and the vision encoder's pooling WindowMaxPool
     nodes (+ local functions); ONNX Runtime runs the files within the fp32 gates with identical greedy ids, and
@@ -180,10 +180,7 @@ def test_export_with_plugins_matches_reference_and_builds(demo_checkpoint, tmp_p
 
     from .conftest import run_main
 
-    art = tmp_path / "art"
-    result = run_main("export", "--model", str(demo_checkpoint), "--out", str(art), "--query-len", "16",
-                      "--plugins", "on", "--quiet")  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    art = export_demo("trt-10.3", plugins=True)  # `export --plugins on`, shared with tests/test_kv_int8.py
     step = onnx.load(art / "decoder_step.onnx", load_external_data=False)
     plugin_nodes = [n for n in step.graph.node if (n.domain, n.op_type) == (DOMAIN, DECODE_ATTENTION)]
     layers = json.loads((demo_checkpoint / "config.json").read_text())["num_hidden_layers"]

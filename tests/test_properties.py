@@ -107,14 +107,14 @@ ROW_QUESTIONS = ["What is shown?", "Count the boxes.", "Is it sunny? Answer yes 
 
 @pytest.fixture(scope="module")
 def runtimes(export_oracle):
-    """ONNX Runtime over the exports other tests make too (query_len 16 and 64 pool unevenly, 36 evenly)."""
-    cases = [(16, "trt-10.3"), (36, "trt-10.15"), (64, "trt-10.3")]
+    """ONNX Runtime over the exports tests/test_onnx_parity.py makes too (both flavours; 4x4 and 8x8 windows)."""
+    cases = [(16, "trt-10.3"), (64, "trt-10.15")]
     return {q: OrtModel(open_artifact(export_oracle(q, target))) for q, target in cases}
 
 
 @settings(CI, max_examples=8)
 @given(
-    query_len=st.sampled_from([16, 36, 64]),
+    query_len=st.sampled_from([16, 64]),
     rows=st.lists(st.tuples(st.sampled_from(ROW_QUESTIONS), st.booleans()), min_size=1, max_size=3),
 )
 def test_reference_and_onnxruntime_agree(oracle_model, oracle_dir, runtimes, query_len, rows):
