@@ -176,7 +176,7 @@ class BackendContender:
         return graph_weight_bytes(self.backend.artifact.graph_path("decoder_step"))
 
     def kv_value_bytes(self) -> float:
-        if getattr(self.backend, "kv_int8_scales", None) is not None:
+        if self.backend.kv_int8_scales is not None:
             return 1  # an INT8 KV cache
         return self.weight_value_bytes()
 

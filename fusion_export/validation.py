@@ -243,6 +243,7 @@ def validate_session(
     kv_int8_scales: the candidate's INT8 KV cache scales, which the reference then quantizes its cache with."""
     reference = ReferenceSession(model, batch, max_new_tokens, kv_int8_scales)
     tol = tolerances
+    step_tol = tol if tol.step_atol is None else replace(tol, atol=tol.step_atol)  # the decode steps' logits
     stages: list[StageMetrics] = []
     info = {"seq_len": batch.layout.seq_len, "batch": batch.layout.batch_size, "query_len": batch.query_len}
 
@@ -275,7 +276,6 @@ def validate_session(
         except NonFiniteError as e:
             error = str(e)
             break
-        step_tol = tol if tol.step_atol is None else replace(tol, atol=tol.step_atol)
         stages.append(
             compare(f"step {step + 1} logits", cand_logits[-1].numpy(), ref_logits[-1].float().numpy(), step_tol)
         )

@@ -145,23 +145,21 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
             "sha256": calibration.digest(),
         }  # fmt: skip
         source = {"name": artifact.folder.resolve().name, "manifest_sha256": manifest["manifest_sha256"]}
-        record = {
-            "mode": quantization_mode(options.weight_only),
-            "weights": "INT8 per output channel, symmetric (zero-point 0), MSE-optimal clipping, DQ axis 1",
-            "activations": None if options.weight_only else _activation_rule(options),
-            "float_inputs": [] if options.weight_only else list(options.float_inputs),
-            "quantized_layers": {name: len(done) for name, done in result.quantized.items()},
-            "excluded": result.excluded,
-            "exclude_patterns": list(options.exclude),
-            "source": source,
-        }
-        if not options.weight_only:
-            record["calibration"] = calibration_record
         content = {k: manifest[k] for k in ("model", "export", "embeddings")}
         content["graphs"] = {name: {**manifest["graphs"][name], **graph_io(path)} for name, path in paths.items()}
         content["trt_compat"] = {"target": report.target, "ok": report.ok, "report": "trt_compat.json"}
         if options.linear:
-            content["quantization"] = record
+            content["quantization"] = {
+                "mode": quantization_mode(options.weight_only),
+                "weights": "INT8 per output channel, symmetric (zero-point 0), MSE-optimal clipping, DQ axis 1",
+                "activations": None if options.weight_only else _activation_rule(options),
+                "float_inputs": [] if options.weight_only else list(options.float_inputs),
+                "quantized_layers": {name: len(done) for name, done in result.quantized.items()},
+                "excluded": result.excluded,
+                "exclude_patterns": list(options.exclude),
+                "source": source,
+                **({} if options.weight_only else {"calibration": calibration_record}),
+            }
         if cache_scales is not None:
             content["kv_cache"] = {
                 "dtype": "int8",
