@@ -1,12 +1,12 @@
-"""Where an ONNX Runtime decoder spends its time: per-op-type kernel times of one artifact's prefill and decode
+"""Where ONNX Runtime spends its time: per-op-type kernel times of one artifact's vision encoder, prefill and decode
 step, from ONNX Runtime's own profiler, over real requests driven by the bench harness.
 
     python -m benchmarks.ort_profile ARTIFACT [--requests 3] [--prompt-len 1040] [--new-tokens 64] [--threads 2]
                                      [--top 12] [--out ops.json]
 
 The first request warms the sessions (arena growth, first-touch page faults: a first prefill ran ~1.6x slower
-than later ones on the `small` preset); the prefill figures are the last request's, the step figures every later
-step's. Not a timed test: a tool for the benchmark notes (README, `fusion-export bench` section).
+than later ones on the `small` preset); the vision encoder's and prefill's figures are the last request's, the step
+figures every later step's. Not a timed test: a tool for the benchmark notes (README, `fusion-export bench` section).
 """
 
 from __future__ import annotations
@@ -66,12 +66,13 @@ def profile(artifact_dir: Path, requests: int, settings: BenchSettings) -> dict:
         for _ in range(requests):
             contender.run()
         out = {"artifact": str(artifact_dir), "attention": model.attention_form}
-        sessions = {"decoder_prefill": model.prefill_session, "decoder_step": model.step_session}
+        sessions = {"vision_encoder": model.vision, "decoder_prefill": model.prefill_session,
+                    "decoder_step": model.step_session}  # fmt: skip
         for name, session in sessions.items():
             events = json.loads(Path(session.end_profiling()).read_text())
             runs = sum(e.get("name") == "model_run" for e in events)
-            # prefill: the last request's run; step: every step after the first request's
-            out[name] = op_breakdown(events, runs - 1 if name == "decoder_prefill" else settings.new_tokens - 1)
+            # vision and prefill: the last request's run; step: every step after the first request's
+            out[name] = op_breakdown(events, settings.new_tokens - 1 if name == "decoder_step" else runs - 1)
     return out
 
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         result = profile(args.artifact, args.requests, settings)
     except FusionError as e:  # an unreadable artifact, a prompt that does not fit: said without a traceback
         p.error(str(e))
-    for name in ("decoder_prefill", "decoder_step"):
+    for name in ("vision_encoder", "decoder_prefill", "decoder_step"):
         r = result[name]
         print(
             f"{name}: {r['runs']} runs, median {r['run_ms_median']:.2f} ms, kernels {r['kernel_ms_per_run']:.2f} ms, "

@@ -439,13 +439,17 @@ class _Rewrite:
         return len(self.layers)
 
 
-def fuse_attention(path, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[bytes | None, str]:
+def fuse_attention(
+    path, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, split_weights: bool = False
+) -> tuple[bytes | None, str]:
     """The decoder graph at `path` rewritten for ONNX Runtime's CPU kernels (a step's attention as
-    GroupQueryAttention, a prefill's as query blocks), serialized (external weights still referenced by
-    location), or None and why the graph runs as exported."""
+    GroupQueryAttention, a prefill's as query blocks; with `split_weights`, split projections as one MatMul per
+    part: ort_split_projections.py), serialized (external weights still referenced by location), or None and why
+    the graph runs as exported."""
     import onnx
 
     from .ort_norms import fuse_skip_norms
+    from .ort_split_projections import split_projections
 
     model = ir.serde.deserialize_model(onnx.load(path, load_external_data=False))
     try:
@@ -459,4 +463,6 @@ def fuse_attention(path, num_layers: int, num_heads: int, num_kv_heads: int, hea
     else:
         attention = f"{fused} layers' attention in {PREFILL_BLOCKS} causal query blocks"
     form = f"{attention}, {norms} residual norms as SkipSimplifiedLayerNormalization"
+    if split_weights:
+        form += f", {split_projections(model)} split projections as sliced weights"
     return ir.serde.serialize_model(model).SerializeToString(), form

@@ -8,8 +8,10 @@
 - Graph inputs (embedding gather from the artifact's single table, image-token scatter, LongRoPE tables, masks,
   write columns) are prepared by `graph_inputs`, the same code every graph backend uses.
 - On CPU, each decoder layer's KV write and attention run as ONNX Runtime's fused GroupQueryAttention in a step,
-  and as causal query blocks in the prefill (`ort_attention`: the graphs are rewritten in memory when the
-  sessions are created; `attention="graph"` runs them as exported).
+  and as causal query blocks in the prefill (`ort_attention`), and each vision encoder layer's attention as
+  MultiHeadAttention (`ort_vision_attention`); with prepacked weights, split projections run as sliced weights
+  (`ort_split_projections`). The graphs are rewritten in memory when the sessions are created;
+  `attention="graph"` runs them as exported.
 - CUDA is used when onnxruntime-gpu provides it (or when asked); CPU otherwise.
 """
 
@@ -170,10 +172,13 @@ class OrtModel:
         with safe_open(artifact.folder / embeddings["file"], "np") as f:
             self.embed_table = f.get_tensor(embeddings["tensor"])
 
-        self.vision = self._session(artifact.graph_path("vision_encoder"), self._options())
+        path = artifact.graph_path("vision_encoder")
+        model, form = self._fused_vision(path)
+        self.vision = self._session(path, self._options(), model)
+        forms = [f"vision_encoder: {form}"]
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
         self.prefill_session, form, _ = self._decoder_session("decoder_prefill")
-        forms = [f"decoder_prefill: {form}"]
+        forms.append(f"decoder_prefill: {form}")
         self.step_session, form, fused = self._decoder_session("decoder_step")
         forms.append(f"decoder_step: {form}")
         self.attends_to_valid_columns = fused  # a fused step reads only the written KV columns (bench roofline)
@@ -232,6 +237,23 @@ class OrtModel:
         # handed in by the caller; its prepacked LM head streams at ~36 GB/s here against ~25 unpacked)
         return self._session(path, opts, model), form, model is not None
 
+    def _fused_vision(self, path: Path) -> tuple[bytes | None, str]:
+        """The vision encoder with its eager attention as ONNX Runtime's MultiHeadAttention (ort_vision_attention;
+        CPU, float32 graphs), or None and the form it runs in."""
+        if self.attention == "graph":
+            return None, "as exported (--ort-attention graph)"
+        if not self.on_cpu:
+            return None, "as exported (MultiHeadAttention is used on CPU only)"
+        import onnx_ir as ir
+
+        from .ort_vision_attention import fuse_vision_attention
+
+        model = ir.serde.deserialize_model(onnx.load(path, load_external_data=False))
+        fused = fuse_vision_attention(model)
+        if not fused:
+            return None, "as exported (no eager float32 attention found)"
+        return ir.serde.serialize_model(model).SerializeToString(), f"{fused} attentions as MultiHeadAttention"
+
     def _fused_attention(self, path: Path) -> tuple[bytes | None, str]:
         """The decoder graph rewritten for ONNX Runtime's CPU kernels (ort_attention; float32 graphs), or None and
         the form it runs in."""
@@ -242,7 +264,8 @@ class OrtModel:
         from .ort_attention import fuse_attention
 
         d = self.config.decoder
-        model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim)
+        # split projections only where each session prepacks its own weights (ort_split_projections.py)
+        model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, self.packed)
         if model is None:
             return None, f"as exported ({form})"
         return model, form

@@ -56,7 +56,7 @@ def test_bench_refuses_missing_optional_modules_before_work(demo_checkpoint, tmp
     assert not (tmp_path / "b.png").exists()
 
 
-def test_ort_profile_breaks_down_both_decoder_graphs(export_demo, tmp_path, capsys):
+def test_ort_profile_breaks_down_every_graph(export_demo, tmp_path, capsys):
     """The profiling tool behind the README's op-type figures: ONNX Runtime's own profiler over real requests."""
     from benchmarks.ort_profile import main
     from fusion_export.manifest import open_artifact
@@ -65,8 +65,9 @@ def test_ort_profile_breaks_down_both_decoder_graphs(export_demo, tmp_path, caps
     main([str(folder), "--requests", "2", "--new-tokens", "3", "--prompt-len", "860", "--out", str(out)])
     data = json.loads(out.read_text())
     layers = open_artifact(folder).config.decoder.num_layers
-    prefill, step = data["decoder_prefill"], data["decoder_step"]
-    assert prefill["runs"] == 1 and step["runs"] == 2  # the last prefill; the second request's steps
+    vision, prefill, step = data["vision_encoder"], data["decoder_prefill"], data["decoder_step"]
+    assert vision["runs"] == prefill["runs"] == 1 and step["runs"] == 2  # the last request's; its steps
+    assert vision["ops"]["MultiHeadAttention"]["count"] > 0 and "Softmax" not in vision["ops"]  # the tower fused
     assert step["ops"]["GroupQueryAttention"]["count"] == layers and step["kernel_ms_per_run"] > 0
     assert "GroupQueryAttention" not in prefill["ops"] and prefill["kernel_ms_per_run"] > 0  # causal query blocks
     assert not {"Range", "Pad", "Where"} & set(step["ops"])  # lengths, bias and RoPE rows come from the host

@@ -1,5 +1,6 @@
-"""ONNX Runtime's fused attention (fusion_export/ort_attention.py): the rewritten graphs compute what the shipped
-ones do, for every export form, with grouped KV heads, left-padded batches and multi-token steps.
+"""ONNX Runtime's fused attention (fusion_export/ort_attention.py, and the vision encoder's,
+ort_vision_attention.py): the rewritten graphs compute what the shipped ones do, for every export form, with
+grouped KV heads, left-padded batches and multi-token steps.
 
 Tolerances: fused and exported attention differ only in reduction order (GroupQueryAttention's own GEMMs against
 MatMul + Softmax), ~1e-6 on these logits; 2e-5 leaves room for other CPUs. Against the reference, the fp32 gate
@@ -78,7 +79,15 @@ def test_fused_attention_matches_the_exported_graphs(gqa_checkpoint, gqa_export,
     assert f"{layers} layers' attention in {PREFILL_BLOCKS} causal query blocks" in prefill_form, prefill_form
     # every norm but the first reads a residual sum: each layer's two, the final norm's
     assert f"{2 * layers} residual norms as SkipSimplifiedLayerNormalization" in step_form, step_form
+    # each session prepacks its own weights here: the gate_up splits become sliced weights (ort_split_projections)
+    assert fused.packed and f"{layers} split projections as sliced weights" in step_form, step_form
+    assert f"{layers} split projections as sliced weights" in prefill_form, prefill_form
     assert "GroupQueryAttention" not in exported.attention_form
+    # the vision encoder: every eager attention of the tower as MultiHeadAttention (ort_vision_attention.py)
+    tower = onnx.load(artifact.graph_path("vision_encoder"), load_external_data=False).graph.node
+    attentions = sum(node.op_type == "Softmax" for node in tower)
+    assert f"vision_encoder: {attentions} attentions as MultiHeadAttention" in fused.attention_form
+    assert "vision_encoder: as exported" in exported.attention_form
     assert fused.attends_to_valid_columns and not exported.attends_to_valid_columns  # the bench's roofline
 
     batch = _batch(artifact.model_dir, artifact.config)  # rows of different lengths: the shorter is left-padded
@@ -239,6 +248,12 @@ def test_graphs_observing_attention_values_run_as_exported(gqa_export, tmp_path)
         tmp_path / "decoder_step.onnx", d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim
     )
     assert fused is None and f"{inner.output[0]} inside the attention is a graph output" in reason, reason
+
+
+def test_shared_weights_are_not_split(gqa_export):
+    """With one copy of the weights shared by the sessions, sliced weights would be private copies: not split."""
+    shared = OrtModel(open_artifact(gqa_export(*FORMS[0])), weights="shared").load()
+    assert "GroupQueryAttention" in shared.attention_form and "split projections" not in shared.attention_form
 
 
 def test_attention_option_is_checked(gqa_export):

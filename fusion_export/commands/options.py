@@ -108,8 +108,8 @@ def add_ort_attention_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ort-attention",
         choices=ORT_ATTENTION_FORMS,
-        help="onnxruntime on CPU: fused = each decoder layer's attention as GroupQueryAttention (default), "
-        "graph = the graphs' own ops, as exported",
+        help="onnxruntime on CPU: fused = each decoder layer's attention as GroupQueryAttention or causal query "
+        "blocks and the vision encoder's as MultiHeadAttention (default), graph = the graphs' own ops, as exported",
     )
 
 
