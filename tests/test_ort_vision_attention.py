@@ -22,19 +22,25 @@ F32_MIN = float(np.finfo(np.float32).min)
 
 
 def eager_attention(
-    masked: bool, image_queries: bool, consumer: str, mask_rank: str = "keys", bias: bool = False
+    masked: bool,
+    image_queries: bool,
+    consumer: str,
+    mask_rank: str = "keys",
+    bias: bool = False,
+    heads: int = HEADS,
+    dim: int = DIM,
 ) -> onnx.ModelProto:
     """The tower's eager attention as the exporter writes it (reference_model/vision.py `VisionAttention.attend`):
     x (batch, seq, C) projected, viewed as heads, q k^T * scale, optionally masked per key with the float32
     minimum, float32 softmax, p v; `image_queries` slices q to the first rows (the early layers' image rows) and
     concatenates other rows after them, as those layers do."""
-    c = HEADS * DIM
+    c = heads * dim
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((c, c)).astype(np.float32) * 0.3, f"w{n}") for n in "qkvo"]
     inits += [
-        numpy_helper.from_array(np.array([0, 0, HEADS, DIM], np.int64), "heads_view"),
+        numpy_helper.from_array(np.array([0, 0, heads, dim], np.int64), "heads_view"),
         numpy_helper.from_array(np.array([0, 0, c], np.int64), "merged"),
-        numpy_helper.from_array(np.array(DIM**-0.5, np.float32), "scale"),
+        numpy_helper.from_array(np.array(dim**-0.5, np.float32), "scale"),
         numpy_helper.from_array(np.array(F32_MIN, np.float32), "fill"),
         numpy_helper.from_array(np.array([0], np.int64), "zero"),
         numpy_helper.from_array(np.array([IMAGE_ROWS], np.int64), "rows"),
@@ -120,13 +126,13 @@ def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
 
 
-def _feeds(batch: int = 3, seq: int = 9) -> dict:
+def _feeds(batch: int = 3, seq: int = 9, width: int = HEADS * DIM) -> dict:
     rng = np.random.default_rng(1)
     keep = np.ones((batch, seq), bool)
     keep[1, -2:] = False  # rows with padded instruction keys, of different lengths
     keep[2, -4:] = False
     return {
-        "x": rng.standard_normal((batch, seq, HEADS * DIM)).astype(np.float32),
+        "x": rng.standard_normal((batch, seq, width)).astype(np.float32),
         "keep": keep,
         "square": np.tril(np.ones((seq, seq), bool))[None, None],
     }
@@ -155,6 +161,15 @@ def test_every_tower_form_is_fused_and_equal(masked, image_queries, consumer, bi
     expected, got = _run(model, feeds), _run(fused, feeds)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= RELATIVE * np.abs(expected).max()
+
+
+def test_full_size_heads():
+    """SigLIP so400m's layout (16 heads of 72, the full-size preset's tower), masked early-layer form."""
+    model = eager_attention(True, True, "merge", bias=True, heads=16, dim=72)
+    fused, count = _fused(model)
+    feeds = _feeds(width=16 * 72)
+    expected, got = _run(model, feeds), _run(fused, feeds)
+    assert count == 1 and np.abs(got - expected).max() <= RELATIVE * np.abs(expected).max()
 
 
 def test_padded_keys_get_no_weight():
