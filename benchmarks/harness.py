@@ -5,7 +5,9 @@ A request is timed as a user sees it:
 - `session`: per-request set-up, e.g. allocating the KV cache;
 - `vision_encoder`, `decoder_prefill`: the two halves of the prefill, device-synchronised by the backend;
 - `ttft` = preprocess + session + vision_encoder + decoder_prefill (time to the first token);
-- each decode step (synchronised, so a GPU step is not credited to the next one), and `end_to_end`.
+- each decode step: the greedy choice of its token and the step (synchronised, so a GPU step is not credited
+  to the next one), as onnxruntime-genai's `generate_next_token` and the transformers peer's loop time theirs;
+  and `end_to_end`.
 Contenders run round-robin, one request each per round, so a noisy machine slows them alike; the first
 `warmup` rounds are dropped.
 """
@@ -123,6 +125,7 @@ class BackendContender:
     def run(self, new_tokens: int | None = None) -> Sample:
         from fusion_export.commands.demo import DEMO_IMAGE
         from reference_model import make_request, prepare_batch
+        from reference_model.generation import greedy_tokens
 
         settings, backend = self.settings, self.backend
         new_tokens = new_tokens or settings.new_tokens
@@ -138,8 +141,8 @@ class BackendContender:
         stages = {"preprocess": preprocess, "session": session_s, **session.stage_seconds}
         steps = []
         for _ in range(new_tokens - 1):
-            tokens = logits.argmax(dim=-1)
-            begin = time.perf_counter()
+            begin = time.perf_counter()  # the token's choice included, as in the peers' steps
+            tokens = greedy_tokens(logits)
             logits = session.step(tokens)
             session.synchronize()
             steps.append(time.perf_counter() - begin)

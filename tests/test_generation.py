@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference_model import GenerationConfig, ReferenceSession, Request, generate, make_request, prepare_batch
-from reference_model.generation import GenerationError, TokenSampler
+from reference_model.generation import GenerationError, TokenSampler, greedy_tokens
 from reference_model.prompt import stop_token_ids
 from reference_model.sequence import RequestError
 
@@ -41,6 +41,16 @@ def test_top_p_keeps_only_the_nucleus():
     assert drawn == {0, 1}  # 0.5 + 0.3 covers 0.75; tokens 2 and 3 are cut
     tiny_p = TokenSampler(GenerationConfig(temperature=1.0, top_p=0.01, seed=0))
     assert {int(tiny_p(logits)) for _ in range(50)} == {0}  # the most likely token always survives
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_greedy_tokens_are_torch_argmax(dtype):
+    """The numpy argmax the greedy sampler uses on CPU picks what torch's does, the first of equal maxima included."""
+    logits = torch.randn(3, 32064, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[1, [7, 9000]] = 50.0  # a tie: the first index wins in both
+    ids = greedy_tokens(logits)
+    assert ids.dtype == torch.int64 and ids.tolist() == logits.argmax(dim=-1).tolist() and ids[1] == 7
+    assert TokenSampler(GenerationConfig(temperature=0))(logits).tolist() == ids.tolist()
 
 
 def test_stops_at_stop_token(tiny_model, batch, tiny_tokenizer):
