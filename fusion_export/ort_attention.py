@@ -40,8 +40,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from .graph_inputs import past_names
 from .onnx_export import REGION_KEY
+from .ort_norms import MS_DOMAIN
 
-MS_DOMAIN = "com.microsoft"
 PREFILL_BLOCKS = 4  # query blocks of a prefill's attention (see _blocked_layer; 8 ran no faster, with 2x the nodes)
 ATTENTION_OPS = ("decode_attention", "scaled_dot_product_attention")
 

@@ -29,8 +29,9 @@ class _Norm:
     output: ir.Value
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """A small constant's values (exponent, axes, epsilon); weights are never read (they may be external)."""
+def small_constant(value: ir.Value | None) -> np.ndarray | None:
+    """A small constant's values (exponent, axes, epsilon, slice bounds, split sizes), or None; weights are never
+    read (they may be external). Shared by the ONNX Runtime rewrites (ort_vision_attention, ort_split_projections)."""
     tensor = ir.convenience.get_const_tensor(value) if value is not None else None
     return None if tensor is None or tensor.size > 8 else tensor.numpy()
 
@@ -50,7 +51,7 @@ def _producer(value: ir.Value, op_type: str) -> ir.Node | None:
 
 def _last_axis(node: ir.Node, x: ir.Value) -> bool:
     """A ReduceMean (axes as input from opset 18, as attribute before) over x's last axis only, dims kept."""
-    axes = _constant(node.inputs[1]) if len(node.inputs) > 1 else node.attributes.get_ints("axes")
+    axes = small_constant(node.inputs[1]) if len(node.inputs) > 1 else node.attributes.get_ints("axes")
     if axes is None or node.attributes.get_int("keepdims", 1) != 1:
         return False
     axes = [int(a) for a in np.atleast_1d(axes)]
@@ -80,14 +81,14 @@ def _rms_norm(node: ir.Node) -> _Norm | None:
     add = sqrt and _producer(sqrt.inputs[0], "Add")
     if add is None:
         return None
-    constants = [_constant(v) for v in add.inputs]
+    constants = [small_constant(v) for v in add.inputs]
     eps = [c for c in constants if c is not None and c.size == 1]
     mean = next((_producer(v, "ReduceMean") for v, c in zip(add.inputs, constants) if c is None), None)
     power = mean and _producer(mean.inputs[0], "Pow")
     x = div.inputs[0]
     if power is None or len(eps) != 1 or power.inputs[0] is not x:
         return None
-    square = _constant(power.inputs[1])
+    square = small_constant(power.inputs[1])
     if square is None or square.size != 1 or float(square) != 2.0 or not _last_axis(mean, x):
         return None
     return _Norm(x, scaled[0], float(eps[0]), [power, mean, add, sqrt, div, node], node.outputs[0])

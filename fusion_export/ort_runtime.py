@@ -244,15 +244,10 @@ class OrtModel:
             return None, "as exported (--ort-attention graph)"
         if not self.on_cpu:
             return None, "as exported (MultiHeadAttention is used on CPU only)"
-        import onnx_ir as ir
+        from .ort_vision_attention import fuse_vision_graph
 
-        from .ort_vision_attention import fuse_vision_attention
-
-        model = ir.serde.deserialize_model(onnx.load(path, load_external_data=False))
-        fused = fuse_vision_attention(model)
-        if not fused:
-            return None, "as exported (no eager float32 attention found)"
-        return ir.serde.serialize_model(model).SerializeToString(), f"{fused} attentions as MultiHeadAttention"
+        model, form = fuse_vision_graph(path)
+        return model, form if model is not None else f"as exported ({form})"
 
     def _fused_attention(self, path: Path) -> tuple[bytes | None, str]:
         """The decoder graph rewritten for ONNX Runtime's CPU kernels (ort_attention; float32 graphs), or None and

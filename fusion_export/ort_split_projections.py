@@ -17,17 +17,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else [int(x) for x in tensor.numpy().reshape(-1)]
+from .ort_norms import small_constant
 
 
 def _parts(split: ir.Node, width: int) -> list[int] | None:
     """The Split's part widths along the last axis (of `width` columns), or None when they are not known."""
     if len(split.inputs) > 1 and split.inputs[1] is not None:
-        sizes = _ints(split.inputs[1])
-        return sizes if sizes is not None and sum(sizes) == width else None
+        sizes = small_constant(split.inputs[1])
+        return [int(n) for n in sizes] if sizes is not None and int(sizes.sum()) == width else None
     count = split.attributes.get_int("num_outputs", len(split.outputs))
     if count != len(split.outputs) or width % count:
         return None  # uneven num_outputs splits are not worth the rules they follow

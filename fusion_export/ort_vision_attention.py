@@ -28,7 +28,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-MS_DOMAIN = "com.microsoft"
+from .ort_norms import MS_DOMAIN, small_constant
+
 HEADS_FIRST = (0, 2, 1, 3)  # (batch, seq, heads, dim) -> (batch, heads, seq, dim), and back
 KEYS_TRANSPOSED = (0, 2, 3, 1)  # (batch, seq, heads, dim) -> (batch, heads, dim, seq)
 
@@ -58,8 +59,8 @@ class _Attention:
 
 
 def _scalar(value: ir.Value | None) -> float | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return float(tensor.numpy().reshape(-1)[0]) if tensor is not None and tensor.size == 1 else None
+    values = small_constant(value)
+    return float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None
 
 
 def _only_use(value: ir.Value) -> ir.Node | None:
@@ -75,8 +76,8 @@ def _is(node: ir.Node | None, op_type: str) -> bool:
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else [int(x) for x in tensor.numpy().reshape(-1)]
+    values = small_constant(value)
+    return None if values is None else [int(x) for x in values.reshape(-1)]
 
 
 def _heads(value: ir.Value, perm: tuple[int, ...]) -> _Heads | None:
@@ -206,6 +207,18 @@ def _replace(graph: ir.Graph, found: _Attention, masks: dict[ir.Value, ir.Value]
         out = w.op(anchor, "Transpose", [per_head], perm=list(HEADS_FIRST))
     out.shape, out.type = replaced.shape, replaced.type
     ir.convenience.replace_all_uses_with(replaced, out)
+
+
+def fuse_vision_graph(path) -> tuple[bytes | None, str]:
+    """The vision encoder graph at `path` with its eager attentions as MultiHeadAttention, serialized (external
+    weights still referenced by location), and the form it runs in; None when none was found."""
+    import onnx
+
+    model = ir.serde.deserialize_model(onnx.load(path, load_external_data=False))
+    fused = fuse_vision_attention(model)
+    if not fused:
+        return None, "no eager float32 attention found"
+    return ir.serde.serialize_model(model).SerializeToString(), f"{fused} attentions as MultiHeadAttention"
 
 
 def fuse_vision_attention(model: ir.Model) -> int:
