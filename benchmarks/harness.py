@@ -82,6 +82,12 @@ def question_for_positions(target: int, tokenizer, config, query_len: int) -> st
     lo, hi = 0, 1
     if positions(base) > target:
         raise FusionError(f"--prompt-len {target}: the shortest prompt already has {positions(base)} positions")
+    longest = positions(base) + config.max_question_tokens  # an over-estimate: the search below stays bounded
+    if target > longest:
+        raise FusionError(
+            f"--prompt-len {target}: longer than any prompt this model reads (about {longest} positions: questions "
+            f"of at most {config.max_question_tokens} tokens)"
+        )
     while positions(base + unit * hi) < target:
         lo, hi = hi, hi * 2
     while lo < hi - 1:  # the longest repetition that stays at or below the target

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fusion_export.manifest import open_artifact
 from fusion_export.ort_runtime import OrtModel
+from reference_model.input_files import read_json
 
 from .harness import BackendContender, BenchSettings
 
@@ -69,7 +70,8 @@ def profile(artifact_dir: Path, requests: int, settings: BenchSettings) -> dict:
         sessions = {"vision_encoder": model.vision, "decoder_prefill": model.prefill_session,
                     "decoder_step": model.step_session}  # fmt: skip
         for name, session in sessions.items():
-            events = json.loads(Path(session.end_profiling()).read_text())
+            # onnxruntime's own trace (a JSON list, one event per op run): larger than a config, still bounded
+            events = read_json(session.end_profiling(), "onnxruntime profile", max_bytes=1 << 30, expect=list)
             runs = sum(e.get("name") == "model_run" for e in events)
             # vision and prefill: the last request's run; step: every step after the first request's
             out[name] = op_breakdown(events, settings.new_tokens - 1 if name == "decoder_step" else runs - 1)

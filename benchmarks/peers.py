@@ -12,7 +12,6 @@ config (FUSION fields dropped), its decoder tensors and its tokenizer.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from reference_model.errors import FusionError
+from reference_model.input_files import read_json
 
 from .harness import BenchSettings, Sample
 from .machine import rss_bytes
@@ -37,10 +37,11 @@ def save_phi3_decoder(model_dir: Path, out: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from fusion_export.containment import copy_data
     from reference_model.checkpoint import checkpoint_files
     from reference_model.prompt import TOKENIZER_FILES, tokenizer_folder
 
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json(model_dir / "config.json")  # bounded in size and nesting, a regular file
     phi3 = {k: v for k, v in config.items() if not k.startswith(FUSION_ONLY_FIELDS)}
     phi3.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
     tensors = {}
@@ -55,7 +56,7 @@ def save_phi3_decoder(model_dir: Path, out: Path) -> Path:
     source = tokenizer_folder(model_dir)
     for name in TOKENIZER_FILES:
         if (source / name).exists():
-            shutil.copy2(source / name, out / name)
+            copy_data(source / name, out / name)
     return out
 
 

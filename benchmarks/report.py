@@ -3,13 +3,14 @@ side-by-side table with ratios to the first contender, and `compare` over severa
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from fusion_export.output_files import OutputKind
 from reference_model.errors import FusionError
+from reference_model.input_files import read_json
 
 FORMAT = "fusion-export-bench"
 STAGES = ("preprocess", "session", "vision_encoder", "decoder_prefill", "ttft", "decode", "end_to_end")
@@ -76,14 +77,64 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_number(value: Any, where: str, path: Path, optional: bool = False) -> None:
+    """A finite number (> 0 unless `optional`, which also allows null): what `compare` divides by and prints."""
+    if optional and value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or (not optional and value <= 0):
+        kind = "null or a finite number" if optional else "a finite number > 0"
+        raise FusionError(f"{path}: not a valid benchmark report ({where} must be {kind}, got {_short(value)})")
+
+
+def _check_report(report: dict[str, Any], path: Path) -> None:
+    """Every field `compare` reads, of the type it needs: a hand-edited or hostile report is refused by name."""
+
+    def bad(where: str, expected: str, got: Any) -> FusionError:
+        return FusionError(f"{path}: not a valid benchmark report ({where} must be {expected}, got {_short(got)})")
+
+    machine = report.get("machine")
+    if not isinstance(machine, dict):
+        raise bad("machine", "an object", machine)
+    for key in ("cpu", "gpu"):
+        if not isinstance(machine.get(key), (str, type(None))):
+            raise bad(f"machine.{key}", "text or null", machine.get(key))
+    results = report.get("results")
+    if not isinstance(results, list) or not results:
+        raise bad("results", "a non-empty list", results)
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise bad(f"results[{i}]", "an object", r)
+        if not isinstance(r.get("label"), str):
+            raise bad(f"results[{i}].label", "text", r.get("label"))
+        stages = r.get("stages_s")
+        ttft = stages.get("ttft") if isinstance(stages, dict) else None
+        if not isinstance(ttft, dict):
+            raise bad(f"results[{i}].stages_s.ttft", "an object", ttft)
+        _check_number(ttft.get("median"), f"results[{i}].stages_s.ttft.median", path)
+        _check_number(r.get("tokens_per_s"), f"results[{i}].tokens_per_s", path)
+        _check_number(r.get("roofline_fraction"), f"results[{i}].roofline_fraction", path, optional=True)
+
+
 def load_report(path: str | Path) -> dict[str, Any]:
+    """A saved benchmark report: a regular file of bounded size and nesting, the fields `compare` reads checked."""
     path = Path(path)
     try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FusionError(f"{path}: not a readable benchmark report ({e})") from None
-    if not isinstance(report, dict) or report.get("format") != FORMAT:
-        raise FusionError(f"{path}: not a fusion-export benchmark report (format {report.get('format')!r})")
+        report = read_json(path, expect=None)
+    except FusionError as e:
+        reason = str(e).removeprefix(f"{path}: ")
+        raise FusionError(f"{path}: not a readable benchmark report ({reason})") from None
+    if not isinstance(report, dict):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(report), "number")
+        raise FusionError(f"{path}: not a fusion-export benchmark report (a JSON {kind}, expected an object)")
+    if report.get("format") != FORMAT:
+        raise FusionError(f"{path}: not a fusion-export benchmark report (format {_short(report.get('format'))})")
+    _check_report(report, path)
     return report
 
 

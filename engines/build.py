@@ -11,20 +11,29 @@ only when every engine and the manifest are written.
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion_export.containment import contained_path, copy_data, copy_listed, staged_path
 from fusion_export.export import EMBEDDINGS_FILE
-from fusion_export.manifest import MODEL_SUBDIR, file_entries, open_artifact, save_manifest, tool_versions
+from fusion_export.manifest import MANIFEST, file_entries, open_artifact, save_manifest, tool_versions
 from fusion_export.output_files import write_atomically
 from fusion_export.progress import Progress
 from reference_model.checkpoint import staging_folder
 from reference_model.errors import FusionError
 
-from .build_plan import BuildLimits, BuildPlan, DeviceMemory, GraphPlan, plan_build
+from .build_plan import (
+    BuildLimits,
+    BuildPlan,
+    DeviceMemory,
+    GraphPlan,
+    check_flavour_flags,
+    check_timing_cache_location,
+    plan_build,
+)
 from .engine_manifest import ENGINE_MANIFEST, ENGINE_SUFFIX, FORMAT, FORMAT_VERSION
 from .plugins.tensorrt_plugins import LOCAL_FUNCTION, register_plugins
 from .trt_api import Trt, TrtFlavour, load_trt
@@ -57,6 +66,32 @@ def default_timing_cache(trt: Trt) -> Path:
     """One timing cache per TensorRT version, shared by every build on this machine."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusion-export"
     return root / f"timing-{trt.flavour}-{trt.version}.cache"
+
+
+def _read_timing_cache(path: Path, explicit: bool) -> bytes | None:
+    """The cache's bytes, or None where there is none yet. --timing-cache was checked up front and fails loudly;
+    the default cache is a convenience: one that cannot be read is said so and the build starts without it."""
+    if explicit:
+        return path.read_bytes() if path.is_file() else None
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError as e:
+        print(f"note: timing cache {path} not read ({e.strerror}); building without it", file=sys.stderr)
+        return None
+
+
+def _save_timing_cache(path: Path, cache: bytes, explicit: bool) -> None:
+    """Replace the cache atomically. --timing-cache: any failure fails the build (nothing is published); the
+    default cache: a failure is said so, the engines are still good."""
+    try:
+        write_atomically(path, lambda p: p.write_bytes(cache))
+    except (OSError, FusionError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if explicit and isinstance(e, FusionError):  # a full disk, named by write_atomically
+            raise
+        if explicit:
+            raise FusionError(f"--timing-cache {path}: cannot write it ({reason}); the engines were not kept") from None
+        print(f"note: timing cache {path} not saved ({reason})", file=sys.stderr)
 
 
 def _progress_monitor(trt: Trt, progress: Progress, name: str):
@@ -100,9 +135,11 @@ def build_graph(
     timing_cache: bytes | None,
     engine_path: Path,
     plugins: bool = False,
+    timing_cache_path: Path | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """Parse and build one graph into `engine_path`: (what to record, the updated timing cache or None).
-    `plugins`: our plugins are registered with this TensorRT (plugins/tensorrt_plugins.py)."""
+    `plugins`: our plugins are registered with this TensorRT (plugins/tensorrt_plugins.py). `timing_cache_path`:
+    where `timing_cache` came from, named if this TensorRT cannot use it."""
     module, logger = trt.module, trt.logger()
     builder, network, errors = trt.parse(onnx_path, plugins=plugins)
     if errors:
@@ -124,8 +161,20 @@ def build_graph(
         config.progress_monitor = monitor  # kept alive by `monitor` until the build returns
     cache = None
     if trt.has_timing_cache:
-        cache = config.create_timing_cache(timing_cache or b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        cache = config.create_timing_cache(timing_cache) if timing_cache else None
+        # set_timing_cache says False for a cache from another GPU (ignore_mismatch=False), which would then be
+        # replaced by a fresh one: --timing-cache is refused instead, the default cache restarts (said so)
+        if timing_cache and (cache is None or not config.set_timing_cache(cache, ignore_mismatch=False)):
+            if timing_cache_path is not None:
+                raise EngineBuildError(
+                    f"--timing-cache {timing_cache_path}: {trt.describe()} cannot use it (made by another TensorRT "
+                    "version or GPU, or not a timing cache); remove it or give another path"
+                )
+            print("note: the default timing cache does not fit this TensorRT or GPU; starting anew", file=sys.stderr)
+            cache = None
+        if cache is None:
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
     profile = builder.create_optimization_profile()
     for name, shapes in graph.profile.items():
         profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
@@ -154,17 +203,17 @@ def build_engines(
     artifact_dir: str | Path, out_dir: str | Path, options: BuildOptions, verbose: bool = True
 ) -> BuildResult:
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
+    trt = load_trt(options.flavour)
+    # flags this flavour would reject or ignore, refused before the artifact is read (the dry run makes the same
+    # checks against build_plan's static table)
+    check_flavour_flags(trt.describe(), trt.compute_capabilities(), trt.has_timing_cache,
+                        options.compute_capabilities, options.timing_cache)  # fmt: skip
+    if options.timing_cache is not None:
+        check_timing_cache_location(options.timing_cache, artifact_dir, out_dir)
     artifact = open_artifact(artifact_dir)
     plan = plan_build(artifact, options.limits, options.device_memory)
-    trt = load_trt(options.flavour)
-    if options.compute_capabilities:
-        known = trt.compute_capabilities()
-        unknown = [c for c in options.compute_capabilities if c not in known]
-        if unknown:
-            choices = ", ".join(known) or "none: this flavour builds for the GPU it runs on"
-            raise FusionError(f"--compute-capability {','.join(unknown)}: {trt.describe()} offers {choices}")
     cache_path = options.timing_cache or default_timing_cache(trt)
-    timing_cache = cache_path.read_bytes() if trt.has_timing_cache and cache_path.is_file() else None
+    timing_cache = _read_timing_cache(cache_path, options.timing_cache is not None) if trt.has_timing_cache else None
 
     plugin_ops = artifact.manifest["export"].get("plugins", [])
     plugin_implementation = register_plugins(trt, plugin_ops)
@@ -177,14 +226,16 @@ def build_engines(
         for graph in plan.graphs:
             progress.step(f"build {graph.name} ({trt.describe()}, {plan.precision})")
             file = f"{graph.name}{ENGINE_SUFFIX}"
-            info, timing_cache = build_graph(
-                trt, artifact.folder / graph.onnx, graph, options, progress, timing_cache, tmp / file, registered
-            )
+            info, timing_cache = build_graph(trt, artifact.folder / graph.onnx, graph, options, progress, timing_cache,
+                                             tmp / file, registered, options.timing_cache)  # fmt: skip
             header = trt.check_plan(tmp / file)  # what a reader will check, checked once here
             engines[graph.name] = {"file": file, "bytes": header["bytes"], **info, "header": header}
         progress.step("copy model files, write the manifest")
-        shutil.copy2(artifact.folder / artifact.manifest["embeddings"]["file"], tmp / EMBEDDINGS_FILE)
-        shutil.copytree(artifact.model_dir, tmp / MODEL_SUBDIR)
+        # as data, each source inside the artifact and each destination inside the staging folder (containment.py)
+        where = f"{artifact.folder / MANIFEST}: files"
+        embeddings = contained_path(artifact.folder, artifact.manifest["embeddings"]["file"], where)
+        copy_data(embeddings, staged_path(tmp, EMBEDDINGS_FILE, where))
+        copy_listed(artifact.folder, artifact.model_files, tmp, where)
         first_header = next(iter(engines.values()))["header"]
         manifest = {
             "format": FORMAT,
@@ -220,9 +271,8 @@ def build_engines(
             "files": file_entries(tmp, manifest_name=ENGINE_MANIFEST),
         }
         save_manifest(tmp, manifest, ENGINE_MANIFEST)
-    if timing_cache is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(cache_path, lambda p: p.write_bytes(timing_cache))
+        if timing_cache is not None:  # before publishing: a --timing-cache that cannot be written fails the build
+            _save_timing_cache(cache_path, timing_cache, options.timing_cache is not None)
     elapsed = progress.done()
     if verbose:
         print(f"built {out_dir} in {elapsed:.1f} s")

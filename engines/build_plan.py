@@ -24,7 +24,10 @@ fixed runtime overhead.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from reference_model.errors import FusionError
@@ -33,6 +36,17 @@ GB = 1e9
 RUNTIME_OVERHEAD_BYTES = int(1.0 * GB)  # CUDA context, TensorRT runtime, cuBLAS/cuDNN handles (an assumption)
 TYPICAL_PROMPT_TEXT = 64  # text tokens of a typical prompt (template + question), for the `seq` opt point
 DEFAULT_MAX_QUESTION_TOKENS = 512  # vision engine profile: the tower's attention grows as (image + question)^2
+MAX_BATCH = 1024  # a sanity bound on --max-batch: far past any device's memory for these models' KV caches
+
+# What each flavour's builder takes, for the checks made without TensorRT (`build --dry-run`); the real build asks
+# the installed module (trt_api.Trt.compute_capabilities / has_timing_cache), and a test holds this table to it.
+# TensorRT-RTX: the SM* members of its ComputeCapability enum (1.7.1); enterprise TensorRT builds for the GPU it
+# runs on and takes no list. Timing caches: TensorRT-RTX's are no-ops (deprecated since 1.2).
+COMPUTE_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "tensorrt": (),
+    "tensorrt-rtx": ("SM75", "SM80", "SM86", "SM89", "SM120", "SM121"),
+}
+HAS_TIMING_CACHE: dict[str, bool] = {"tensorrt": True, "tensorrt-rtx": False}
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,8 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
     max_question = limits.max_question_tokens or min(config.max_question_tokens, DEFAULT_MAX_QUESTION_TOKENS)
     if not 1 <= max_question <= config.max_question_tokens:
         raise FusionError(f"--max-question-tokens {max_question}: must be in 1..{config.max_question_tokens}")
+    if not 1 <= limits.max_batch <= MAX_BATCH:
+        raise FusionError(f"--max-batch {limits.max_batch}: must be in 1..{MAX_BATCH}")
     if not 1 <= limits.opt_batch <= limits.max_batch:
         raise FusionError(f"--opt-batch {limits.opt_batch}: must be in 1..--max-batch ({limits.max_batch})")
     if not 1 <= limits.max_step_tokens <= 256:
@@ -282,8 +298,60 @@ def _largest_context(need, budget: int, lo: int, hi: int) -> int | None:
     return lo
 
 
-def command_lines(plan: BuildPlan, artifact_dir: str, engine_dir: str, tool: str, strongly_typed: bool) -> list[str]:
-    """trtexec (TensorRT) or tensorrt_rtx (TensorRT-RTX SDK; trtexec's flags) lines building the same engines."""
+def check_flavour_flags(
+    flavour: str,
+    offered: Sequence[str],
+    has_timing_cache: bool,
+    compute_capabilities: Sequence[str] = (),
+    timing_cache: Path | None = None,
+) -> None:
+    """Refuse, before any work, the flags that `flavour` (as named in messages) would reject or silently ignore:
+    compute capabilities it does not offer, a timing cache it does not keep."""
+    unknown = [c for c in compute_capabilities if c not in offered]
+    if unknown:
+        choices = ", ".join(offered) or "none: this flavour builds for the GPU it runs on"
+        raise FusionError(f"--compute-capability {','.join(unknown)}: {flavour} offers {choices}")
+    if timing_cache is not None and not has_timing_cache:
+        raise FusionError(
+            f"--timing-cache {timing_cache}: {flavour} keeps no timing cache (its timing cache operations are "
+            "no-ops); leave the flag out"
+        )
+
+
+def check_timing_cache_location(path: Path, artifact_dir: Path, out_dir: Path | None) -> None:
+    """A --timing-cache file the build can read and replace: a regular, readable, writable file or none yet, in a
+    folder that takes new files (the cache is replaced atomically), never an input nor inside an artifact, engine or
+    checkpoint folder (output_files' rules) nor inside --out (which must not exist until the build renames it)."""
+    from fusion_export.output_files import OutputPathError, _check_location, _inside, _nearest_existing, _probe_writable
+
+    flag = "--timing-cache"
+    _check_location(path, flag, [artifact_dir])
+    if out_dir is not None and _inside(path, out_dir):
+        raise OutputPathError(f"{flag} {path} is inside --out {out_dir}; keep the cache outside the engine folder")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise OutputPathError(f"{flag} {path} exists and is not a regular file; refusing to read or replace it")
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise OutputPathError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+        if not os.access(path, os.W_OK):
+            raise OutputPathError(f"{flag} {path} is read-only; refusing to replace it (give a writable file)")
+    _probe_writable(_nearest_existing(path, flag, path), flag)
+
+
+def command_lines(
+    plan: BuildPlan,
+    artifact_dir: str,
+    engine_dir: str,
+    tool: str,
+    strongly_typed: bool,
+    compute_capabilities: Sequence[str] = (),
+    timing_cache: str | None = None,
+) -> list[str]:
+    """trtexec (TensorRT) or tensorrt_rtx (TensorRT-RTX SDK; trtexec's flags) lines building the same engines;
+    compute capabilities in tensorrt_rtx's form (SM86 -> 86), the timing cache as trtexec's --timingCacheFile."""
 
     def shapes(graph: GraphPlan, point: str) -> str:
         return ",".join(f"{name}:{'x'.join(map(str, p[point]))}" for name, p in graph.profile.items())
@@ -295,5 +363,9 @@ def command_lines(plan: BuildPlan, artifact_dir: str, engine_dir: str, tool: str
             parts.append("--stronglyTyped")
         if graph.profile:
             parts += [f"--{p}Shapes={shapes(graph, p)}" for p in ("min", "opt", "max")]
+        if compute_capabilities:
+            parts.append("--computeCapabilities=" + ",".join(c.removeprefix("SM") for c in compute_capabilities))
+        if timing_cache:
+            parts.append(f"--timingCacheFile={timing_cache}")
         lines.append(" ".join(parts))
     return lines

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fusion_export.manifest import MODEL_SUBDIR, read_sealed_manifest, verify_files
+from fusion_export.manifest import MODEL_SUBDIR, check_listing, check_named, read_sealed_manifest, verify_files
 from reference_model.config import FusionConfig, config_from_dicts
 from reference_model.errors import FusionError
+from reference_model.input_files import read_json
 
 ENGINE_MANIFEST = "engines.json"
 FORMAT = "fusion-export-engines"
@@ -48,12 +49,10 @@ class EngineFolder:
 
     @property
     def config(self) -> FusionConfig:
-        import json
-
         vision = self.model_dir / "vision_config.json"
         return config_from_dicts(
-            json.loads((self.model_dir / "config.json").read_text()),
-            json.loads(vision.read_text()) if vision.exists() else None,
+            read_json(self.model_dir / "config.json"),
+            read_json(vision) if vision.exists() else None,
             source=str(self.model_dir / "config.json"),
         )
 
@@ -75,10 +74,17 @@ def open_engines(folder: str | Path, verify_hashes: bool = True) -> EngineFolder
     if not folder.is_dir():
         raise EngineError(f"{folder}: engine folder not found")
     manifest = read_sealed_manifest(folder / ENGINE_MANIFEST, FORMAT, FORMAT_VERSION, EngineError)
+    path = folder / ENGINE_MANIFEST
     missing = [k for k in ("tensorrt", "source", "engines", "plan", "files", "embeddings") if k not in manifest]
-    missing += [f"engines.{g}" for g in GRAPHS if g not in manifest.get("engines", {})]
+    engines = manifest.get("engines") if isinstance(manifest.get("engines"), dict) else {}
+    missing += [f"engines.{g}" for g in GRAPHS if not isinstance(engines.get(g), dict)]
+    if not isinstance(manifest.get("embeddings"), dict):
+        missing.append("embeddings.file")
     if missing:
-        raise EngineError(f"{folder / ENGINE_MANIFEST}: malformed manifest, missing {', '.join(missing)}")
+        raise EngineError(f"{path}: malformed manifest, missing {', '.join(missing)}")
+    check_listing(folder, manifest["files"], ENGINE_MANIFEST, EngineError)
+    named = {f"engines.{g}.file": manifest["engines"][g].get("file") for g in GRAPHS}
+    check_named(path, manifest["files"], {**named, "embeddings.file": manifest["embeddings"].get("file")}, EngineError)
     problems = verify_files(folder, manifest["files"], verify_hashes)
     if problems:
         raise EngineError(f"{folder}: engine folder does not match its manifest:\n  " + "\n  ".join(problems))

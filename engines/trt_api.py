@@ -185,9 +185,11 @@ class Trt:
     def write_plan(self, builder: Any, network: Any, config: Any, path) -> bool:
         """Build and write the plan to `path` without holding it in memory where the builder can stream it
         (`build_serialized_network_to_stream`, TensorRT 10.x later releases and TensorRT-RTX): a full-size plan
-        is as large as its weights. Returns False when the build failed."""
+        is as large as its weights. Returns False when the build failed. A write that fails (a full disk) raises its
+        OSError here: inside TensorRT's callback it would only show as a truncated plan."""
         if hasattr(builder, "build_serialized_network_to_stream"):
             base = self.module.IStreamWriter
+            failed: list[OSError] = []
             with open(path, "wb") as f:
 
                 class FileWriter(base):
@@ -195,9 +197,19 @@ class Trt:
                         base.__init__(self)
 
                     def write(self, data) -> int:
-                        return f.write(data)
+                        if failed:
+                            return 0
+                        try:
+                            return f.write(data)
+                        except OSError as e:  # raised into TensorRT it would be lost: kept, reported below
+                            failed.append(e)
+                            return 0  # a short write: TensorRT stops writing
 
-                return bool(builder.build_serialized_network_to_stream(network, config, FileWriter()))
+                built = bool(builder.build_serialized_network_to_stream(network, config, FileWriter()))
+                if failed:
+                    raise failed[0]
+                f.flush()  # a full disk at the last buffer is raised here, not hidden behind the header check
+            return built
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             return False

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from fusion_export.graph_inputs import (
     LOGITS,
@@ -40,6 +39,7 @@ from fusion_export.graph_inputs import (
 from fusion_export.precision import Precision
 from reference_model.errors import FusionError
 from reference_model.generation import DecodeState, GenerationError, StageClock, require_finite
+from reference_model.input_files import read_tensor
 from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
@@ -163,8 +163,8 @@ class TrtModel:
                 self.sessions[name] = EngineSession(self.trt, plan, path)
             self.stream = torch.cuda.Stream(self.device)
         entry = self.engines.manifest["embeddings"]
-        with safe_open(self.engines.folder / entry["file"], "np") as f:
-            self.embed_table = f.get_tensor(entry["tensor"])
+        # a regular file; a corrupt header or a missing tensor is named, not a traceback
+        self.embed_table = read_tensor(self.engines.folder / entry["file"], entry["tensor"], framework="np")
         self._loaded = True
         return self
 

@@ -15,7 +15,6 @@ The folder is built under a temporary name and renamed at the end, so it exists 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from reference_model.checkpoint import DTYPES, staging_folder
 from reference_model.errors import FusionError
 from reference_model.prompt import TOKENIZER_FILES, load_tokenizer, tokenizer_folder
 
+from .containment import copy_data
 from .graphs.decoder import decoder_prefill_spec, decoder_step_spec
 from .graphs.kv_write import TENSOR_SCATTER_OPSET
 from .graphs.vision_encoder import vision_encoder_spec
@@ -61,15 +61,16 @@ class ExportResult:
 
 
 def _copy_model_files(model_dir: Path, dest: Path) -> None:
-    """config, vision config and tokenizer files, so the artifact runs without the checkpoint."""
+    """config, vision config and tokenizer files, so the artifact runs without the checkpoint. Copied as data:
+    a checkpoint's files may be links (a Hugging Face cache snapshot links into its blobs/), an artifact's never."""
     dest.mkdir()
     for name in ("config.json", "vision_config.json"):
         if (model_dir / name).exists():
-            shutil.copy2(model_dir / name, dest / name)
+            copy_data(model_dir / name, dest / name)
     source = tokenizer_folder(model_dir)
     for name in TOKENIZER_FILES:
         if (source / name).exists():
-            shutil.copy2(source / name, dest / name)
+            copy_data(source / name, dest / name)
 
 
 def check_written_graphs(paths: dict[str, Path], target: TrtTarget, folder: Path, what: str) -> CompatReport:

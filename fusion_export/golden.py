@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from reference_model import FusionConfig, FusionModel, GenerationConfig, ReferenceSession, Request, generate
 from reference_model.errors import FusionError
+from reference_model.input_files import load_safetensors
 from reference_model.sequence import PreparedBatch, RequestError, prepare_batch
 
 from .output_files import OutputKind, write_atomically
@@ -38,14 +38,11 @@ def _check(path: Path, tensors: dict[str, torch.Tensor], name: str, dtype: torch
 def read_requests(path: str | Path) -> list[Request]:
     """One Request per batch row of an oracle-format inputs file (structure checked; values by read_batch)."""
     path = Path(path)
-    try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise InputsError(f"{path}: inputs file not found") from None
-    except IsADirectoryError:
-        raise InputsError(f"{path}: is a folder, not an inputs file") from None
-    except (SafetensorError, OSError) as e:
-        raise InputsError(f"{path}: not a readable safetensors file ({e})") from None
+    if not (path.exists() or path.is_symlink()):
+        raise InputsError(f"{path}: inputs file not found")
+    if path.is_dir():
+        raise InputsError(f"{path}: is a folder, not an inputs file")
+    tensors = load_safetensors(path, error=InputsError)  # a regular file; header errors named
     input_ids = _check(path, tensors, "input_ids", torch.int64, 2)
     instructs = _check(path, tensors, "instructs", torch.int64, 2)
     images = _check(path, tensors, "images", torch.float32, 5)

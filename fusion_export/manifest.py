@@ -13,17 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import onnx
 
 from reference_model.config import FusionConfig, config_from_dicts
 from reference_model.errors import FusionError
+from reference_model.input_files import read_json
 
+from .containment import check_folder_contents, check_relative_name, contained_path
 from .precision import Precision
 
 MANIFEST = "manifest.json"
@@ -72,9 +75,9 @@ def tool_versions() -> dict[str, str]:
 _ONNX_DTYPES = {v: k for k, v in onnx.TensorProto.DataType.items()}
 
 
-def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Inputs and outputs of a saved graph: name, ONNX dtype name and dims (ints or symbolic names)."""
-    model = onnx.load(path, load_external_data=False)
+def graph_io(path: Path | onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of a saved (or loaded) graph: name, ONNX dtype name and dims (ints or symbolic names)."""
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(path, load_external_data=False)
 
     def describe(values) -> list[dict[str, Any]]:
         out = []
@@ -120,10 +123,7 @@ def read_sealed_manifest(path: Path, fmt: str, version: int, error: type[FusionE
     """A manifest file, checked for format, version and its own digest (an edited manifest is refused)."""
     if not path.exists():
         raise error(f"{path}: not found (not a finished {fmt} folder)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: invalid JSON ({e})") from None
+    manifest = read_json(path, expect=None)  # bounded in size and depth: a manifest is read before it is trusted
     if not isinstance(manifest, dict):
         raise error(f"{path}: not a manifest (expected a JSON object)")
     if manifest.get("format") != fmt:
@@ -138,12 +138,72 @@ def read_sealed_manifest(path: Path, fmt: str, version: int, error: type[FusionE
     return manifest
 
 
-def verify_files(folder: Path, files: Any, verify_hashes: bool = True) -> list[str]:
-    """Problems with the files a manifest lists: missing, resized, or (by default) changed content."""
+def check_listing(folder: Path, files: Any, manifest_name: str, error: type[FusionError]) -> None:
+    """The containment rule (containment.py) for a sealed folder: the `files` table's names stay inside it and
+    the folder holds nothing else. Checked before any listed file is opened or hashed."""
+    where = f"{folder / manifest_name}: files"
     if not isinstance(files, dict) or not all(
-        isinstance(e, dict) and {"bytes", "sha256"} <= set(e) for e in files.values()
+        isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+        for e in files.values()
     ):
-        return ["malformed manifest: every 'files' entry needs 'bytes' and 'sha256'"]
+        raise error(f"{where}: malformed; every entry needs 'bytes' (an integer) and 'sha256' (a string)")
+    for rel in files:
+        contained_path(folder, rel, where)
+    check_folder_contents(folder, files, manifest_name, str(folder))
+
+
+def check_named(manifest_path: Path, files: dict[str, Any], named: dict[str, Any], error: type[FusionError]) -> None:
+    """Every file the manifest names in another field (a graph, its weights, the embeddings) is one it lists,
+    so it passed the containment rule with the others."""
+    for field, name in named.items():
+        check_relative_name(name, f"{manifest_path}: {field}")
+        if name not in files:
+            raise error(f"{manifest_path}: {field} {name!r} is not a file listed in 'files'")
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        if attribute.HasField("g"):
+            yield from _graph_tensors(attribute.g)
+        for graph in attribute.graphs:
+            yield from _graph_tensors(graph)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    yield from (sparse.values for sparse in graph.sparse_initializer)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def external_data_files(model: onnx.ModelProto) -> set[str]:
+    """The `location` of every tensor the graph keeps outside its file (initializers, constants, functions)."""
+    tensors = list(_graph_tensors(model.graph))
+    tensors += [t for function in model.functions for node in function.node for t in _node_tensors(node)]
+    return {
+        next((entry.value for entry in t.external_data if entry.key == "location"), "")
+        for t in tensors
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+
+
+def check_external_data(folder: Path, graph_file: str, model: onnx.ModelProto, files: dict[str, Any]) -> None:
+    """A graph's external weights are files its folder's manifest lists (ONNX resolves them beside the graph):
+    a graph cannot read weights from another artifact or anywhere else on the disk."""
+    base = PurePosixPath(graph_file).parent
+    where = f"{folder / graph_file}: external data"
+    for location in sorted(external_data_files(model)):
+        rel = (base / check_relative_name(location, where)).as_posix()
+        if rel not in files:
+            raise ArtifactError(f"{where} {location!r} is not a file listed in {folder / MANIFEST}")
+
+
+def verify_files(folder: Path, files: dict[str, Any], verify_hashes: bool = True) -> list[str]:
+    """Problems with the files a manifest lists (their names already contained by `check_listing`): missing,
+    resized, or (by default) changed content."""
     problems = []
     for rel, entry in files.items():
         file = folder / rel
@@ -188,14 +248,19 @@ class Artifact:
         model_dir = self.folder / MODEL_SUBDIR
         vision = model_dir / "vision_config.json"
         return config_from_dicts(
-            json.loads((model_dir / "config.json").read_text()),
-            json.loads(vision.read_text()) if vision.exists() else None,
+            read_json(model_dir / "config.json"),
+            read_json(vision) if vision.exists() else None,
             source=str(model_dir / "config.json"),
         )
 
     @property
     def model_dir(self) -> Path:
         return self.folder / MODEL_SUBDIR
+
+    @property
+    def model_files(self) -> list[str]:
+        """The listed files of `model/` (config, tokenizer), as the manifest names them."""
+        return sorted(name for name in self.manifest["files"] if name.startswith(f"{MODEL_SUBDIR}/"))
 
     def graph_path(self, name: str) -> Path:
         try:
@@ -232,9 +297,12 @@ def _read_graph_facts(folder: Path, manifest: dict[str, Any]) -> tuple[Precision
     for name in GRAPHS:
         path = folder / manifest["graphs"][name]["file"]
         try:
-            ios[name] = graph_io(path)
+            model = onnx.load(path, load_external_data=False)
         except Exception as e:  # protobuf raises assorted types for a file that is not a graph
             raise ArtifactError(f"{path}: not a readable ONNX graph ({type(e).__name__}: {e})") from None
+        check_external_data(folder, manifest["graphs"][name]["file"], model, manifest["files"])
+        ios[name] = graph_io(model)
+        del model
         recorded = {k: manifest["graphs"][name].get(k) for k in ("inputs", "outputs")}
         if recorded != ios[name]:
             raise ArtifactError(f"{folder / MANIFEST}: graph {name}'s inputs/outputs differ from {path.name}'s")
@@ -318,6 +386,21 @@ def _kv_cache_of(folder: Path, manifest: dict[str, Any]) -> list[tuple[float, fl
     return [(k, v) for k, v in scales]
 
 
+def named_files(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Every file an artifact manifest names outside its `files` table, by field."""
+    named = {"embeddings.file": manifest["embeddings"]["file"]}
+    for name, graph in manifest["graphs"].items():
+        if not isinstance(graph, dict):
+            raise ArtifactError(f"{path}: graphs.{name} is not an object")
+        named[f"graphs.{name}.file"] = graph.get("file")
+        if "weights" in graph:
+            named[f"graphs.{name}.weights"] = graph["weights"]
+    report = manifest.get("trt_compat", {}).get("report") if isinstance(manifest.get("trt_compat"), dict) else None
+    if report is not None:
+        named["trt_compat.report"] = report
+    return named
+
+
 def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
     """Read manifest.json and check format, version, digest, presence, size and (by default) sha256 of every
     file, and the graphs' inputs and outputs against it."""
@@ -332,10 +415,9 @@ def open_artifact(folder: str | Path, verify_hashes: bool = True) -> Artifact:
                if not isinstance(manifest.get(section), dict) or key not in manifest[section]]  # fmt: skip
     if missing:
         raise ArtifactError(f"{path}: malformed manifest, missing {', '.join(missing)}")
+    check_listing(folder, manifest["files"], MANIFEST, ArtifactError)
+    check_named(path, manifest["files"], named_files(manifest, path), ArtifactError)
     problems = verify_files(folder, manifest["files"], verify_hashes)
-    for name, graph in manifest["graphs"].items():
-        if not isinstance(graph, dict) or graph.get("file") not in manifest["files"]:
-            problems.append(f"graph {name}: its file is not listed in the manifest")
     if problems:
         raise ArtifactError(f"{folder}: artifact does not match its manifest:\n  " + "\n  ".join(problems))
     precision, query_len, max_context, quantization = _read_graph_facts(folder, manifest)

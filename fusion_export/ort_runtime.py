@@ -25,10 +25,10 @@ import numpy as np
 import onnx
 import torch
 from onnx.external_data_helper import ExternalDataInfo
-from safetensors import safe_open
 
 from reference_model.errors import FusionError
 from reference_model.generation import DecodeState, GenerationError, StageClock, require_finite
+from reference_model.input_files import read_tensor
 from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
@@ -169,8 +169,8 @@ class OrtModel:
         ort.disable_telemetry_events()  # nothing leaves the machine (tests/test_no_network.py watches for it)
         artifact = self.artifact
         embeddings = artifact.manifest["embeddings"]
-        with safe_open(artifact.folder / embeddings["file"], "np") as f:
-            self.embed_table = f.get_tensor(embeddings["tensor"])
+        # a regular file; a corrupt header or a missing tensor is named, not a traceback
+        self.embed_table = read_tensor(artifact.folder / embeddings["file"], embeddings["tensor"], framework="np")
 
         path = artifact.graph_path("vision_encoder")
         model, form = self._fused_vision(path)

@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 from reference_model.errors import FusionError
+from reference_model.input_files import read_json, require_regular_file
 from reference_model.interruption import raise_if_signalled
 
 MAX_REPORT_BYTES = 64 << 20  # an existing JSON report larger than this is not one of ours; never read it whole
@@ -42,7 +43,12 @@ class OutputKind(Enum):
         self.marker, self.description = marker, description
 
     def holds(self, path: Path) -> bool:
-        """Is the existing regular file at `path` one this kind of output wrote?"""
+        """Is the existing regular file at `path` one this kind of output wrote? Never blocks, recurses or raises:
+        a FIFO, device, huge or deeply nested file is simply not ours."""
+        try:
+            require_regular_file(path)  # opening a FIFO would block until a writer came
+        except FusionError:
+            return False
         if self is OutputKind.golden:
             from safetensors import safe_open
 
@@ -53,12 +59,11 @@ class OutputKind(Enum):
                 return False
         if self in (OutputKind.bench_plot, OutputKind.validation_plot):  # a PNG we wrote carries its text chunk
             return _png_text(path).get("Software") == self.marker
-        if path.stat().st_size > MAX_REPORT_BYTES:
-            return False
         try:
-            return json.loads(path.read_bytes()).get("format") == self.marker
-        except (ValueError, AttributeError, OSError):
+            document = read_json(path, max_bytes=MAX_REPORT_BYTES)  # bounded in size and nesting; an object
+        except FusionError:
             return False
+        return document.get("format") == self.marker
 
 
 def _png_text(path: Path) -> dict[str, str]:
@@ -168,18 +173,29 @@ def _umask() -> int:
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(temp_path) for a hidden temp file beside `path`, then rename it over `path`; the temp file is
-    removed if anything fails (Ctrl-C and SIGTERM included). Missing parent folders are created."""
+    removed if anything fails (Ctrl-C and SIGTERM included). Missing parent folders are created. A full disk
+    (ENOSPC, EDQUOT, however the writer wrapped it) is a DiskFullError naming `path`, never the temp name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        os.close(fd)
         write(Path(tmp))  # (writers may recreate the file, so its mode is set afterwards)
         raise_if_signalled()  # a Ctrl-C a library swallowed: never publish what it interrupted
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs look like any other file
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        written = 0
+        if tmp is not None:
+            written = os.stat(tmp).st_size if os.path.exists(tmp) else 0
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, FusionError):  # an interruption stays one
+            from reference_model.checkpoint import disk_full_cause, disk_full_error  # (imports torch: errors only)
+
+            full = disk_full_cause(e)
+            if full is not None:
+                raise disk_full_error(path, full, written) from None
         raise
     return path
 

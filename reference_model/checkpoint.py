@@ -6,6 +6,7 @@ together in one error, never a silent partial load.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import FusionConfig, load_config
 from .errors import FusionError
+from .input_files import open_safetensors, read_json
 from .interruption import raise_if_signalled
 from .model import FusionModel
 
@@ -60,24 +62,44 @@ def to_checkpoint_key(name: str) -> str:
     raise KeyError(f"no checkpoint key for parameter {name}")
 
 
+def _shard_name(index_path: Path, key: object, name: object) -> str:
+    """A weight_map entry's file: a relative name inside the checkpoint folder (links are fine: a Hugging Face
+    cache snapshot's files are links into ../../blobs/, resolved as transformers resolves them)."""
+    if not isinstance(key, str) or not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        raise CheckpointError(f"{index_path}: weight_map entry {key!r}: {name!r} is not a safetensors file name")
+    if name.startswith(("/", "~")) or ".." in name.split("/"):
+        raise CheckpointError(
+            f"{index_path}: weight_map entry {key!r}: {name!r} leaves the checkpoint folder (absolute or '..')"
+        )
+    return name
+
+
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
-    """Checkpoint key -> the safetensors file holding it."""
+    """Checkpoint key -> the safetensors file holding it. Every file is a regular file with a readable header,
+    and an index's every key is in the shard it names (checked here, before any tensor is read)."""
     index_path, single_path = model_dir / INDEX_FILE, model_dir / SINGLE_FILE
-    if index_path.exists():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e})") from None
-        missing_shards = sorted({f for f in weight_map.values() if not (model_dir / f).exists()})
+    if index_path.exists() or index_path.is_symlink():
+        weight_map = read_json(index_path, error=CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' object")
+        names = {key: _shard_name(index_path, key, name) for key, name in weight_map.items()}
+        missing_shards = sorted({f for f in names.values() if not (model_dir / f).exists()})
         if missing_shards:
             raise CheckpointError(f"{index_path}: shard file(s) not found: {', '.join(missing_shards)}")
-        return {key: model_dir / f for key, f in weight_map.items()}
-    if single_path.exists():
-        try:
-            with safe_open(single_path, "pt") as f:
-                return {key: single_path for key in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{single_path}: not a readable safetensors file ({e})") from None
+        held: dict[str, set[str]] = {}
+        for name in sorted(set(names.values())):
+            with open_safetensors(model_dir / name, error=CheckpointError) as f:
+                held[name] = set(f.keys())
+        strays = sorted(f"{key} (in {name})" for key, name in names.items() if key not in held[name])
+        if strays:
+            more = f", ... and {len(strays) - 3} more" if len(strays) > 3 else ""
+            raise CheckpointError(
+                f"{index_path}: weight_map names shards that do not hold these tensors: {', '.join(strays[:3])}{more}"
+            )
+        return {key: model_dir / name for key, name in names.items()}
+    if single_path.exists() or single_path.is_symlink():
+        with open_safetensors(single_path, error=CheckpointError) as f:
+            return {key: single_path for key in f.keys()}
     raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
@@ -213,21 +235,95 @@ def _apply_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no EDQUOT on Windows
+
+
+class OutputExistsError(FusionError, FileExistsError):
+    """The output folder exists: before the command started, or created by another process while it ran."""
+
+
+class DiskFullError(FusionError):
+    """The disk (or the user's quota) filled up while an output was written; the partial output is removed."""
+
+
+def disk_full_cause(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind `error` (itself, or along its cause/context chain: libraries wrap it),
+    or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_error(final: Path, cause: OSError, written: int) -> DiskFullError:
+    """The error naming the output the user asked for (never the hidden temp name) and the space left, measured
+    after the partial output was removed."""
+    folder = next((p for p in [final, *final.parents] if p.exists()), Path("/"))
+    try:
+        free = f"{_amount(shutil.disk_usage(folder).free)} free there now"
+    except OSError:
+        free = "free space unknown"
+    reason = "the disk is full" if cause.errno == errno.ENOSPC else "the disk quota is exceeded"
+    return DiskFullError(
+        f"{final}: {reason} ({cause.strerror}); the partial output ({_amount(written)} written) was removed and "
+        f"{free}; free some space or choose another location"
+    )
+
+
+def _amount(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 @contextmanager
 def staging_folder(out_dir: str | Path):
-    """Yield a hidden temp folder beside `out_dir` that is renamed to it on success and removed on failure."""
+    """Yield a hidden temp folder beside `out_dir` that is renamed to it on success and removed on failure.
+    Another process creating `out_dir` meanwhile, or a full disk, ends in a FusionError naming `out_dir`."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir}: already exists; choose a new folder or remove it")
+    if out_dir.exists() or out_dir.is_symlink():
+        raise OutputExistsError(f"{out_dir}: already exists; nothing was written (choose a new folder or remove it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(out_dir, e, 0) from None
+        raise
     try:
         yield tmp
         raise_if_signalled()  # a Ctrl-C a library swallowed: never publish what it interrupted
         _apply_umask(tmp)  # mkdtemp creates 0700; the result should look like any other folder
-        tmp.rename(out_dir)
-    except BaseException:
+        raced = OutputExistsError(
+            f"{out_dir}: another process created it while this command ran; this command's result was discarded "
+            "(choose a new folder, or remove it and run again)"
+        )
+        if out_dir.exists() or out_dir.is_symlink():  # rename(2) would replace an empty folder silently
+            raise raced
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if out_dir.exists() or out_dir.is_symlink():  # created between the check and the rename
+                raise raced from None
+            raise
+    except BaseException as e:
+        full = disk_full_cause(e) if isinstance(e, Exception) and not isinstance(e, FusionError) else None
+        written = _size(tmp) if full is not None else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise disk_full_error(out_dir, full, written) from None
         raise
 
 

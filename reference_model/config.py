@@ -8,13 +8,13 @@ so they come from these files or a preset, never from the folder name.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import FusionError
+from .input_files import read_json
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("fusion-phi3.5-3b", "small", "tiny")
@@ -22,6 +22,22 @@ MODEL_TYPE = "fusion_phi"
 # Placeholder ids that upstream's tokenizer_image_token puts into input_ids.
 IMAGE_TOKEN_ID = -200
 LATENT_TOKEN_ID = -300
+
+# Upper bounds on every size a config gives, checked before any module or tensor is made: a hostile or corrupt
+# `num_hidden_layers: 1000000000` is refused at once instead of building layers for minutes. Each bound is far
+# above the largest real model of its kind: Llama-3.1-405B (hidden 16384, MLP 53248, 126 layers, 128 heads),
+# Gemma 3's 262,144-token vocabulary, Llama 4 Scout's 10M-token context, SigLIP2-giant (1536 wide, MLP 6144,
+# 40 layers, 16 heads, 512 px); FUSION-Phi3.5 itself is 3072 / 8192 / 32 layers / 32 heads / 32064 tokens.
+MAX_LAYERS = 1024  # decoder, vision tower and interaction layers (8x Llama-405B's 126)
+MAX_HIDDEN = 65536  # channel widths (4x Llama-405B's 16384)
+MAX_INTERMEDIATE = 262144  # MLP widths (~5x Llama-405B's 53248)
+MAX_HEADS = 1024  # attention heads, query or key/value (8x Llama-405B's 128)
+MAX_VOCAB = 1 << 22  # 4,194,304 tokens (16x Gemma 3's 262,144); token ids lie below it
+MAX_POSITIONS = 1 << 24  # 16,777,216 positions (1.6x Llama 4 Scout's 10M); also bounds a latent count
+MAX_IMAGE_SIZE = 2048  # crop side in pixels (4x SigLIP2's 512; 5 float crops of 2048^2 are 250 MB)
+MAX_CHANNELS = 64  # image channels (real towers read 3)
+MAX_WINDOW = 1024  # interaction window side (upstream: 3)
+MAX_QUERY_LENS = 64  # entries of the trained `query_len` list (upstream lists 5)
 
 
 class ConfigError(FusionError):
@@ -268,11 +284,15 @@ def _require(config: dict[str, Any], key: str, source: str) -> Any:
     return config[key]
 
 
-def _int(config: dict[str, Any], key: str, source: str, default: Any = _MISSING, minimum: int = 1) -> int:
-    """An integer field (JSON integer, not a string, float or bool) of at least `minimum`."""
+def _int(
+    config: dict[str, Any], key: str, source: str, default: Any = _MISSING, minimum: int = 1, *, maximum: int
+) -> int:
+    """An integer field (JSON integer, not a string, float or bool) in minimum..maximum."""
     value = _require(config, key, source) if default is _MISSING else config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise ConfigError(f"{source}: {key} is {value}, over the limit of {maximum} (far above any real model's)")
     return value
 
 
@@ -284,10 +304,13 @@ def _positive_float(config: dict[str, Any], key: str, source: str, default: Any 
     return float(value)
 
 
-def _factors(scaling: dict[str, Any], key: str, source: str) -> tuple[float, ...]:
+def _factors(scaling: dict[str, Any], key: str, source: str, count: int) -> tuple[float, ...]:
+    """`count` positive factors (head_dim / 2), the length checked before any entry is read."""
     value = _require(scaling, key, f"{source} rope_scaling")
     if not isinstance(value, list):
         raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers, got {value!r}")
+    if len(value) != count:
+        raise ConfigError(f"{source}: rope_scaling.{key} has {len(value)} entries, expected head_dim/2 = {count}")
     return tuple(_positive_float({f"rope_scaling.{key}[{i}]": x}, f"rope_scaling.{key}[{i}]", source)
                  for i, x in enumerate(value))  # fmt: skip
 
@@ -298,17 +321,24 @@ def _optional_token_id(config: dict[str, Any], key: str, source: str) -> int | N
         value = value[0] if value else None
     if value is None:
         return None
-    return _int({key: value}, key, source, minimum=0)
+    return _int({key: value}, key, source, minimum=0, maximum=MAX_VOCAB - 1)
 
 
 def parse_query_lens(value: Any, source: str = "config.json") -> tuple[int, ...]:
     """Upstream stores `query_len` as a comma-separated string ("16" or "4,16,36,64,144")."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"{source}: query_len {value!r} is not a comma-separated list of integers")
+    pieces = [x for x in str(value).split(",", MAX_QUERY_LENS) if x.strip()]
+    if len(pieces) > MAX_QUERY_LENS:
+        raise ConfigError(f"{source}: query_len lists more than {MAX_QUERY_LENS} lengths")
     try:
-        lens = tuple(int(x) for x in str(value).split(",") if x.strip())
+        lens = tuple(int(x) for x in pieces)
     except ValueError:
         raise ConfigError(f"{source}: query_len {value!r} is not a comma-separated list of integers") from None
     if not lens or min(lens) < 1:
         raise ConfigError(f"{source}: query_len {value!r} must list positive integers")
+    if max(lens) > MAX_POSITIONS:
+        raise ConfigError(f"{source}: query_len {max(lens)} is over the limit of {MAX_POSITIONS} latents")
     return lens
 
 
@@ -316,29 +346,35 @@ def vision_config_from_dict(vision: dict[str, Any], source: str) -> VisionConfig
     act = vision.get("hidden_act", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported (SigLIP uses gelu_pytorch_tanh)")
-    hidden, heads = _int(vision, "hidden_size", source), _int(vision, "num_attention_heads", source)
+    hidden = _int(vision, "hidden_size", source, maximum=MAX_HIDDEN)
+    heads = _int(vision, "num_attention_heads", source, maximum=MAX_HEADS)
     if hidden % heads:
         raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-    image_size, patch_size = _int(vision, "image_size", source, 384), _int(vision, "patch_size", source, 14)
+    image_size = _int(vision, "image_size", source, 384, maximum=MAX_IMAGE_SIZE)
+    patch_size = _int(vision, "patch_size", source, 14, maximum=MAX_IMAGE_SIZE)
     if patch_size > image_size:
         raise ConfigError(f"{source}: patch_size {patch_size} is larger than image_size {image_size}")
     return VisionConfig(
         hidden_size=hidden,
-        intermediate_size=_int(vision, "intermediate_size", source),
+        intermediate_size=_int(vision, "intermediate_size", source, maximum=MAX_INTERMEDIATE),
         # SigLIP's saved depth; FUSION deletes the last layer before use, and the connector needs 2 that run.
-        num_layers=_int(vision, "num_hidden_layers", source, minimum=3) - 1,
+        num_layers=_int(vision, "num_hidden_layers", source, minimum=3, maximum=MAX_LAYERS + 1) - 1,
         num_heads=heads,
         image_size=image_size,
         patch_size=patch_size,
-        num_channels=_int(vision, "num_channels", source, 3),
+        num_channels=_int(vision, "num_channels", source, 3, maximum=MAX_CHANNELS),
         layer_norm_eps=_positive_float(vision, "layer_norm_eps", source, 1e-6),
     )
 
 
 def config_from_dicts(
-    config: dict[str, Any], vision: dict[str, Any] | None, source: str = "config.json"
+    config: dict[str, Any],
+    vision: dict[str, Any] | None,
+    source: str = "config.json",
+    vision_source: str = "vision_config.json",
 ) -> FusionConfig:
-    """Build a FusionConfig from a checkpoint's config.json dict and optional vision_config.json dict."""
+    """Build a FusionConfig from a checkpoint's config.json dict and optional vision_config.json dict; every size
+    is checked against the bounds above before anything is built (`source`, `vision_source`: named in errors)."""
     model_type = config.get("model_type")
     if model_type != MODEL_TYPE:
         raise ConfigError(f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r} (a FUSION-Phi checkpoint)")
@@ -352,20 +388,19 @@ def config_from_dicts(
         raise ConfigError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (Phi-3 uses silu)")
 
     if vision is None:
-        vision = json.loads((PRESET_DIR / "so400m.vision.json").read_text())
+        vision = _read_json(PRESET_DIR / "so400m.vision.json")
         vision_source = "SigLIP so400m preset"
-    else:
-        vision_source = "vision_config.json"
     vision_cfg = vision_config_from_dict(vision, vision_source)
     mm_hidden = config.get("mm_hidden_size")
-    if mm_hidden is not None and _int(config, "mm_hidden_size", source) != vision_cfg.hidden_size:
+    if mm_hidden is not None and _int(config, "mm_hidden_size", source, maximum=MAX_HIDDEN) != vision_cfg.hidden_size:
         raise ConfigError(
             f"{source}: mm_hidden_size {mm_hidden} disagrees with the vision tower width "
             f"{vision_cfg.hidden_size} ({vision_source})"
         )
 
     # head counts first: every derived size (head_dim, RoPE factor counts) depends on them
-    hidden, heads = _int(config, "hidden_size", source), _int(config, "num_attention_heads", source)
+    hidden = _int(config, "hidden_size", source, maximum=MAX_HIDDEN)
+    heads = _int(config, "num_attention_heads", source, maximum=MAX_HEADS)
     if hidden % heads:
         raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     head_dim = hidden // heads
@@ -382,31 +417,33 @@ def config_from_dicts(
         raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (Phi-3.5 uses longrope)")
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
-    max_pos = _int(config, "max_position_embeddings", source)
+    max_pos = _int(config, "max_position_embeddings", source, maximum=MAX_POSITIONS)
     rope = RopeConfig(
         head_dim=head_dim,
         theta=_positive_float(config, "rope_theta", source, 10000.0),
-        short_factor=_factors(scaling, "short_factor", source),
-        long_factor=_factors(scaling, "long_factor", source),
-        original_max_position_embeddings=_int(config, "original_max_position_embeddings", source, max_pos),
+        short_factor=_factors(scaling, "short_factor", source, head_dim // 2),
+        long_factor=_factors(scaling, "long_factor", source, head_dim // 2),
+        original_max_position_embeddings=_int(
+            config, "original_max_position_embeddings", source, max_pos, maximum=MAX_POSITIONS
+        ),
         max_position_embeddings=max_pos,
     )
     kv_heads = config.get("num_key_value_heads")
     decoder = DecoderConfig(
-        vocab_size=_int(config, "vocab_size", source),
+        vocab_size=_int(config, "vocab_size", source, maximum=MAX_VOCAB),
         hidden_size=hidden,
-        intermediate_size=_int(config, "intermediate_size", source),
-        num_layers=_int(config, "num_hidden_layers", source),
+        intermediate_size=_int(config, "intermediate_size", source, maximum=MAX_INTERMEDIATE),
+        num_layers=_int(config, "num_hidden_layers", source, maximum=MAX_LAYERS),
         num_heads=heads,
-        num_kv_heads=heads if kv_heads is None else _int(config, "num_key_value_heads", source),
+        num_kv_heads=heads if kv_heads is None else _int(config, "num_key_value_heads", source, maximum=MAX_HEADS),
         rms_norm_eps=_positive_float(config, "rms_norm_eps", source, 1e-5),
         rope=rope,
     )
     interaction = InteractionConfig(
-        num_layers=_int(config, "num_of_vision_sampler_layers", source),
-        start=_int(config, "start_of_vision_sampler_layers", source, 0, minimum=0),
-        stride=_int(config, "stride_of_vision_sampler_layers", source, 1),
-        window_size=_int(config, "window_size", source, 3),
+        num_layers=_int(config, "num_of_vision_sampler_layers", source, maximum=MAX_LAYERS),
+        start=_int(config, "start_of_vision_sampler_layers", source, 0, minimum=0, maximum=MAX_LAYERS),
+        stride=_int(config, "stride_of_vision_sampler_layers", source, 1, maximum=MAX_LAYERS),
+        window_size=_int(config, "window_size", source, 3, maximum=MAX_WINDOW),
     )
     max_length = config.get("tokenizer_model_max_length")
     return FusionConfig(
@@ -417,21 +454,16 @@ def config_from_dicts(
         bos_token_id=_optional_token_id(config, "bos_token_id", source),
         eos_token_id=_optional_token_id(config, "eos_token_id", source),
         pad_token_id=_optional_token_id(config, "pad_token_id", source),
-        tokenizer_model_max_length=None if max_length is None else _int(config, "tokenizer_model_max_length", source),
+        tokenizer_model_max_length=(
+            None if max_length is None else _int(config, "tokenizer_model_max_length", source, maximum=MAX_POSITIONS)
+        ),
         raw=dict(config),
     )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
+    """A config file: a regular file holding a JSON object, bounded in size and nesting (input_files.py)."""
+    return read_json(path, error=ConfigError)
 
 
 def load_config(model_dir: str | Path) -> FusionConfig:
@@ -441,8 +473,9 @@ def load_config(model_dir: str | Path) -> FusionConfig:
         raise ConfigError(f"{model_dir}: checkpoint folder not found")
     config_path = model_dir / "config.json"
     vision_path = model_dir / "vision_config.json"
-    vision = _read_json(vision_path) if vision_path.exists() else None
-    return config_from_dicts(_read_json(config_path), vision, source=str(config_path))
+    present = vision_path.exists() or vision_path.is_symlink()  # a dangling link is refused, not skipped
+    vision = _read_json(vision_path) if present else None
+    return config_from_dicts(_read_json(config_path), vision, source=str(config_path), vision_source=str(vision_path))
 
 
 def preset_config(name: str) -> FusionConfig:
@@ -456,4 +489,6 @@ def preset_config(name: str) -> FusionConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     vision_path = PRESET_DIR / f"{name}.vision.json"
     vision = _read_json(vision_path) if vision_path.exists() else None
-    return config_from_dicts(_read_json(PRESET_DIR / f"{name}.json"), vision, source=f"preset {name}")
+    return config_from_dicts(
+        _read_json(PRESET_DIR / f"{name}.json"), vision, source=f"preset {name}", vision_source=f"preset {name} vision"
+    )

@@ -12,6 +12,7 @@ than a pixel limit are refused before they are decoded.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import FusionError
+from .input_files import require_regular_file
 from .limits import DEFAULT_MAX_IMAGE_PIXELS
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -72,11 +74,21 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         raise ImageError(f"{name}: mode {image.mode} cannot be converted to RGB ({e})") from None
 
 
+def require_image_file(path: str | Path) -> None:
+    """A regular file (a link to one is fine), checked before anything opens it: opening a FIFO blocks until a
+    writer comes, and a device can stream forever."""
+    if not os.path.lexists(path):
+        raise ImageError(f"{path}: image file not found")
+    require_regular_file(path, error=ImageError)
+
+
 def open_image(image: Image.Image | str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB image from a file or a PIL image, size-checked before decoding."""
     if isinstance(image, Image.Image):
         _check_size(image, "image", max_pixels)
         return to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        require_image_file(image)
     try:
         with _pillow_limit_off(), Image.open(image) as im:
             _check_size(im, str(image), max_pixels)  # the header is read; the pixels are not yet

@@ -4,23 +4,40 @@ The phi_3 template with `mm_use_im_start_end` puts a latent-image placeholder an
 the question. The prompt is cut at `<image>`, each piece at `<latent_image>`, every piece is tokenized on its
 own, and when the first piece starts with BOS the first token of every later piece is dropped (its BOS); the
 placeholders become ids -300 and -200. `instructs` is the question alone, tokenized normally.
+
+The question is plain text (`encode_question`, the rule for every question from outside): text in it that spells
+an added token of the tokenizer (`<|end|>`, `<s>`, ...) is tokenized as ordinary text, never as that token, so a
+question can neither end its turn nor forge another; a question without such text tokenizes exactly as upstream.
 """
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import IMAGE_TOKEN_ID, LATENT_TOKEN_ID
 from .errors import FusionError
+from .input_files import require_regular_file
 
 IMAGE_TOKEN = "<image>"
 LATENT_TOKEN = "<latent_image>"
 VISION_START = "<vision_start>"
 VISION_END = "<vision_end>"
+SYSTEM_TURN = "<|system|>"
+USER_TURN = "<|user|>"
+ASSISTANT_TURN = "<|assistant|>"
 END_OF_TURN = "<|end|>"
 SYSTEM_MESSAGE = "You are a helpful AI assistant."
+TEMPLATE_TOKENS = (SYSTEM_TURN, USER_TURN, ASSISTANT_TURN, END_OF_TURN, VISION_START, VISION_END)
+# The plain-text encoder's stand-ins for the template's tokens are built from a Unicode noncharacter (reserved
+# for a program's internal use); a question holding it next to added-token text is refused.
+STAND_IN_MARK = "\ufdd0"
+# Ordinary text the plain-text encoder must tokenize exactly as the tokenizer itself, or it is not used.
+_PROBES = ("What is shown in this picture? Answer briefly.", "  two  spaces  ", "\n<|x|>\t|é日🙂>")
 
 
 class TokenizerError(FusionError):
@@ -31,10 +48,25 @@ class RequestError(FusionError):
     """A request cannot be turned into a FUSION input sequence."""
 
 
+def _template(mark: Callable[[str], str] = lambda token: token) -> tuple[str, str]:
+    """The prompt before and after the question; `mark` rewrites the template's own control tokens."""
+    images = f"{mark(VISION_START)}{LATENT_TOKEN}{mark(VISION_END)}{mark(VISION_START)}{IMAGE_TOKEN}{mark(VISION_END)}"
+    before = f"{mark(SYSTEM_TURN)}\n{SYSTEM_MESSAGE}{mark(END_OF_TURN)}\n{mark(USER_TURN)}\n{images}\n"
+    return before, f"{mark(END_OF_TURN)}\n{mark(ASSISTANT_TURN)}\n"
+
+
 def build_prompt(question: str) -> str:
     """The phi_3 conversation for one question about one image."""
-    images = f"{VISION_START}{LATENT_TOKEN}{VISION_END}{VISION_START}{IMAGE_TOKEN}{VISION_END}"
-    return f"<|system|>\n{SYSTEM_MESSAGE}{END_OF_TURN}\n<|user|>\n{images}\n{question}{END_OF_TURN}\n<|assistant|>\n"
+    before, after = _template()
+    return before + question + after
+
+
+def _question_of(prompt: str) -> str | None:
+    """The question of a prompt `build_prompt` made; None for any other text."""
+    before, after = _template()
+    if len(prompt) < len(before) + len(after) or not (prompt.startswith(before) and prompt.endswith(after)):
+        return None
+    return prompt[len(before) : len(prompt) - len(after)]
 
 
 def check_question(question: str) -> str:
@@ -54,6 +86,21 @@ def check_question(question: str) -> str:
     return question
 
 
+@dataclass(frozen=True)
+class QuestionIds:
+    input_ids: list[int]  # the prompt, with one -300 and one -200 placeholder
+    instructs: list[int]  # the question the vision tower reads
+
+
+def encode_question(question: str, tokenizer: Any) -> QuestionIds:
+    """The rule for every question from outside (command line, calibration file, a server's message): checked
+    (`check_question`), then tokenized as plain text into the prompt and the vision tower's instruction. Text
+    spelling an added token of the tokenizer becomes ordinary text, never that token; where this tokenizer
+    cannot encode it so, the question is refused naming the token."""
+    check_question(question)
+    return QuestionIds(prompt_ids(question, tokenizer), instruct_ids(question, tokenizer))
+
+
 def _join_pieces(
     text: str, separator: str, placeholder: int, tokenize: Callable[[str], list[int]], bos: int | None
 ) -> list[int]:
@@ -68,24 +115,177 @@ def _join_pieces(
     return ids
 
 
-def tokenize_prompt(prompt: str, tokenizer: Any) -> list[int]:
-    """Token ids with -200 for `<image>` and -300 for `<latent_image>` (upstream tokenizer_image_token)."""
-    bos = tokenizer.bos_token_id
-
-    def plain(piece: str) -> list[int]:
-        return list(tokenizer(piece).input_ids)
-
+def _upstream_ids(prompt: str, tokenize: Callable[[str], list[int]], bos: int | None) -> list[int]:
     def with_latents(piece: str) -> list[int]:
-        return _join_pieces(piece, LATENT_TOKEN, LATENT_TOKEN_ID, plain, bos)
+        return _join_pieces(piece, LATENT_TOKEN, LATENT_TOKEN_ID, tokenize, bos)
 
     return _join_pieces(prompt, IMAGE_TOKEN, IMAGE_TOKEN_ID, with_latents, bos)
 
 
+def tokenize_prompt(prompt: str, tokenizer: Any) -> list[int]:
+    """Token ids with -200 for `<image>` and -300 for `<latent_image>` (upstream tokenizer_image_token). A prompt
+    `build_prompt` made goes through `prompt_ids`, so its question is plain text whoever calls this."""
+    question = _question_of(prompt)
+    if question is not None:
+        return prompt_ids(question, tokenizer)
+    return _upstream_ids(prompt, lambda piece: list(tokenizer(piece).input_ids), tokenizer.bos_token_id)
+
+
+def prompt_ids(question: str, tokenizer: Any) -> list[int]:
+    """The prompt's ids: upstream's exactly when nothing in the question tokenizes to an added token, else with
+    the question's text encoded as plain text in its real context (`_PlainText`)."""
+    check_question(question)
+    before, after = _template()
+    last = before.rsplit(IMAGE_TOKEN, 1)[1] + question + after  # the piece that holds the question
+    span = (len(last) - len(after) - len(question), len(last) - len(after))
+
+    def tokenize(piece: str) -> list[int]:
+        batch = tokenizer(piece)
+        typed = _typed_tokens(tokenizer, batch, piece, span) if piece == last else []
+        return _plain_text(tokenizer, typed).prompt_piece(question, typed) if typed else list(batch.input_ids)
+
+    return _upstream_ids(before + question + after, tokenize, tokenizer.bos_token_id)
+
+
 def instruct_ids(question: str, tokenizer: Any) -> list[int]:
-    """The question the vision tower reads: image markers removed, stripped, tokenized (BOS kept)."""
+    """The question the vision tower reads: image markers removed, stripped, tokenized (BOS kept); its text is
+    plain text as in `prompt_ids`."""
     for marker in (IMAGE_TOKEN, VISION_START, VISION_END):
         question = question.replace(marker, "")
-    return list(tokenizer(question.strip()).input_ids)
+    text = question.strip()
+    batch = tokenizer(text)
+    typed = _typed_tokens(tokenizer, batch, text, (0, len(text)))
+    return _plain_text(tokenizer, typed).encode(text, typed) if typed else list(batch.input_ids)
+
+
+def _added_tokens(tokenizer: Any) -> dict[int, str]:
+    """Every added token (special or not) by id: the ids no question's text may produce."""
+    return {int(i): token.content for i, token in tokenizer.added_tokens_decoder.items()}
+
+
+def _controls_in(
+    encoding: Any, text: str, span: tuple[int, int], controls: dict[int, str], unk: int | None
+) -> list[str]:
+    """The added tokens among `encoding`'s tokens of `text` whose own text overlaps `text[span]`. Tokens the
+    post-processor adds (BOS) have no text; the unknown token standing for a character the vocabulary lacks
+    is that character, not a typed token; an added token that strips whitespace counts from its own text on."""
+    found = []
+    for token_id, (start, end), sequence in zip(encoding.ids, encoding.offsets, encoding.sequence_ids):
+        if sequence is None or token_id not in controls:
+            continue
+        content, covered = controls[token_id], text[start:end]
+        at = covered.find(content)
+        if at < 0 and token_id == unk:
+            continue
+        if at >= 0:
+            start, end = start + at, start + at + len(content)
+        if max(start, span[0]) < min(max(end, start + 1), span[1]):
+            found.append(content)
+    return found
+
+
+def _typed_tokens(tokenizer: Any, batch: Any, text: str, span: tuple[int, int]) -> list[str]:
+    """The added tokens the question `text[span]` turned into in `batch` (the tokenizer's output for `text`)."""
+    controls = _added_tokens(tokenizer)
+    if not controls.keys() & set(batch.input_ids):
+        return []
+    if not batch.encodings:  # a slow tokenizer gives no offsets: any spelling of an added token counts
+        question = text[span[0] : span[1]]
+        return [content for content in controls.values() if content in question]
+    return _controls_in(batch.encodings[0], text, span, controls, tokenizer.unk_token_id)
+
+
+def _refusal(typed: list[str], why: str) -> RequestError:
+    return RequestError(f"the question contains {typed[0]!r}, a control token of this tokenizer, {why}; remove it")
+
+
+class _PlainText:
+    """A private copy of a fast tokenizer that matches none of the original's added tokens in text, only
+    stand-ins for the template's own tokens, with the same matching rules (lstrip, rstrip, single_word,
+    normalized) and ids mapped back: the question's text is tokenized in its real context (normalizer,
+    pre-tokenizer and prefix-space rules see the same splits) as if those tokens had never been added.
+
+    Defense in depth: every encoding is checked to hold no added-token id from text and every template token
+    once; a tokenizer this copy does not reproduce on ordinary text (`_PROBES`) is not used (refusal by name)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.unavailable: str | None = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_special_tokens"):
+            self.unavailable = "which needs a fast tokenizer (tokenizers >= 0.20) to be encoded as plain text"
+            return
+        from tokenizers import Tokenizer
+
+        spec = json.loads(backend.to_str())
+        added = {token["content"]: token for token in spec["added_tokens"]}
+        next_id = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        self.marks: dict[str, str] = {}
+        self.restore: dict[int, int] = {}
+        stand_ins = []
+        for k, token in enumerate(t for t in TEMPLATE_TOKENS if t in added):
+            content = f"{STAND_IN_MARK}{k}{STAND_IN_MARK}"
+            stand_ins.append({**added[token], "id": next_id + k, "content": content, "special": False})
+            self.marks[token], self.restore[next_id + k] = content, added[token]["id"]
+        for token in spec["added_tokens"]:
+            token["special"] = True  # encode_special_tokens skips them all: only the stand-ins still match
+        spec["added_tokens"] += stand_ins
+        spec["truncation"] = spec["padding"] = None  # as the tokenizer is called: whole text, one sequence
+        self.backend = Tokenizer.from_str(json.dumps(spec))
+        self.backend.encode_special_tokens = True
+        self.controls = _added_tokens(tokenizer)
+        self.unk = tokenizer.unk_token_id
+        self.unavailable = self._probe(tokenizer)
+
+    def _probe(self, tokenizer: Any) -> str | None:
+        before, after = _template()
+        for text in _PROBES:
+            last = before.rsplit(IMAGE_TOKEN, 1)[1] + text + after
+            span = (len(last) - len(after) - len(text), len(last) - len(after))
+            if _typed_tokens(tokenizer, tokenizer(last), last, span):
+                continue  # not ordinary text for this tokenizer
+            try:
+                same = self.prompt_piece(text, [text]) == tokenizer(last).input_ids
+                same = same and self.encode(text, [text]) == tokenizer(text).input_ids
+            except RequestError:
+                same = False
+            if not same:
+                return "which this tokenizer cannot encode as plain text exactly"
+        return None
+
+    def prompt_piece(self, question: str, typed: list[str]) -> list[int]:
+        """The ids of the prompt's last piece (`<vision_end>\\n{question}<|end|>\\n<|assistant|>\\n`)."""
+        before, after = _template(lambda token: self.marks.get(token, token))
+        head = before.rsplit(IMAGE_TOKEN, 1)[1]
+        return self.encode(head + question + after, typed, (len(head), len(head) + len(question)))
+
+    def encode(self, text: str, typed: list[str], span: tuple[int, int] | None = None) -> list[int]:
+        """`text` tokenized as the tokenizer would with no added tokens; the question is `text[span]` (all of it
+        by default), stand-ins only outside it."""
+        start, end = span or (0, len(text))
+        if STAND_IN_MARK in text[start:end]:  # it could spell a stand-in, which becomes a template token
+            raise _refusal(typed, f"and U+{ord(STAND_IN_MARK):04X}, a noncharacter its plain-text encoding reserves")
+        encoding = self.backend.encode(text)
+        leaked = _controls_in(encoding, text, (0, len(text)), self.controls, self.unk)
+        if leaked:
+            raise _refusal(typed, f"and its text tokenizes to the control token {leaked[0]!r} even as plain text")
+        if 2 * sum(token_id in self.restore for token_id in encoding.ids) != text.count(STAND_IN_MARK):
+            raise _refusal(typed, "and as plain text it keeps the template's own tokens from being read")
+        return [self.restore.get(token_id, token_id) for token_id in encoding.ids]
+
+
+_ENCODERS: weakref.WeakKeyDictionary[Any, tuple[int, _PlainText]] = weakref.WeakKeyDictionary()
+
+
+def _plain_text(tokenizer: Any, typed: list[str]) -> _PlainText:
+    """The tokenizer's plain-text encoder, built once per tokenizer (again if tokens were added since)."""
+    size = len(tokenizer)
+    cached = _ENCODERS.get(tokenizer)
+    if cached is None or cached[0] != size:
+        cached = _ENCODERS[tokenizer] = (size, _PlainText(tokenizer))
+    encoder = cached[1]
+    if encoder.unavailable:
+        raise _refusal(typed, encoder.unavailable)
+    return encoder
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -108,6 +308,9 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     folder = tokenizer_folder(model_dir)
+    for name in TOKENIZER_FILES:  # transformers would block on a FIFO and read a device without end
+        if (folder / name).exists() or (folder / name).is_symlink():
+            require_regular_file(folder / name, "tokenizer file", error=TokenizerError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken tokenizer folder

@@ -35,7 +35,9 @@ EXPORT_GROUPS = [
     ("tests/test_trt_compat.py", "oracle-exports"),
     ("tests/test_trt_build.py::test_small_shape_builds", "small-build"),  # independent: balances the workers
     ("tests/test_trt_build.py", "demo-exports"),
+    ("tests/test_hostile_build_quantize.py", "demo-exports"),
     ("tests/test_bench.py", "demo-exports"),
+    ("tests/test_containment.py", "demo-exports"),  # copies of the demo export, planted
     ("tests/test_kv_int8.py", "demo-exports"),  # quantizes the demo exports above, its plugin form included
     ("tests/test_plugin_kernels.py::test_export_with_plugins_matches_reference_and_builds", "demo-exports"),
     ("tests/test_quantize.py", "quantize"),  # its own demo exports: balances the workers
@@ -243,3 +245,33 @@ def export_demo(demo_checkpoint, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every entry under `root` as rel path -> sha256 of its bytes (files), 'link -> target' (symlinks, never
+    followed) or 'dir'/'other': compared before and after a hostile command, it shows anything it wrote or
+    changed outside its own output."""
+    state: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                state[rel] = f"link -> {os.readlink(path)}"
+            elif path.is_dir():
+                state[rel] = "dir"
+            elif path.is_file():
+                state[rel] = sha256(path)
+            else:
+                state[rel] = "other"
+    return state
+
+
+def changed_entries(before: dict[str, str], after: dict[str, str], allowed: tuple[str, ...] = ()) -> list[str]:
+    """Entries added, removed or changed between two `tree_state`s, except those under an `allowed` prefix (the
+    command's own output)."""
+
+    def outside(rel: str) -> bool:
+        return not any(rel == a or rel.startswith(a.rstrip("/") + "/") for a in allowed)
+
+    return sorted(rel for rel in set(before) | set(after) if before.get(rel) != after.get(rel) and outside(rel))

@@ -75,7 +75,9 @@ for block in blocks:  # float32 compute, one block's weights upcast at a time
     block.register_forward_pre_hook(upcast)
     block.register_forward_hook(restore)
 d = model.config.decoder
-model.new_cache = lambda b, c: KVCache(d.num_layers, b, d.num_kv_heads, c, d.head_dim, torch.float32)
+# the float32 cache, with whatever else generation passes (INT8 scales: None here), so this keeps its signature
+model.new_cache = lambda b, c, int8_scales=None: KVCache(d.num_layers, b, d.num_kv_heads, c, d.head_dim,
+                                                         torch.float32, "cpu", int8_scales)
 session = ReferenceSession(model, batch_for(ckpt), steps)
 logits = [session.prefill()]
 ids = []

@@ -18,7 +18,17 @@ import itertools
 import sys
 from pathlib import Path
 
-from .options import ORT_ATTENTION_FORMS, positive_int, require_module
+from .options import (
+    MAX_BATCH,
+    MAX_ROUNDS,
+    MAX_TOKENS,
+    ORT_ATTENTION_FORMS,
+    count_up_to,
+    positive_int,
+    positive_int_up_to,
+    require_module,
+    threads,
+)
 
 PEERS = ("genai", "genai-int8", "genai-int4", "transformers")
 
@@ -39,11 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reference", action="store_true", help="leave the PyTorch reference out")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="reference dtype (fp32)")
     p.add_argument("--device", default="cpu", help="reference torch device (cpu)")
-    p.add_argument("--batch", type=positive_int, default=1, metavar="N")
-    p.add_argument("--prompt-len", type=positive_int, default=1040, metavar="N", help="positions, image included")
-    p.add_argument("--new-tokens", type=positive_int, default=64, metavar="N")
+    tokens = positive_int_up_to(MAX_TOKENS)  # the model's own limit is checked once it is known (run_bench)
+    p.add_argument("--batch", type=positive_int_up_to(MAX_BATCH), default=1, metavar="N")
+    p.add_argument("--prompt-len", type=tokens, default=1040, metavar="N", help="positions, image included")
+    p.add_argument("--new-tokens", type=tokens, default=64, metavar="N")
     p.add_argument("--query-len", type=positive_int, metavar="N", help="latents per image (default 64)")
-    p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="CPU threads per backend (2)")
+    p.add_argument("--threads", type=threads, default=2, metavar="N", help="CPU threads per backend (2)")
     p.add_argument(
         "--ort-weights",
         choices=["auto", "shared", "packed"],
@@ -64,9 +75,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FORMS",
         help="ONNX Runtime on CPU: fused (GroupQueryAttention, default), graph (as exported), or both: fused,graph",
     )
-    p.add_argument("--warmup", type=int, default=1, metavar="N", help="rounds dropped first (1)")
-    p.add_argument("--iters", type=positive_int, default=3, metavar="N", help="measured rounds (3)")
-    p.add_argument("--sweep", metavar="CONTEXTS", help="also decode latency at these contexts, e.g. 512,1024,2048")
+    p.add_argument("--warmup", type=count_up_to(MAX_ROUNDS), default=1, metavar="N", help="rounds dropped first (1)")
+    p.add_argument("--iters", type=positive_int_up_to(MAX_ROUNDS), default=3, metavar="N", help="measured rounds (3)")
+    p.add_argument("--sweep", type=_contexts, metavar="CONTEXTS",
+                   help="also decode latency at these contexts, e.g. 512,1024,2048")  # fmt: skip
     p.add_argument("--out", metavar="JSON", help="write the report")
     p.add_argument("--plot", metavar="PNG", help="write the plot")
     p.add_argument("--cache-dir", metavar="DIR", help="preset checkpoints, exports, peer models (~/.cache/...)")
@@ -79,6 +91,19 @@ def _attention_forms(text: str) -> list[str]:
     if not forms or any(f not in ORT_ATTENTION_FORMS for f in forms) or len(set(forms)) != len(forms):
         raise argparse.ArgumentTypeError(f"{text!r}: fused, graph, or fused,graph")
     return forms
+
+
+MAX_SWEEP = 64  # contexts in one --sweep (each one runs every contender twice)
+
+
+def _contexts(text: str) -> list[int]:
+    """'512,1024' -> [512, 1024]: positive context lengths, each within the token bound, at most MAX_SWEEP."""
+    pieces = [piece.strip() for piece in text.split(",")]
+    if not all(pieces) or len(pieces) > MAX_SWEEP:
+        raise argparse.ArgumentTypeError(
+            f"expected up to {MAX_SWEEP} comma-separated positive integers, got {text[:60]!r}"
+        )
+    return [positive_int_up_to(MAX_TOKENS)(piece) for piece in pieces]
 
 
 def cache_dir(args: argparse.Namespace) -> Path:
@@ -168,7 +193,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise FusionError(f"--peers {','.join(unknown)}: choose from {', '.join(PEERS)}")
     if any(p.startswith("genai") for p in peers):
         require_module("onnxruntime_genai", "--peers genai*", "bench")
-    sweep = [int(c) for c in args.sweep.split(",")] if args.sweep else []
+    sweep = args.sweep or []
     settings = BenchSettings(
         batch=args.batch,
         prompt_len=args.prompt_len,
@@ -206,7 +231,13 @@ def run_bench(args: argparse.Namespace) -> int:
     for folder in args.engines:
         backend = open_backend(BackendKind.tensorrt, folder, BackendOptions(device=args.device.replace("cpu", "cuda")))
         contenders.append(BackendContender(f"tensorrt {backend.precision} ({Path(folder).name})", backend, settings))
-    vocab = (config or contenders[0].backend.config).decoder.vocab_size
+    model_config = config or contenders[0].backend.config
+    vocab, positions = model_config.decoder.vocab_size, model_config.decoder.rope.max_position_embeddings
+    if settings.prompt_len + settings.new_tokens > positions:  # before any peer is built or weights are read
+        raise FusionError(
+            f"--prompt-len {settings.prompt_len} + --new-tokens {settings.new_tokens} exceed the model's "
+            f"{positions} positions"
+        )
     for peer in peers:
         if peer.startswith("genai"):
             precision = peer.partition("-")[2] or "fp32"

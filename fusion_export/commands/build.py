@@ -2,17 +2,22 @@
 
 Every network is strongly typed: the precision is the graphs' own. Profiles come from the artifact and the limits
 below; `--device-memory` checks the plan against a device (a preset or GB) and reports the largest context that
-fits. `--dry-run` prints the plan (profiles, memory, equivalent trtexec / tensorrt_rtx command lines) without
-TensorRT. TensorRT-RTX builds without a GPU (for --compute-capability targets); TensorRT 10/11 builds on the GPU
-it targets. The folder appears only when complete.
+fits. `--dry-run` runs every check the build runs (--out, the artifact, the plan, the device memory, the flags
+the TensorRT flavour takes) and prints the plan (profiles, memory, equivalent trtexec / tensorrt_rtx command lines)
+without TensorRT. TensorRT-RTX builds without a GPU (for --compute-capability targets); TensorRT 10/11 builds on
+the GPU it targets. Flags the chosen flavour would ignore are refused. The folder appears only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
-from .options import positive_int
+from .options import compute_capabilities, positive_int
+
+# The command-line tool of each flavour (tensorrt_rtx takes trtexec's flags) and whether it needs --stronglyTyped.
+TOOLS = {"tensorrt": ("trtexec", True), "tensorrt-rtx": ("tensorrt_rtx", False)}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,19 +53,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--compute-capability",
+        type=compute_capabilities,
         metavar="SM86,SM89",
-        help="TensorRT-RTX targets (default: its own list, Ampere and newer)",
+        help="TensorRT-RTX targets: SM75, SM80, SM86, SM89, SM120, SM121 (default: its own list, Ampere and newer)",
     )
     p.add_argument(
         "--opt-level", type=int, choices=range(6), default=3, metavar="0-5", help="builder optimization level (3)"
     )
-    p.add_argument("--timing-cache", metavar="PATH", help="timing cache file (TensorRT 10/11; default per version)")
+    p.add_argument(
+        "--timing-cache",
+        metavar="PATH",
+        help="timing cache file, read if present and replaced after the build (TensorRT 10/11 only; default one "
+        "per version under ~/.cache/fusion-export)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and command lines; build nothing")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(run=run)
 
 
-def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool]]) -> str:
+def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, dict]]) -> str:
+    """The plan, then per tool (name, needs --stronglyTyped, extra command_lines arguments) its command lines."""
     from engines.build_plan import GB, command_lines
 
     lines = [
@@ -80,9 +92,9 @@ def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool]]
     )
     if plan.device is not None:
         lines.append(f"device: {plan.device['note']}; largest KV capacity that fits: {plan.largest_context}")
-    for tool, strongly_typed in tools:
+    for tool, strongly_typed, extra in tools:
         lines.append(f"equivalent {tool} command lines:")
-        lines += [f"  {line}" for line in command_lines(plan, artifact_dir, out, tool, strongly_typed)]
+        lines += [f"  {line}" for line in command_lines(plan, artifact_dir, out, tool, strongly_typed, **extra)]
     lines.append(
         "  (fp32 graphs with ONNX Attention need their attention marked decomposable, which only the Python "
         "builder (`fusion-export build`) can do)"
@@ -90,17 +102,61 @@ def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool]]
     return "\n".join(lines)
 
 
+def dry_run_flavour(args: argparse.Namespace) -> str | None:
+    """The flavour a build would use, found without importing TensorRT: --trt, else the installed one in
+    load_trt's order; where none is installed, the one the flags need (targets: TensorRT-RTX; a timing cache:
+    TensorRT), else None (both tools' lines are printed)."""
+    from engines.trt_api import TrtFlavour
+
+    if args.trt is not None:
+        return TrtFlavour(args.trt).value
+    for flavour in TrtFlavour:  # load_trt's order: enterprise TensorRT first
+        if importlib.util.find_spec(flavour.module_name) is not None:
+            return flavour.value
+    if args.compute_capability:
+        return TrtFlavour.tensorrt_rtx.value
+    return TrtFlavour.tensorrt.value if args.timing_cache else None
+
+
+def dry_run(args: argparse.Namespace, limits, device) -> int:
+    """Every check of the real build short of TensorRT (flavour flags against the static table), then the plan."""
+    from engines.build_plan import COMPUTE_CAPABILITIES, HAS_TIMING_CACHE, check_flavour_flags, plan_build
+    from fusion_export.manifest import open_artifact
+
+    flavour = dry_run_flavour(args)
+    capabilities = args.compute_capability or ()
+    timing_cache = Path(args.timing_cache) if args.timing_cache else None
+    if flavour is not None:
+        check_flavour_flags(flavour, COMPUTE_CAPABILITIES[flavour], HAS_TIMING_CACHE[flavour], capabilities,
+                            timing_cache)  # fmt: skip
+    if timing_cache is not None:
+        from engines.build_plan import check_timing_cache_location
+
+        check_timing_cache_location(timing_cache, Path(args.artifact), Path(args.out) if args.out else None)
+    plan = plan_build(open_artifact(args.artifact), limits, device)
+    # the lines of the flavour the flags select (--trt; targets are TensorRT-RTX's); both when nothing selects one
+    chosen = [flavour] if args.trt is not None or capabilities or timing_cache else list(TOOLS)
+    tools = []
+    for name in chosen:
+        tool, strongly_typed = TOOLS[name]
+        extra = {"compute_capabilities": capabilities} if name == "tensorrt-rtx" else {}
+        if name == "tensorrt" and timing_cache is not None:
+            extra["timing_cache"] = str(timing_cache)
+        tools.append((tool, strongly_typed, extra))
+    print(format_plan(plan, args.artifact, args.out or "ENG", tools))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from engines.build import BuildOptions, build_engines
-    from engines.build_plan import BuildLimits, parse_device_memory, plan_build
-    from fusion_export.manifest import open_artifact
+    from engines.build_plan import BuildLimits, parse_device_memory
     from reference_model.errors import FusionError
 
     from ..output_files import check_output_folder
 
-    if not args.dry_run:
-        if not args.out:
-            raise FusionError("--out ENG is required (or --dry-run)")
+    if not args.dry_run and not args.out:
+        raise FusionError("--out ENG is required (or --dry-run)")
+    if args.out:  # the dry run checks it too: it promises what the build would do
         check_output_folder(args.out, "--out", inputs=[args.artifact])
     limits = BuildLimits(
         max_batch=args.max_batch,
@@ -111,18 +167,13 @@ def run(args: argparse.Namespace) -> int:
         max_context=args.max_context,
     )
     device = parse_device_memory(args.device_memory) if args.device_memory else None
-    targets = args.compute_capability
-    capabilities = tuple(c.strip().upper() for c in targets.split(",")) if targets else ()
     if args.dry_run:
-        plan = plan_build(open_artifact(args.artifact), limits, device)
-        tools = [("trtexec", True), ("tensorrt_rtx", False)]
-        print(format_plan(plan, args.artifact, args.out or "ENG", tools))
-        return 0
+        return dry_run(args, limits, device)
     options = BuildOptions(
         limits=limits,
         device_memory=device,
         flavour=args.trt,
-        compute_capabilities=capabilities,
+        compute_capabilities=args.compute_capability or (),
         optimization_level=args.opt_level,
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
     )

@@ -14,7 +14,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from .options import positive_int
+from .options import max_new_tokens
 
 DEMO_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "demo_image.png"
 DEMO_QUESTION = "What is in front of the house? Answer briefly."
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the pipeline on a bundled tiny random model", description=__doc__)
     p.add_argument("--out", default="demo-output", metavar="DIR", help="work folder (default ./demo-output)")
     p.add_argument("--question", default=DEMO_QUESTION, metavar="TEXT")
-    p.add_argument("--max-new-tokens", type=positive_int, default=24, metavar="N")
+    p.add_argument("--max-new-tokens", type=max_new_tokens, default=24, metavar="N")
     p.set_defaults(run=run)
 
 

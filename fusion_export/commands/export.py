@@ -31,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="TensorRT the graphs must parse on: trt-10.3 (JetPack 6, opset <= 20, the default: parses everywhere), "
         "trt-10.15 (opset 24, TensorScatter in-place KV updates), trt-11",
     )
-    p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the target's highest)")
+    p.add_argument(
+        "--opset", type=positive_int, default=None, metavar="N", help="ONNX opset (default: the target's highest)"
+    )
     p.add_argument(
         "--max-context",
         type=positive_int,

@@ -16,7 +16,7 @@ from .options import (
     add_image_options,
     add_ort_attention_option,
     add_query_len_option,
-    positive_int,
+    max_new_tokens,
     probability,
     seed,
     temperature,
@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, metavar="PATH", help="image file (any format Pillow reads)")
     p.add_argument("--question", required=True, metavar="TEXT")
     add_query_len_option(p, note="; exported graphs fix their own")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N")
+    p.add_argument("--max-new-tokens", type=max_new_tokens, default=256, metavar="N")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (default 1 = off)")
     p.add_argument("--seed", type=seed, default=0, help="sampling seed (default 0)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_model_options, add_query_len_option, positive_int, resolve_query_len
+from .options import add_model_options, add_query_len_option, max_new_tokens, resolve_query_len
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inputs", required=True, metavar="INPUTS.safetensors", help="input_ids, instructs, images")
     p.add_argument("--out", required=True, metavar="OUT.safetensors")
     add_query_len_option(p)
-    p.add_argument("--max-new-tokens", type=positive_int, default=16, metavar="N", help="greedy steps (default 16)")
+    p.add_argument("--max-new-tokens", type=max_new_tokens, default=16, metavar="N", help="greedy steps (default 16)")
     p.add_argument("--hidden-states", action="store_true", help="also save the decoder hidden states")
     p.set_defaults(run=run)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from enum import Enum
+
+from reference_model.config import MAX_POSITIONS
 
 
 class Dtype(str, Enum):
@@ -26,7 +29,46 @@ def positive_int(text: str) -> int:
     return value
 
 
-def temperature(text: str) -> float:
+def positive_int_up_to(maximum: int) -> Callable[[str], int]:
+    """A positive integer of at most `maximum`: the bound catches a typo-sized value (1e9 rounds, threads or
+    tokens) that would otherwise run for hours or exhaust memory before any model-specific check could refuse it."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected a positive integer of at most {maximum:,}, got {value}")
+        return value
+
+    parse.__name__ = "positive_int"
+    return parse
+
+
+def count_up_to(maximum: int) -> Callable[[str], int]:
+    """An integer in 0..maximum (a count where none is meaningful, e.g. warm-up rounds)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text[:40]!r}") from None
+        if not 0 <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer in 0..{maximum:,}, got {value}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+# Bounds of the count flags (see positive_int_up_to). Tokens and positions: the largest context any config may
+# declare (reference_model/config.py MAX_POSITIONS); the model's own limit is checked once it is known.
+MAX_TOKENS = MAX_POSITIONS
+MAX_ROUNDS = 10_000  # benchmark rounds (a full-size round takes seconds: 10,000 of them are hours)
+MAX_BATCH = 1024  # requests per batch (each row carries 5 float crops, 8.8 MB at 384 px, and its KV cache)
+max_new_tokens = positive_int_up_to(MAX_TOKENS)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (tolerances): a NaN or negative tolerance fails every comparison, an infinite one none."""
     try:
         value = float(text)
     except ValueError:
@@ -34,6 +76,9 @@ def temperature(text: str) -> float:
     if not 0 <= value < math.inf:  # NaN fails this too
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
+
+
+temperature = non_negative_float  # 0 is greedy
 
 
 def probability(text: str) -> float:
@@ -132,3 +177,25 @@ def require_module(module: str, flag: str, extra: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise FusionError(f"{flag} needs the Python module {module!r}: pip install 'fusion-export[{extra}]'")
+
+
+MAX_THREADS = 1024  # a sanity bound: each thread is a real OS thread in ONNX Runtime's pool
+
+
+def threads(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
+    return value
+
+
+def compute_capabilities(text: str) -> tuple[str, ...]:
+    """'sm86, SM89' -> ('SM86', 'SM89'); empty and repeated names are refused (which names a TensorRT flavour
+    offers is checked against that flavour)."""
+    names = tuple(name.strip().upper() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names such as SM86,SM89, got {text!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once")
+    return names

@@ -15,7 +15,13 @@ import dataclasses
 from pathlib import Path
 
 from ..providers import Device
-from .options import add_image_options, add_ort_attention_option, positive_int, require_module
+from .options import (
+    add_image_options,
+    add_ort_attention_option,
+    max_new_tokens,
+    non_negative_float,
+    require_module,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--image", metavar="PATH", help="an image (with --question); default: the bundled demo picture")
     p.add_argument("--question", metavar="TEXT", help="question about --image")
     p.add_argument(
-        "--max-new-tokens", type=positive_int, default=8, metavar="N", help="decode steps compared (default 8)"
+        "--max-new-tokens", type=max_new_tokens, default=8, metavar="N", help="decode steps compared (default 8)"
     )
-    p.add_argument("--atol", type=float, default=None, help="override the absolute tolerance on every stage")
+    p.add_argument("--atol", type=non_negative_float, default=None, metavar="X",
+                   help="override the absolute tolerance on every stage (a finite number >= 0)")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--plot", metavar="PNG", help="also plot the error by stage, decode step and layer")
     add_image_options(p)

@@ -22,10 +22,12 @@ import torch
 
 from reference_model import make_request, prepare_batch
 from reference_model.generation import GenerationConfig, generate
+from reference_model.limits import DEFAULT_MAX_IMAGE_PIXELS
 from reference_model.prompt import load_tokenizer
 
+from ..containment import contained_path, copy_data, staged_path
 from ..graph_inputs import LOGITS
-from ..manifest import GRAPHS, Artifact
+from ..manifest import GRAPHS, MANIFEST, Artifact
 from ..ort_runtime import OrtModel, OrtSession
 from .calibration_set import CalibrationSet
 from .entropy import Histogram
@@ -130,14 +132,17 @@ def _instrumented_copy(
 ) -> tuple[Artifact, dict[str, dict[str, list[str]]], dict[str, dict[str, list[str]]]]:
     """The artifact's files linked into `scratch`, its graphs replaced by copies with the extra outputs: the
     linear layers' inputs and the KV cache writes' updates (the two `watched` maps returned)."""
-    for entry in artifact.folder.iterdir():
-        if entry.is_dir():
-            shutil.copytree(entry, scratch / entry.name)
-        elif entry.suffix != ".onnx":
-            try:  # ONNX Runtime refuses weights behind a symlink that leaves the model's folder; a hard link is in it
-                os.link(entry, scratch / entry.name)
-            except OSError:  # another file system
-                shutil.copy2(entry, scratch / entry.name)
+    where = f"{artifact.folder / MANIFEST}: files"
+    graph_files = {artifact.manifest["graphs"][name]["file"] for name in GRAPHS}
+    for listed in artifact.manifest["files"]:  # only what the manifest lists, each path contained (containment.py)
+        if listed in graph_files:
+            continue
+        source, target = contained_path(artifact.folder, listed, where), staged_path(scratch, listed, where)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:  # ONNX Runtime refuses weights behind a symlink that leaves the model's folder; a hard link is in it
+            os.link(source.resolve(), target)
+        except OSError:  # another file system
+            copy_data(source, target)
     watched, kv_watched = {}, {}
     for name in GRAPHS:
         path = artifact.graph_path(name)
@@ -146,7 +151,7 @@ def _instrumented_copy(
         inputs = {i.name for i in model.graph.input}  # those are observed from the feeds
         extra = [t for t in {**watched[name], **kv_watched[name]} if t not in inputs]
         model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
-        onnx.save(model, scratch / path.name)
+        onnx.save(model, staged_path(scratch, artifact.manifest["graphs"][name]["file"], where))
     return replace(artifact, folder=scratch), watched, kv_watched
 
 
@@ -159,6 +164,7 @@ def calibrate(
     on_sample: Callable[[int], None] | None = None,
     scratch_parent: Path | None = None,
     kv_observer: RangeObserver | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> RangeObserver:
     """Run every calibration request (prefill + `decode_steps` greedy steps) and record activation ranges; with
     `kv_observer`, also the ranges of the keys and values written into each cache buffer (keyed by its input)."""
@@ -179,7 +185,7 @@ def calibrate(
         model.prefill_session = observed(model.prefill_session, "decoder_prefill")
         model.step_session = observed(model.step_session, "decoder_step")
         for i, (image, question) in enumerate(calibration.samples()):
-            request = make_request(image, question, tokenizer, config)
+            request = make_request(image, question, tokenizer, config, max_image_pixels)  # quantize's flag
             batch = prepare_batch([request], config, artifact.query_len)
             generate(_CalibrationSession(model, batch, decode_steps), GenerationConfig(max_new_tokens=decode_steps))
             if on_sample:

@@ -12,13 +12,20 @@ import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from reference_model.errors import FusionError
+from reference_model.image_preprocessing import require_image_file
+from reference_model.input_files import require_regular_file
+from reference_model.limits import DEFAULT_MAX_IMAGE_PIXELS
+
+from ..containment import contained_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 QUESTIONS_FILE = "questions.txt"
+MAX_QUESTIONS_BYTES = 16 << 20  # calibration asks at most a few thousand one-line questions
 BUNDLED_QUESTIONS = Path(__file__).resolve().parent.parent / "assets" / "calibration_questions.txt"
 # scikit-image's bundled photographs (in the wheel itself; its larger datasets need a download and are not used)
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
@@ -50,7 +57,16 @@ class CalibrationSet:
         return h.hexdigest()
 
 
-def read_questions(path: Path) -> tuple[str, ...]:
+def read_questions(path: Path, tokenizer: Any = None) -> tuple[str, ...]:
+    """One question per line (blank lines skipped), each held to the rule every question from outside follows
+    (`reference_model.prompt`: plain text, no template markers; with `tokenizer`, also tokenized as it will be
+    run), so a bad line is named by file and line before any work."""
+    from reference_model.prompt import RequestError, check_question, encode_question
+
+    require_regular_file(path, error=CalibrationError)  # a FIFO named questions.txt would block the read forever
+    size = path.stat().st_size
+    if size > MAX_QUESTIONS_BYTES:
+        raise CalibrationError(f"{path}: {size} bytes, more than the {MAX_QUESTIONS_BYTES} a questions file may have")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -59,18 +75,48 @@ def read_questions(path: Path) -> tuple[str, ...]:
         raise CalibrationError(f"{path}: cannot read ({e.strerror})") from None
     if "\0" in text:
         raise CalibrationError(f"{path}: binary content, expected one question per line")
-    questions = tuple(line.strip() for line in text.splitlines() if line.strip())
+    questions = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        question = line.strip()
+        if not question:
+            continue
+        try:
+            check_question(question) if tokenizer is None else encode_question(question, tokenizer)
+        except RequestError as e:
+            raise CalibrationError(f"{path}:{number}: {e}") from None
+        questions.append(question)
     if not questions:
         raise CalibrationError(f"{path}: no questions (one question per line)")
-    return questions
+    return tuple(questions)
 
 
-def _check_image(path: Path) -> None:
+def _require_image_file(path: Path) -> None:
+    try:
+        require_image_file(path)
+    except FusionError as e:
+        raise CalibrationError(str(e)) from None
+
+
+def _check_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """A regular file holding a readable image of at most `max_pixels`, its size read from the header before
+    anything is decoded (a decompression bomb is refused here, not when calibration decodes it)."""
+    _require_image_file(path)
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our limit replaces Pillow's (its DecompressionBombError is no OSError)
     try:
         with Image.open(path) as image:
-            image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-run
+            width, height = image.size  # from the header: nothing is decoded yet
+            if width * height <= max_pixels:
+                image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-run
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise CalibrationError(f"{path}: not a readable image ({e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    if width * height > max_pixels:
+        raise CalibrationError(
+            f"{path}: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(raise it with --max-image-pixels)"
+        )
 
 
 def _bundled_images() -> list[Path]:
@@ -84,22 +130,30 @@ def _bundled_images() -> list[Path]:
     return [folder / name for name in SKIMAGE_PHOTOS if (folder / name).is_file()]
 
 
-def load_calibration_set(calib: str | Path | None, num_samples: int) -> CalibrationSet:
-    """The calibration requests, every file checked; refuses fewer distinct requests than samples asked."""
+def load_calibration_set(
+    calib: str | Path | None, num_samples: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, tokenizer: Any = None
+) -> CalibrationSet:
+    """The calibration requests, every file checked (images: regular files of at most `max_pixels`, sized from
+    their headers; questions tokenized with `tokenizer` when given); refuses fewer distinct requests than
+    samples asked."""
     if num_samples < 1:
         raise CalibrationError(f"--num-samples {num_samples}: must be >= 1")
     if calib is None:
         images, source = _bundled_images(), "bundled (scikit-image photos)"
-        questions = read_questions(BUNDLED_QUESTIONS)
+        questions = read_questions(BUNDLED_QUESTIONS, tokenizer)
     else:
         folder = Path(calib)
         if not folder.is_dir():
             raise CalibrationError(f"--calib {folder}: not a folder")
-        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        # by name, so a FIFO or device called x.png is refused below, not skipped (nor opened)
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         if not images:
             raise CalibrationError(f"--calib {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         own = folder / QUESTIONS_FILE
-        questions = read_questions(own) if own.exists() else read_questions(BUNDLED_QUESTIONS)
+        # the containment rule (containment.py): what the folder holds is read only if it stays inside it
+        for entry in [*images, *([own] if own.exists() or own.is_symlink() else [])]:
+            contained_path(folder, entry.name, f"--calib {folder}")
+        questions = read_questions(own if own.exists() or own.is_symlink() else BUNDLED_QUESTIONS, tokenizer)
         source = folder.resolve().name
     if len(images) < num_samples:
         raise CalibrationError(
@@ -108,5 +162,5 @@ def load_calibration_set(calib: str | Path | None, num_samples: int) -> Calibrat
         )
     used = images[:num_samples]
     for image in used:
-        _check_image(image)
+        _check_image(image, max_pixels)
     return CalibrationSet(source, tuple(used), questions, num_samples)

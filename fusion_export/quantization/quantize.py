@@ -11,19 +11,22 @@ The folder is built under a temporary name and renamed at the end, so it exists 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 from reference_model.checkpoint import staging_folder
 from reference_model.errors import FusionError
+from reference_model.generation import GenerationError
+from reference_model.limits import DEFAULT_MAX_IMAGE_PIXELS
 
+from ..containment import copy_listed, staged_path
 from ..export import check_written_graphs
 from ..graph_inputs import past_names
-from ..manifest import GRAPHS, MODEL_SUBDIR, Artifact, graph_io, write_manifest
+from ..manifest import GRAPHS, MANIFEST, Artifact, graph_io, write_manifest
 from ..onnx_export import save_group
 from ..precision import Precision
 from ..progress import Progress
@@ -31,7 +34,7 @@ from ..trt_targets import TrtTarget
 from .calibrate import RangeObserver, calibrate
 from .calibration_set import CalibrationSet
 from .kv_cache import quantize_kv_cache
-from .qdq import DEFAULT_EXCLUDE, DEFAULT_FLOAT_INPUTS, quantize_graph
+from .qdq import DEFAULT_EXCLUDE, DEFAULT_FLOAT_INPUTS, is_linear_weight, quantize_graph
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class QuantizeOptions:
     calibration: CalibrationSet | None = None  # required unless weight_only (and linear) without kv_cache
     linear: bool = True  # quantize the linear layers (False: only the KV cache, with kv_cache)
     kv_cache: bool = False  # an INT8 KV cache (kv_cache.py), its scales calibrated at max |x|
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # calibration images larger than this are refused
 
 
 @dataclass
@@ -55,6 +59,21 @@ class QuantizeResult:
     excluded: list[str] = field(default_factory=list)
     kv_int8_scales: list[tuple[float, float]] | None = None
     trt_report: Any = None
+
+
+def linear_weight_names(artifact: Artifact) -> list[str]:
+    """The weights of every graph's linear layers (qdq.linear_layers' rule), sorted: what --exclude and
+    --float-inputs patterns match. Read from the graphs' protos alone (no weights loaded)."""
+    names: set[str] = set()
+    for name in GRAPHS:
+        graph = onnx.load(artifact.graph_path(name), load_external_data=False).graph
+        inits = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) > 1:
+                weight = inits.get(node.input[1])
+                if weight is not None and is_linear_weight(weight.name, len(weight.dims)):
+                    names.add(weight.name)
+    return sorted(names)
 
 
 def quantization_mode(weight_only: bool) -> str:
@@ -103,9 +122,13 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
                 raise FusionError("W8A8 and an INT8 KV cache need a calibration set (or --weight-only)")
             progress.step(f"calibrate: {calibration.num_samples} requests from {calibration.source} ({options.method})")
             observer, kv_observer = RangeObserver(options.method, options.percentile), RangeObserver("max")
-            calibrate(artifact, calibration, observer, options.decode_steps, options.threads,
-                      on_sample=lambda n: progress.detail(f"{n}/{calibration.num_samples} requests"),
-                      scratch_parent=tmp, kv_observer=kv_observer if options.kv_cache else None)  # fmt: skip
+            try:
+                calibrate(artifact, calibration, observer, options.decode_steps, options.threads,
+                          on_sample=lambda n: progress.detail(f"{n}/{calibration.num_samples} requests"),
+                          scratch_parent=tmp, kv_observer=kv_observer if options.kv_cache else None,
+                          max_image_pixels=options.max_image_pixels)  # fmt: skip
+            except GenerationError as e:  # a calibration request's prompt + decode steps past the graphs' limits
+                raise FusionError(f"--decode-steps {options.decode_steps}: {e}") from None
             scales = observer.scales() if activations else None
             channel_max = observer.channel_max if activations and options.method == "smoothquant" else None
             cache_scales = kv_scales(kv_observer, layers) if options.kv_cache else None
@@ -126,11 +149,12 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
         progress.step("write graphs and weights")
         data_hashes: dict[str, str] = {}
         for data_name, models in groups.items():
+            staged_path(tmp, data_name, f"{artifact.folder / MANIFEST}: weights")  # a name from the input's manifest
             data_hashes.update(save_group(models, tmp, data_name))
         del groups
-        embeddings = manifest["embeddings"]["file"]
-        shutil.copy2(artifact.folder / embeddings, tmp / embeddings)
-        shutil.copytree(artifact.folder / MODEL_SUBDIR, tmp / MODEL_SUBDIR)
+        # as data, each source inside the artifact and each destination inside the staging folder (containment.py)
+        copy_listed(artifact.folder, [manifest["embeddings"]["file"], *artifact.model_files], tmp,
+                    f"{artifact.folder / MANIFEST}: files")  # fmt: skip
 
         progress.step("check graphs (ONNX checker, TensorRT compatibility)")
         paths = {name: tmp / manifest["graphs"][name]["file"] for name in GRAPHS}
