@@ -20,7 +20,7 @@ from typing import Any
 from fusion_export.containment import contained_path, copy_data, copy_listed, staged_path
 from fusion_export.export import EMBEDDINGS_FILE
 from fusion_export.manifest import MANIFEST, file_entries, open_artifact, save_manifest, tool_versions
-from fusion_export.output_files import write_atomically
+from fusion_export.output_files import check_timing_cache_file, write_atomically
 from fusion_export.progress import Progress
 from reference_model.checkpoint import staging_folder
 from reference_model.errors import FusionError
@@ -31,7 +31,6 @@ from .build_plan import (
     DeviceMemory,
     GraphPlan,
     check_flavour_flags,
-    check_timing_cache_location,
     plan_build,
 )
 from .engine_manifest import ENGINE_MANIFEST, ENGINE_SUFFIX, FORMAT, FORMAT_VERSION
@@ -71,11 +70,11 @@ def default_timing_cache(trt: Trt) -> Path:
 def _read_timing_cache(path: Path, explicit: bool) -> bytes | None:
     """The cache's bytes, or None where there is none yet. --timing-cache was checked up front and fails loudly;
     the default cache is a convenience: one that cannot be read is said so and the build starts without it."""
-    if explicit:
-        return path.read_bytes() if path.is_file() else None
     try:
         return path.read_bytes() if path.is_file() else None
     except OSError as e:
+        if explicit:
+            raise FusionError(f"--timing-cache {path}: cannot be read ({e.strerror})") from None
         print(f"note: timing cache {path} not read ({e.strerror}); building without it", file=sys.stderr)
         return None
 
@@ -209,7 +208,7 @@ def build_engines(
     check_flavour_flags(trt.describe(), trt.compute_capabilities(), trt.has_timing_cache,
                         options.compute_capabilities, options.timing_cache)  # fmt: skip
     if options.timing_cache is not None:
-        check_timing_cache_location(options.timing_cache, artifact_dir, out_dir)
+        check_timing_cache_file(options.timing_cache, "--timing-cache", [artifact_dir], out_dir)
     artifact = open_artifact(artifact_dir)
     plan = plan_build(artifact, options.limits, options.device_memory)
     cache_path = options.timing_cache or default_timing_cache(trt)

@@ -24,7 +24,6 @@ fixed runtime overhead.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,9 @@ GB = 1e9
 RUNTIME_OVERHEAD_BYTES = int(1.0 * GB)  # CUDA context, TensorRT runtime, cuBLAS/cuDNN handles (an assumption)
 TYPICAL_PROMPT_TEXT = 64  # text tokens of a typical prompt (template + question), for the `seq` opt point
 DEFAULT_MAX_QUESTION_TOKENS = 512  # vision engine profile: the tower's attention grows as (image + question)^2
-MAX_BATCH = 1024  # a sanity bound on --max-batch: far past any device's memory for these models' KV caches
+# a sanity bound on requests per batch (build --max-batch, bench --batch): each row carries 5 float crops (8.8 MB
+# at 384 px) and its KV cache, so 1024 is far past any device's memory for these models
+MAX_BATCH = 1024
 
 # What each flavour's builder takes, for the checks made without TensorRT (`build --dry-run`); the real build asks
 # the installed module (trt_api.Trt.compute_capabilities / has_timing_cache), and a test holds this table to it.
@@ -316,29 +317,6 @@ def check_flavour_flags(
             f"--timing-cache {timing_cache}: {flavour} keeps no timing cache (its timing cache operations are "
             "no-ops); leave the flag out"
         )
-
-
-def check_timing_cache_location(path: Path, artifact_dir: Path, out_dir: Path | None) -> None:
-    """A --timing-cache file the build can read and replace: a regular, readable, writable file or none yet, in a
-    folder that takes new files (the cache is replaced atomically), never an input nor inside an artifact, engine or
-    checkpoint folder (output_files' rules) nor inside --out (which must not exist until the build renames it)."""
-    from fusion_export.output_files import OutputPathError, _check_location, _inside, _nearest_existing, _probe_writable
-
-    flag = "--timing-cache"
-    _check_location(path, flag, [artifact_dir])
-    if out_dir is not None and _inside(path, out_dir):
-        raise OutputPathError(f"{flag} {path} is inside --out {out_dir}; keep the cache outside the engine folder")
-    if path.exists() or path.is_symlink():
-        if not path.is_file():
-            raise OutputPathError(f"{flag} {path} exists and is not a regular file; refusing to read or replace it")
-        try:
-            with open(path, "rb") as f:
-                f.read(1)
-        except OSError as e:
-            raise OutputPathError(f"{flag} {path}: cannot read it ({e.strerror})") from None
-        if not os.access(path, os.W_OK):
-            raise OutputPathError(f"{flag} {path} is read-only; refusing to replace it (give a writable file)")
-    _probe_writable(_nearest_existing(path, flag, path), flag)
 
 
 def command_lines(

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fusion_export.manifest import MODEL_SUBDIR, check_listing, check_named, read_sealed_manifest, verify_files
-from reference_model.config import FusionConfig, config_from_dicts
+from reference_model.config import FusionConfig, load_config
 from reference_model.errors import FusionError
-from reference_model.input_files import read_json
 
 ENGINE_MANIFEST = "engines.json"
 FORMAT = "fusion-export-engines"
@@ -49,12 +48,7 @@ class EngineFolder:
 
     @property
     def config(self) -> FusionConfig:
-        vision = self.model_dir / "vision_config.json"
-        return config_from_dicts(
-            read_json(self.model_dir / "config.json"),
-            read_json(vision) if vision.exists() else None,
-            source=str(self.model_dir / "config.json"),
-        )
+        return load_config(self.model_dir)
 
     @property
     def limits(self) -> dict[str, int]:

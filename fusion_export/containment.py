@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from reference_model.errors import FusionError
-from reference_model.input_files import require_regular_file
+from reference_model.input_files import relative_name, require_regular_file
 
 
 class ContainmentError(FusionError):
@@ -33,26 +33,27 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _resolved(path: Path, where: str) -> Path:
+    """`path` with every link resolved; a link loop is refused by name (Path.resolve raises RuntimeError)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:
+        raise ContainmentError(f"{where}: {path} cannot be resolved ({e}); refusing it") from None
+
+
 def check_relative_name(name: object, where: str) -> PurePosixPath:
     """A name a manifest gives for a file of its folder: relative, POSIX, without `..` (checked as text, before
     the file system is asked anything)."""
-    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
-        raise ContainmentError(f"{where}: {name!r} is not a relative file name inside the folder")
-    pure = PurePosixPath(name)
-    if pure.is_absolute() or name.startswith("~") or any(part in ("..", "") for part in name.split("/")):
-        raise ContainmentError(f"{where}: {name!r} leaves the folder (absolute or '..'); refusing it")
-    if any(part == "." for part in name.split("/")):
-        raise ContainmentError(f"{where}: {name!r} is not a plain relative path (it contains '.')")
-    return pure
+    return relative_name(name, where, ContainmentError)
 
 
 def contained_path(folder: Path, name: object, where: str) -> Path:
     """`folder / name` for a name a manifest gives, refused unless it stays inside `folder` with every link
     resolved and is a regular file there."""
     pure = check_relative_name(name, where)
-    root = folder.resolve()
+    root = _resolved(folder, where)
     path = folder / pure
-    if not _inside(path.resolve(), root):
+    if not _inside(_resolved(path, where), root):
         raise ContainmentError(f"{where}: {name!r} is a link that leaves {folder}; refusing it")
     if path.is_symlink() or path.exists():
         require_regular_file(path, where)  # a FIFO or device would block or stream forever
@@ -62,17 +63,18 @@ def contained_path(folder: Path, name: object, where: str) -> Path:
 def check_folder_contents(folder: Path, listed: Iterable[str], manifest_name: str, where: str) -> None:
     """Every entry of `folder` is the manifest or a file it lists; nothing is a link leaving the folder. Folders
     are walked without following links, so a linked folder is an (unlisted) entry itself, never a way out."""
-    root = folder.resolve()
+    root = _resolved(folder, where)
     names = set(listed) | {manifest_name}
     unlisted: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
+        folders = set(dirnames)
         for entry in sorted(dirnames + filenames):
             path = Path(dirpath) / entry
             rel = path.relative_to(folder).as_posix()
             is_link = path.is_symlink()
-            if is_link and not _inside(path.resolve(), root):
+            if is_link and not _inside(_resolved(path, where), root):
                 raise ContainmentError(f"{where}: {rel} is a link to {os.readlink(path)}, outside the folder")
-            if entry in dirnames and not is_link:
+            if entry in folders and not is_link:
                 continue  # a real folder: its files are checked as the walk reaches them
             mode = os.lstat(path).st_mode
             if not is_link and not stat.S_ISREG(mode):
@@ -92,9 +94,9 @@ def staged_path(staging: Path, name: object, where: str) -> Path:
     refused unless it stays inside, before anything is written."""
     pure = check_relative_name(name, where)
     path = staging / pure
-    parent = path.parent.resolve()
-    if not _inside(parent, staging.resolve()) or path.is_symlink():
+    if not _inside(_resolved(path.parent, where), _resolved(staging, where)) or path.is_symlink():
         raise ContainmentError(f"{where}: {name!r} would be written outside {staging}; refusing it")
+    path.parent.mkdir(parents=True, exist_ok=True)  # inside the staging folder, checked above
     return path
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx
 
-from reference_model.config import FusionConfig, config_from_dicts
+from reference_model.config import FusionConfig, load_config
 from reference_model.errors import FusionError
 from reference_model.input_files import read_json
 
@@ -123,7 +123,7 @@ def read_sealed_manifest(path: Path, fmt: str, version: int, error: type[FusionE
     """A manifest file, checked for format, version and its own digest (an edited manifest is refused)."""
     if not path.exists():
         raise error(f"{path}: not found (not a finished {fmt} folder)")
-    manifest = read_json(path, expect=None)  # bounded in size and depth: a manifest is read before it is trusted
+    manifest = read_json(path, expect=None, error=error)  # bounded in size and depth: read before it is trusted
     if not isinstance(manifest, dict):
         raise error(f"{path}: not a manifest (expected a JSON object)")
     if manifest.get("format") != fmt:
@@ -161,11 +161,19 @@ def check_named(manifest_path: Path, files: dict[str, Any], named: dict[str, Any
             raise error(f"{manifest_path}: {field} {name!r} is not a file listed in 'files'")
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    for attribute in node.attribute:
+def _sparse(tensors) -> Iterator[onnx.TensorProto]:
+    for sparse in tensors:
+        yield from (sparse.values, sparse.indices)
+
+
+def _attribute_tensors(attributes) -> Iterator[onnx.TensorProto]:
+    for attribute in attributes:
         if attribute.HasField("t"):
             yield attribute.t
         yield from attribute.tensors
+        if attribute.HasField("sparse_tensor"):
+            yield from _sparse([attribute.sparse_tensor])
+        yield from _sparse(attribute.sparse_tensors)
         if attribute.HasField("g"):
             yield from _graph_tensors(attribute.g)
         for graph in attribute.graphs:
@@ -174,15 +182,18 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
-    yield from (sparse.values for sparse in graph.sparse_initializer)
+    yield from _sparse(graph.sparse_initializer)
     for node in graph.node:
-        yield from _node_tensors(node)
+        yield from _attribute_tensors(node.attribute)
 
 
 def external_data_files(model: onnx.ModelProto) -> set[str]:
-    """The `location` of every tensor the graph keeps outside its file (initializers, constants, functions)."""
+    """The `location` of every tensor the graph keeps outside its file: initializers (sparse ones' values and
+    indices), constants and subgraphs, and local functions' nodes and attribute defaults."""
     tensors = list(_graph_tensors(model.graph))
-    tensors += [t for function in model.functions for node in function.node for t in _node_tensors(node)]
+    for function in model.functions:
+        tensors += _attribute_tensors(function.attribute_proto)
+        tensors += [t for node in function.node for t in _attribute_tensors(node.attribute)]
     return {
         next((entry.value for entry in t.external_data if entry.key == "location"), "")
         for t in tensors
@@ -245,13 +256,7 @@ class Artifact:
 
     @property
     def config(self) -> FusionConfig:
-        model_dir = self.folder / MODEL_SUBDIR
-        vision = model_dir / "vision_config.json"
-        return config_from_dicts(
-            read_json(model_dir / "config.json"),
-            read_json(vision) if vision.exists() else None,
-            source=str(model_dir / "config.json"),
-        )
+        return load_config(self.model_dir)
 
     @property
     def model_dir(self) -> Path:

@@ -165,6 +165,28 @@ def check_output_folder(path: str | Path, flag: str, inputs: Iterable[Path | str
     return path
 
 
+def check_timing_cache_file(path: str | Path, flag: str, inputs: Iterable[Path | str], out_dir: Path | None) -> Path:
+    """A cache file the command reads and replaces: a regular, readable, writable file or none yet, in a folder that
+    takes new files (the cache is replaced atomically), under the rules of every output (not an input, not inside an
+    input, artifact, engine or checkpoint folder), and never inside `out_dir` (a folder the command creates)."""
+    path = Path(path)
+    _check_location(path, flag, inputs)
+    if out_dir is not None and _inside(path, out_dir):
+        raise OutputPathError(f"{flag} {path} is inside --out {out_dir}; keep the cache outside the engine folder")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise OutputPathError(f"{flag} {path} exists and is not a regular file; refusing to read or replace it")
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise OutputPathError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+        if not os.access(path, os.W_OK):
+            raise OutputPathError(f"{flag} {path} is read-only; refusing to replace it (give a writable file)")
+    _probe_writable(_nearest_existing(path, flag, path), flag)
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

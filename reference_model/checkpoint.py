@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from .config import FusionConfig, load_config
 from .errors import FusionError
-from .input_files import open_safetensors, read_json
+from .input_files import open_safetensors, read_json, relative_name
 from .interruption import raise_if_signalled
 from .model import FusionModel
 
@@ -65,13 +65,10 @@ def to_checkpoint_key(name: str) -> str:
 def _shard_name(index_path: Path, key: object, name: object) -> str:
     """A weight_map entry's file: a relative name inside the checkpoint folder (links are fine: a Hugging Face
     cache snapshot's files are links into ../../blobs/, resolved as transformers resolves them)."""
-    if not isinstance(key, str) or not isinstance(name, str) or not name or "\0" in name or "\\" in name:
-        raise CheckpointError(f"{index_path}: weight_map entry {key!r}: {name!r} is not a safetensors file name")
-    if name.startswith(("/", "~")) or ".." in name.split("/"):
-        raise CheckpointError(
-            f"{index_path}: weight_map entry {key!r}: {name!r} leaves the checkpoint folder (absolute or '..')"
-        )
-    return name
+    where = f"{index_path}: weight_map entry {key!r}"
+    if not isinstance(key, str):
+        raise CheckpointError(f"{where}: not a tensor name")
+    return str(relative_name(name, where, CheckpointError))
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:

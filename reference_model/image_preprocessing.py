@@ -32,7 +32,7 @@ class ImageError(FusionError):
 
 
 @contextmanager
-def _pillow_limit_off():
+def pillow_limit_off():
     """Our own limit replaces Pillow's decompression-bomb check (which raises an untyped error at 2x its own)."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
@@ -42,15 +42,17 @@ def _pillow_limit_off():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:
+def check_size(image: Image.Image, name: str, max_pixels: int, error: type[FusionError] = ImageError) -> None:
+    """At most `max_pixels` and at least one: `image.size` comes from the header, so a decompression bomb is refused
+    before any pixel is decoded. `error` is the `FusionError` subclass raised (callers keep their own types)."""
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
+        raise error(
             f"{name}: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
             "(raise it with --max-image-pixels)"
         )
     if width < 1 or height < 1:
-        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+        raise error(f"{name}: image has no pixels ({width}x{height})")
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -74,24 +76,24 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         raise ImageError(f"{name}: mode {image.mode} cannot be converted to RGB ({e})") from None
 
 
-def require_image_file(path: str | Path) -> None:
+def require_image_file(path: str | Path, error: type[FusionError] = ImageError) -> None:
     """A regular file (a link to one is fine), checked before anything opens it: opening a FIFO blocks until a
-    writer comes, and a device can stream forever."""
+    writer comes, and a device can stream forever. `error` is the `FusionError` subclass raised."""
     if not os.path.lexists(path):
-        raise ImageError(f"{path}: image file not found")
-    require_regular_file(path, error=ImageError)
+        raise error(f"{path}: image file not found")
+    require_regular_file(path, error=error)
 
 
 def open_image(image: Image.Image | str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB image from a file or a PIL image, size-checked before decoding."""
     if isinstance(image, Image.Image):
-        _check_size(image, "image", max_pixels)
+        check_size(image, "image", max_pixels)
         return to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         require_image_file(image)
     try:
-        with _pillow_limit_off(), Image.open(image) as im:
-            _check_size(im, str(image), max_pixels)  # the header is read; the pixels are not yet
+        with pillow_limit_off(), Image.open(image) as im:
+            check_size(im, str(image), max_pixels)  # the header is read; the pixels are not yet
             im.load()
             return to_rgb(im, str(image))
     except ImageError:

@@ -3,9 +3,9 @@
 Artifacts, engine folders and checkpoints travel between machines and users, so nothing read from them is
 trusted to be small, shallow or even a file: a FIFO would block `open` forever, a 10 GB "config.json" would fill
 memory, and 100,000 nested brackets end Python's JSON parser in a RecursionError. Every reader goes through
-`require_regular_file` (before opening) and `read_json` (size and nesting bounded), which raise a `FusionError`
-naming the file; safetensors files go through `open_safetensors` / `load_safetensors` (regular file, and the
-library's own header errors reported with the file named).
+`require_regular_file` (before opening) and `read_bounded` (size bounded) or `read_json` (size and nesting
+bounded), which raise a `FusionError` naming the file; safetensors files go through `open_safetensors` /
+`load_safetensors` (regular file, and the library's own header errors reported with the file named).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import FusionError
@@ -86,9 +86,15 @@ def parse_json(
     return value
 
 
-def _read_bounded(path: Path, label: str, max_bytes: int, error: type[FusionError]) -> bytes:
-    """At most `max_bytes` (+1 to detect more) of a regular file. Opened non-blocking and checked on the open
-    descriptor, so a file swapped for a FIFO after `require_regular_file` cannot block us either."""
+def read_bounded(
+    path: str | Path, what: str = "", max_bytes: int = MAX_JSON_BYTES, error: type[FusionError] = InputFileError
+) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (`require_regular_file` first). Opened non-blocking and
+    checked again on the open descriptor, so a file swapped for a FIFO after the first check cannot block us
+    either; at most `max_bytes` + 1 bytes are read (the file may grow after the check). `error` is the
+    `FusionError` subclass raised."""
+    path = require_regular_file(path, what, error)
+    label = _label(path, what)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -99,7 +105,7 @@ def _read_bounded(path: Path, label: str, max_bytes: int, error: type[FusionErro
         info = os.fstat(fd)
         _check_mode(info.st_mode, label, error)
         if info.st_size > max_bytes:
-            raise error(f"{label}: {info.st_size} bytes, more than the {max_bytes} a JSON file here may have")
+            raise error(f"{label}: {info.st_size} bytes, more than the {max_bytes} this file may have")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(max_bytes + 1)  # the file may grow between fstat and read
     except OSError as e:
@@ -107,7 +113,7 @@ def _read_bounded(path: Path, label: str, max_bytes: int, error: type[FusionErro
     finally:
         os.close(fd)
     if len(data) > max_bytes:
-        raise error(f"{label}: more than the {max_bytes} bytes a JSON file here may have")
+        raise error(f"{label}: more than the {max_bytes} bytes this file may have")
     return data
 
 
@@ -121,9 +127,9 @@ def read_json(
 ) -> Any:
     """A JSON file, bounded in size and depth; `expect` (default: an object) is the top-level type required;
     `error` is the `FusionError` subclass raised."""
-    path = require_regular_file(path, what, error)
-    label = _label(path, what)
-    value = parse_json(_read_bounded(path, label, max_bytes, error), label, max_depth, error)
+    data = read_bounded(path, what, max_bytes, error)
+    label = _label(Path(path), what)
+    value = parse_json(data, label, max_depth, error)
     if expect is not None and not isinstance(value, expect):
         kind = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
         raise error(f"{label}: expected {kind}, found {type(value).__name__}")
@@ -175,3 +181,16 @@ def read_tensor(
             return f.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise error(f"{label}: tensor {name!r} could not be read ({e})") from None
+
+
+def relative_name(name: object, where: str, error: type[FusionError] = InputFileError) -> PurePosixPath:
+    """A file name a manifest or index gives for a file of its own folder, checked as text before the file system
+    is asked anything: a non-empty relative POSIX path with no `..` or `.` part, no backslash and no NUL."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise error(f"{where}: {name!r} is not a relative POSIX file name")
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts:
+        raise error(f"{where}: {name!r} leaves the folder (an absolute path or '..'); refusing it")
+    if any(part in ("", ".") for part in parts):
+        raise error(f"{where}: {name!r} is not a plain relative path (an empty or '.' part)")
+    return PurePosixPath(name)

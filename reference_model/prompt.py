@@ -21,7 +21,7 @@ from typing import Any
 
 from .config import IMAGE_TOKEN_ID, LATENT_TOKEN_ID
 from .errors import FusionError
-from .input_files import require_regular_file
+from .input_files import read_json, relative_name, require_regular_file
 
 IMAGE_TOKEN = "<image>"
 LATENT_TOKEN = "<latent_image>"
@@ -303,16 +303,41 @@ def tokenizer_folder(model_dir: str | Path) -> Path:
     )
 
 
+# Real vocabularies' tokenizer.json files are 2-35 MB (Gemma's 262k tokens: ~33 MB).
+MAX_TOKENIZER_FILE_BYTES = 256 << 20
+
+
+def _file_arguments(folder: Path) -> dict[str, str]:
+    """The `*_file` entries of `tokenizer_config.json`, as paths inside `folder`. transformers lets such an entry
+    override the folder's own file and opens it as given: an absolute path reads anywhere, a relative one from
+    the working directory. So each must be a relative name, and it is passed back joined to the folder."""
+    config_path = folder / "tokenizer_config.json"
+    if not (config_path.exists() or config_path.is_symlink()):
+        return {}
+    config = read_json(config_path, "tokenizer config", error=TokenizerError)
+    arguments = {}
+    for key, value in config.items():
+        if key.endswith("_file") and isinstance(value, str):
+            where = f"{config_path}: {key}"
+            arguments[key] = str(folder / relative_name(value, where, TokenizerError))
+    return arguments
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The checkpoint's tokenizer (folder root or `tokenizer/`), with FUSION's vision markers checked."""
     from transformers import AutoTokenizer
 
     folder = tokenizer_folder(model_dir)
-    for name in TOKENIZER_FILES:  # transformers would block on a FIFO and read a device without end
-        if (folder / name).exists() or (folder / name).is_symlink():
-            require_regular_file(folder / name, "tokenizer file", error=TokenizerError)
+    for name in TOKENIZER_FILES:  # transformers would block on a FIFO, read a device without end, or any size
+        path = folder / name
+        if path.exists() or path.is_symlink():
+            size = require_regular_file(path, "tokenizer file", error=TokenizerError).stat().st_size
+            if size > MAX_TOKENIZER_FILE_BYTES:
+                raise TokenizerError(
+                    f"tokenizer file {path}: {size} bytes, over the {MAX_TOKENIZER_FILE_BYTES} a tokenizer may have"
+                )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **_file_arguments(folder))
     except Exception as e:  # transformers raises many types for a broken tokenizer folder
         raise TokenizerError(f"{folder}: tokenizer could not be loaded ({type(e).__name__}: {e})") from None
     vocab = tokenizer.get_vocab()

@@ -17,7 +17,7 @@ from PIL import Image
 from .config import IMAGE_TOKEN_ID, LATENT_TOKEN_ID, FusionConfig
 from .image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, static_hd_crops
 from .model import VisionOutputs
-from .prompt import RequestError, build_prompt, check_question, instruct_ids, tokenize_prompt
+from .prompt import RequestError, encode_question
 
 
 @dataclass
@@ -34,14 +34,14 @@ def make_request(
     config: FusionConfig,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Request:
-    """Tokenize and preprocess one question about one image; the question's length is checked before the
-    image is decoded, so an oversized request costs nothing."""
-    check_question(question)
-    instructs = instruct_ids(question, tokenizer)
-    _check_question_length(len(instructs), config)
+    """Tokenize (`encode_question`: the rule for every question from outside) and preprocess one question about
+    one image; the question's length is checked before the image is decoded, so an oversized request costs no
+    image work."""
+    ids = encode_question(question, tokenizer)
+    _check_question_length(len(ids.instructs), config)
     return Request(
-        input_ids=tokenize_prompt(build_prompt(question), tokenizer),
-        instructs=instructs,
+        input_ids=ids.input_ids,
+        instructs=ids.instructs,
         pixel_values=static_hd_crops(image, config.vision.image_size, max_image_pixels),
     )
 

@@ -308,11 +308,11 @@ def test_index_pointing_a_key_at_the_wrong_shard(sharded, tmp_path):
 @pytest.mark.parametrize(
     "shard,message",
     [
-        ("/etc/passwd", "leaves the checkpoint folder"),
-        ("../outside.safetensors", "leaves the checkpoint folder"),
-        ("sub/../../outside.safetensors", "leaves the checkpoint folder"),
-        (7, "is not a safetensors file name"),
-        ("", "is not a safetensors file name"),
+        ("/etc/passwd", "'/etc/passwd' leaves the folder"),
+        ("../outside.safetensors", "'../outside.safetensors' leaves the folder"),
+        ("sub/../../outside.safetensors", "'sub/../../outside.safetensors' leaves the folder"),
+        (7, "7 is not a relative POSIX file name"),
+        ("", "'' is not a relative POSIX file name"),
     ],
 )
 def test_index_naming_a_file_outside_the_checkpoint(sharded, tmp_path, shard, message):
@@ -470,7 +470,7 @@ FLAG_CASES = [
     (["bench"], "--new-tokens", TOO_MANY, "expected a positive integer of at most 16,777,216"),
     (["bench"], "--query-len", "-4", "expected a positive integer"),
     (["bench"], "--threads", "0", "expected a positive integer"),
-    (["bench"], "--threads", "100000", "expected at most 1024 threads"),
+    (["bench"], "--threads", "100000", "expected a positive integer of at most 1,024"),
     (["bench"], "--warmup", "-1", "expected an integer in 0..10,000, got -1"),
     (["bench"], "--warmup", "one", "expected an integer >= 0, got 'one'"),
     (["bench"], "--warmup", TOO_MANY, "expected an integer in 0..10,000"),

@@ -102,6 +102,8 @@ def plant_outward_link(folder: Path, manifest_name: str, outside: Path) -> str:
 
 PLANTS = {"traversal": plant_traversal, "absolute": plant_absolute, "outward-link": plant_outward_link}
 
+# one short round, no reference: the folder check comes first, before any of it runs
+BENCH = ["--no-reference", "--iters", "1", "--warmup", "0", "--new-tokens", "2", "--prompt-len", "300", "--quiet"]
 ARTIFACT_COMMANDS = {
     "generate": lambda f, ckpt, out: ["generate", "--artifacts", str(f), *QUESTION],
     "validate": lambda f, ckpt, out: ["validate", str(f), "--model", str(ckpt), "--max-new-tokens", "1"],
@@ -109,40 +111,12 @@ ARTIFACT_COMMANDS = {
     "build": lambda f, ckpt, out: ["build", str(f), "--out", str(out), "--trt", "tensorrt-rtx", "--quiet"],
     "quantize": lambda f, ckpt, out: ["quantize", str(f), "--out", str(out), "--weight-only", "--quiet"],
     "check-trt": lambda f, ckpt, out: ["check-trt", str(f)],
-    "bench": lambda f, ckpt, out: [
-        "bench",
-        "--artifacts",
-        str(f),
-        "--no-reference",
-        "--iters",
-        "1",
-        "--warmup",
-        "0",
-        "--new-tokens",
-        "2",
-        "--prompt-len",
-        "300",
-        "--quiet",
-    ],  # fmt: skip
+    "bench": lambda f, ckpt, out: ["bench", "--artifacts", str(f), *BENCH],
 }
 ENGINE_COMMANDS = {
     "generate": lambda f, ckpt, out: ["generate", "--engines", str(f), *QUESTION],
     "validate": lambda f, ckpt, out: ["validate", str(f), "--model", str(ckpt), "--max-new-tokens", "1"],
-    "bench": lambda f, ckpt, out: [
-        "bench",
-        "--engines",
-        str(f),
-        "--no-reference",
-        "--iters",
-        "1",
-        "--warmup",
-        "0",
-        "--new-tokens",
-        "2",
-        "--prompt-len",
-        "300",
-        "--quiet",
-    ],  # fmt: skip
+    "bench": lambda f, ckpt, out: ["bench", "--engines", str(f), *BENCH],
 }
 
 
@@ -162,40 +136,42 @@ def _stage(source: Path, tmp_path: Path) -> tuple[Path, Path]:
     return folder, outside
 
 
-@pytest.mark.parametrize("plant", PLANTS)
-@pytest.mark.parametrize("command", ARTIFACT_COMMANDS)
-def test_sweep_artifact_readers(demo_artifact, demo_checkpoint, tmp_path, command, plant):
-    if command == "build" and not HAS_RTX:
-        pytest.skip("needs TensorRT-RTX")
-    folder, outside = _stage(demo_artifact, tmp_path)
-    named = PLANTS[plant](folder, MANIFEST, outside)
+def sweep(source: Path, manifest_name: str, command: list[str], plant: str, checkpoint: Path, tmp_path: Path) -> None:
+    """Plant in a copy of `source`, run the command on it: exit 2 naming the planted path, nothing changed."""
+    folder, outside = _stage(source, tmp_path)
+    named = PLANTS[plant](folder, manifest_name, outside)
     out = tmp_path / "out"
-    result, changed = run_hostile(tmp_path, ARTIFACT_COMMANDS[command](folder, demo_checkpoint, out), out)
+    result, changed = run_hostile(tmp_path, command(folder, checkpoint, out), out)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert named in result.stderr and "Traceback" not in result.stderr
     assert changed == [] and not out.exists()
 
 
 @pytest.mark.parametrize("plant", PLANTS)
+@pytest.mark.parametrize("command", ARTIFACT_COMMANDS)
+def test_sweep_artifact_readers(demo_artifact, demo_checkpoint, tmp_path, command, plant):
+    if command == "build" and not HAS_RTX:
+        pytest.skip("needs TensorRT-RTX")
+    sweep(demo_artifact, MANIFEST, ARTIFACT_COMMANDS[command], plant, demo_checkpoint, tmp_path)
+
+
+@pytest.mark.parametrize("plant", PLANTS)
 @pytest.mark.parametrize("command", ENGINE_COMMANDS)
 def test_sweep_engine_folder_readers(demo_engines, demo_checkpoint, tmp_path, command, plant):
-    folder, outside = _stage(demo_engines, tmp_path)
-    named = PLANTS[plant](folder, ENGINES, outside)
-    out = tmp_path / "out"
-    result, changed = run_hostile(tmp_path, ENGINE_COMMANDS[command](folder, demo_checkpoint, out), out)
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert named in result.stderr and "Traceback" not in result.stderr
-    assert changed == []
+    sweep(demo_engines, ENGINES, ENGINE_COMMANDS[command], plant, demo_checkpoint, tmp_path)
 
 
-def test_untouched_copies_still_open(demo_artifact, demo_engines, tmp_path):
-    """The control for the sweep: the same copies, unplanted and resealed the same way, open (so each refusal
+def test_untouched_copies_still_open(demo_artifact, tmp_path):
+    """The control for the sweep: the same copy, unplanted and resealed the same way, opens (so each refusal
     above is the plant's doing, not the copy's or the reseal's)."""
     folder, _ = _stage(demo_artifact, tmp_path)
     reseal(folder, MANIFEST)
     open_artifact(folder)
     result = run_main("build", str(folder), "--out", str(tmp_path / "plan"), "--dry-run")
     assert result.returncode == 0, result.stderr
+
+
+def test_untouched_engine_copies_still_open(demo_engines, tmp_path):
     from engines.engine_manifest import open_engines
 
     engines = shutil.copytree(demo_engines, tmp_path / "eng", symlinks=True)
@@ -358,3 +334,67 @@ def test_calibration_folder_links_that_leave_it(demo_artifact, tmp_path):
     result, changed = run_hostile(tmp_path, [*args[:-2], "1", "--quiet"], out)
     assert result.returncode == 2 and "'questions.txt' is a link that leaves" in result.stderr, result.stderr
     assert changed == [] and not out.exists()
+
+
+def test_tokenizer_config_cannot_name_a_file_elsewhere(demo_artifact, tmp_path, monkeypatch):
+    """transformers lets tokenizer_config.json's `tokenizer_file` override the folder's own file and opens it as
+    given: an absolute path read a vocabulary from anywhere, a relative one from the working directory."""
+    from reference_model.prompt import load_tokenizer
+
+    art = shutil.copytree(demo_artifact, tmp_path / "art")
+    config_path = art / "model" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    stranger = tmp_path / "elsewhere" / "tokenizer.json"
+    stranger.parent.mkdir()
+    stranger.write_text((art / "model" / "tokenizer.json").read_text().replace("<vision_start>", "<other>"))
+    config_path.write_text(json.dumps({**config, "tokenizer_file": str(stranger)}))
+    reseal(art, MANIFEST)
+    result, changed = run_hostile(tmp_path, ["generate", "--artifacts", str(art), *QUESTION], tmp_path / "none")
+    assert result.returncode == 2 and f"tokenizer_file: {str(stranger)!r} leaves the folder" in result.stderr
+    assert changed == []
+    # a relative entry means the folder's own file, not the working directory's
+    config_path.write_text(json.dumps({**config, "tokenizer_file": "tokenizer.json"}))
+    shutil.copy(stranger, tmp_path / "tokenizer.json")
+    monkeypatch.chdir(tmp_path)
+    assert "<vision_start>" in load_tokenizer(art / "model").get_vocab()
+
+
+def test_link_loops_are_refused_by_name(demo_artifact, tmp_path):
+    """Two links naming each other made Path.resolve raise RuntimeError (a traceback); listed or not, they are
+    now refused by name."""
+    for listed in (False, True):
+        case = tmp_path / f"listed-{listed}"
+        art = shutil.copytree(demo_artifact, case / "art")
+        (art / "model" / "a").symlink_to("b")
+        (art / "model" / "b").symlink_to("a")
+        if listed:
+            manifest = json.loads((art / MANIFEST).read_text())
+            manifest["files"]["model/a"] = {"bytes": 0, "sha256": "0" * 64}
+            save_manifest(art, manifest)
+        result, changed = run_hostile(case, ["check-trt", str(art)], case / "none")
+        assert result.returncode == 2 and "model/a" in result.stderr and "Traceback" not in result.stderr
+        assert changed == []
+
+
+def test_quantize_refuses_one_name_for_two_files(demo_artifact, tmp_path):
+    """Quantize writes the input's weights names: one that is also another file's name would be overwritten by
+    the copy and sealed with the first file's hash; it is refused before anything is written."""
+    art = shutil.copytree(demo_artifact, tmp_path / "art")
+    reseal(art, MANIFEST, lambda m: m["graphs"]["vision_encoder"].update(weights="embed_tokens.safetensors"))
+    out = tmp_path / "q"
+    result, changed = run_hostile(tmp_path, ["quantize", str(art), "--out", str(out), "--weight-only", "--quiet"], out)
+    assert result.returncode == 2 and "embed_tokens.safetensors named for more than one file" in result.stderr
+    assert changed == [] and not out.exists()
+
+
+def test_external_sparse_indices_are_checked():
+    """A sparse initializer keeps values and indices as two tensors: both are walked for external data."""
+    from fusion_export.manifest import external_data_files
+
+    values = onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [1.0])
+    indices = onnx.helper.make_tensor("i", onnx.TensorProto.INT64, [1], [0])
+    indices.data_location = onnx.TensorProto.EXTERNAL
+    indices.external_data.add(key="location", value="../elsewhere.bin")
+    graph = onnx.helper.make_graph([], "g", [], [], sparse_initializer=[onnx.helper.make_sparse_tensor(values, indices,
+                                   [4])])  # fmt: skip
+    assert external_data_files(onnx.helper.make_model(graph)) == {"../elsewhere.bin"}

@@ -150,7 +150,7 @@ def test_quantize_refuses_idle_flags_and_out_of_range_numbers(art, tmp_path):
         (["--kv-cache", "int8", "--linear", "float", "--exclude", "*q_proj*"], ["--exclude applies to the linear"]),
         (["--percentile", "nan"], ["--percentile nan"]),
         (["--decode-steps", "100000"], ["--decode-steps 100000: must be in 1..256"]),
-        (["--threads", "100000"], ["--threads", "at most 1024"]),
+        (["--threads", "100000"], ["--threads", "at most 1,024"]),
         (["--num-samples", "0"], ["--num-samples"]),
         (["--max-image-pixels", "-5"], ["--max-image-pixels"]),
     ]

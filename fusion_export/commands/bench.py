@@ -18,8 +18,9 @@ import itertools
 import sys
 from pathlib import Path
 
+from engines.build_plan import MAX_BATCH
+
 from .options import (
-    MAX_BATCH,
     MAX_ROUNDS,
     MAX_TOKENS,
     ORT_ATTENTION_FORMS,

@@ -130,9 +130,9 @@ def dry_run(args: argparse.Namespace, limits, device) -> int:
         check_flavour_flags(flavour, COMPUTE_CAPABILITIES[flavour], HAS_TIMING_CACHE[flavour], capabilities,
                             timing_cache)  # fmt: skip
     if timing_cache is not None:
-        from engines.build_plan import check_timing_cache_location
+        from ..output_files import check_timing_cache_file
 
-        check_timing_cache_location(timing_cache, Path(args.artifact), Path(args.out) if args.out else None)
+        check_timing_cache_file(timing_cache, "--timing-cache", [args.artifact], Path(args.out) if args.out else None)
     plan = plan_build(open_artifact(args.artifact), limits, device)
     # the lines of the flavour the flags select (--trt; targets are TensorRT-RTX's); both when nothing selects one
     chosen = [flavour] if args.trt is not None or capabilities or timing_cache else list(TOOLS)

@@ -60,10 +60,10 @@ def count_up_to(maximum: int) -> Callable[[str], int]:
 
 
 # Bounds of the count flags (see positive_int_up_to). Tokens and positions: the largest context any config may
-# declare (reference_model/config.py MAX_POSITIONS); the model's own limit is checked once it is known.
+# declare (reference_model/config.py MAX_POSITIONS); the model's own limit is checked once it is known. Requests per
+# batch: engines/build_plan.py MAX_BATCH.
 MAX_TOKENS = MAX_POSITIONS
 MAX_ROUNDS = 10_000  # benchmark rounds (a full-size round takes seconds: 10,000 of them are hours)
-MAX_BATCH = 1024  # requests per batch (each row carries 5 float crops, 8.8 MB at 384 px, and its KV cache)
 max_new_tokens = positive_int_up_to(MAX_TOKENS)
 
 
@@ -180,13 +180,7 @@ def require_module(module: str, flag: str, extra: str) -> None:
 
 
 MAX_THREADS = 1024  # a sanity bound: each thread is a real OS thread in ONNX Runtime's pool
-
-
-def threads(text: str) -> int:
-    value = positive_int(text)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
-    return value
+threads = positive_int_up_to(MAX_THREADS)
 
 
 def compute_capabilities(text: str) -> tuple[str, ...]:

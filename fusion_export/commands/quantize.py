@@ -178,8 +178,8 @@ def _fp16(args: argparse.Namespace, artifact) -> int:
 
     if args.model is None:
         raise FusionError("--precision fp16 re-exports the checkpoint: give --model DIR (the one ART came from)")
-    if args.weight_only or args.calib:
-        raise FusionError("--weight-only and --calib are for --precision int8")
+    if args.weight_only:
+        raise FusionError("--weight-only is for --precision int8")
     int8_only = _given(args, {**CALIBRATION_FLAGS, **LINEAR_FLAGS, "threads": "--threads"})
     if int8_only:
         raise FusionError(f"{int8_only[0]} is for --precision int8 (fp16 re-exports the checkpoint)")

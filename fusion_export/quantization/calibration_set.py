@@ -17,8 +17,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from reference_model.errors import FusionError
-from reference_model.image_preprocessing import require_image_file
-from reference_model.input_files import require_regular_file
+from reference_model.image_preprocessing import check_size, pillow_limit_off, require_image_file
+from reference_model.input_files import read_bounded
 from reference_model.limits import DEFAULT_MAX_IMAGE_PIXELS
 
 from ..containment import contained_path
@@ -63,16 +63,11 @@ def read_questions(path: Path, tokenizer: Any = None) -> tuple[str, ...]:
     run), so a bad line is named by file and line before any work."""
     from reference_model.prompt import RequestError, check_question, encode_question
 
-    require_regular_file(path, error=CalibrationError)  # a FIFO named questions.txt would block the read forever
-    size = path.stat().st_size
-    if size > MAX_QUESTIONS_BYTES:
-        raise CalibrationError(f"{path}: {size} bytes, more than the {MAX_QUESTIONS_BYTES} a questions file may have")
+    data = read_bounded(path, max_bytes=MAX_QUESTIONS_BYTES, error=CalibrationError)  # a FIFO is refused, not read
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CalibrationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise CalibrationError(f"{path}: cannot read ({e.strerror})") from None
     if "\0" in text:
         raise CalibrationError(f"{path}: binary content, expected one question per line")
     questions = []
@@ -90,33 +85,18 @@ def read_questions(path: Path, tokenizer: Any = None) -> tuple[str, ...]:
     return tuple(questions)
 
 
-def _require_image_file(path: Path) -> None:
-    try:
-        require_image_file(path)
-    except FusionError as e:
-        raise CalibrationError(str(e)) from None
-
-
 def _check_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """A regular file holding a readable image of at most `max_pixels`, its size read from the header before
     anything is decoded (a decompression bomb is refused here, not when calibration decodes it)."""
-    _require_image_file(path)
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # our limit replaces Pillow's (its DecompressionBombError is no OSError)
+    require_image_file(path, error=CalibrationError)
     try:
-        with Image.open(path) as image:
-            width, height = image.size  # from the header: nothing is decoded yet
-            if width * height <= max_pixels:
-                image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-run
+        with pillow_limit_off(), Image.open(path) as image:
+            check_size(image, str(path), max_pixels, error=CalibrationError)  # from the header: nothing decoded yet
+            image.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-run
+    except CalibrationError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise CalibrationError(f"{path}: not a readable image ({e})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-    if width * height > max_pixels:
-        raise CalibrationError(
-            f"{path}: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-            "(raise it with --max-image-pixels)"
-        )
 
 
 def _bundled_images() -> list[Path]:

@@ -148,6 +148,11 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
         result.excluded = sorted(excluded)
         progress.step("write graphs and weights")
         data_hashes: dict[str, str] = {}
+        # the graphs keep export's names; the other files the input's, each written once inside the staging folder
+        written = [f"{name}.onnx" for name in GRAPHS] + [*groups, manifest["embeddings"]["file"], *artifact.model_files]
+        clashes = sorted({name for name in written + ["trt_compat.json"] if written.count(name) > 1})
+        if clashes:
+            raise FusionError(f"{artifact.folder / MANIFEST}: {', '.join(clashes)} named for more than one file")
         for data_name, models in groups.items():
             staged_path(tmp, data_name, f"{artifact.folder / MANIFEST}: weights")  # a name from the input's manifest
             data_hashes.update(save_group(models, tmp, data_name))
@@ -157,7 +162,7 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
                     f"{artifact.folder / MANIFEST}: files")  # fmt: skip
 
         progress.step("check graphs (ONNX checker, TensorRT compatibility)")
-        paths = {name: tmp / manifest["graphs"][name]["file"] for name in GRAPHS}
+        paths = {name: tmp / f"{name}.onnx" for name in GRAPHS}  # as save_group wrote them
         report = check_written_graphs(paths, TrtTarget(manifest["export"]["trt_target"]), tmp, "quantized")
         result.trt_report = report
 
@@ -170,7 +175,8 @@ def quantize_int8(artifact: Artifact, out_dir: str | Path, options: QuantizeOpti
         }  # fmt: skip
         source = {"name": artifact.folder.resolve().name, "manifest_sha256": manifest["manifest_sha256"]}
         content = {k: manifest[k] for k in ("model", "export", "embeddings")}
-        content["graphs"] = {name: {**manifest["graphs"][name], **graph_io(path)} for name, path in paths.items()}
+        content["graphs"] = {name: {**manifest["graphs"][name], "file": path.name, **graph_io(path)}
+                             for name, path in paths.items()}  # fmt: skip
         content["trt_compat"] = {"target": report.target, "ok": report.ok, "report": "trt_compat.json"}
         if options.linear:
             content["quantization"] = {
