@@ -1,8 +1,3 @@
 """Latency and accuracy benchmarks that write JSON and plots."""
 
-import os
-
-# ONNX Runtime 1.32's Linux wheels send telemetry (1DS, mobile.events.data.microsoft.com) from a background thread;
-# `disable_telemetry_events()` comes too late for what its import already queued, this variable is read at import.
-# Nothing leaves the machine (tests/test_no_network.py).
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import engines  # noqa: F401  (ONNX Runtime's telemetry off: fusion_export/__init__.py)

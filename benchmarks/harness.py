@@ -113,7 +113,7 @@ class BackendContender:
     text_only: bool = False
 
     def prepare(self) -> None:
-        from fusion_export.commands.generate import backend_query_len
+        from engines.backends import backend_query_len
         from reference_model.prompt import load_tokenizer
 
         from .machine import rss_bytes
@@ -129,7 +129,7 @@ class BackendContender:
         self.rss_after_load = rss_bytes()[0]
 
     def run(self, new_tokens: int | None = None) -> Sample:
-        from fusion_export.commands.demo import DEMO_IMAGE
+        from fusion_export.bundled import DEMO_IMAGE
         from reference_model import make_request, prepare_batch
         from reference_model.generation import greedy_tokens
 

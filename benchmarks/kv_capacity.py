@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fusion_export.commands.demo import DEMO_IMAGE
+    from engines.onnxruntime.session import OrtModel
+    from fusion_export.bundled import DEMO_IMAGE
     from fusion_export.manifest import open_artifact
-    from fusion_export.ort_runtime import OrtModel
     from reference_model import make_request, prepare_batch
     from reference_model.prompt import load_tokenizer
 

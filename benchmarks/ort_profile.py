@@ -18,8 +18,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from engines.onnxruntime.session import OrtModel
 from fusion_export.manifest import open_artifact
-from fusion_export.ort_runtime import OrtModel
 from reference_model.input_files import read_json
 
 from .harness import BackendContender, BenchSettings

@@ -1,8 +1,3 @@
 """TensorRT engine building, plugins and runtimes behind the shared generation interface."""
 
-import os
-
-# ONNX Runtime 1.32's Linux wheels send telemetry (1DS, mobile.events.data.microsoft.com) from a background thread;
-# `disable_telemetry_events()` comes too late for what its import already queued, this variable is read at import.
-# Nothing leaves the machine (tests/test_no_network.py).
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import fusion_export  # noqa: F401  (its __init__ switches ONNX Runtime's telemetry off before any import)

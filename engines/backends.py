@@ -3,9 +3,9 @@ exposes `open_backend(path, options)`; adding a backend means adding a module an
 
 | kind | opens | module |
 | --- | --- | --- |
-| `reference` | a checkpoint folder (PyTorch on any torch device) | `engines/reference_backend.py` |
-| `onnxruntime` | an artifact folder from `fusion-export export` | `fusion_export/ort_runtime.py` |
-| `tensorrt` | an engine folder from `fusion-export build` | `engines/trt_runtime.py` |
+| `reference` | a checkpoint folder (PyTorch on any torch device) | `engines/reference.py` |
+| `onnxruntime` | an artifact folder from `fusion-export export` | `engines/onnxruntime/session.py` |
+| `tensorrt` | an engine folder from `fusion-export build` | `engines/tensorrt/runtime.py` |
 
 Every backend gives the same things to its callers (`Backend`): the model config and the folder holding its
 tokenizer, what its graphs fix (query_len, KV capacity, precision), and `session(batch, max_new_tokens)`, a
@@ -32,9 +32,9 @@ class BackendKind(str, Enum):
 
 
 MODULES = {
-    BackendKind.reference: "engines.reference_backend",
-    BackendKind.onnxruntime: "fusion_export.ort_runtime",
-    BackendKind.tensorrt: "engines.trt_runtime",
+    BackendKind.reference: "engines.reference",
+    BackendKind.onnxruntime: "engines.onnxruntime.session",
+    BackendKind.tensorrt: "engines.tensorrt.runtime",
 }
 
 
@@ -75,12 +75,34 @@ def open_backend(kind: BackendKind | str, path: str | Path, options: BackendOpti
 def kind_of_folder(path: str | Path) -> BackendKind | None:
     """Which backend a folder is for, from the file that marks it (engine manifest, artifact manifest, checkpoint)."""
     path = Path(path)
-    from .engine_manifest import ENGINE_MANIFEST
+    from fusion_export.file_names import ENGINE_MANIFEST, MANIFEST
 
     if (path / ENGINE_MANIFEST).is_file():
         return BackendKind.tensorrt
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         return BackendKind.onnxruntime
     if (path / "config.json").is_file():
         return BackendKind.reference
     return None
+
+
+def resolve_query_len(query_len: int | None, config) -> int:
+    from reference_model.errors import FusionError
+
+    source = "--query-len" if query_len is not None else "the checkpoint's default query_len (config.json)"
+    query_len = config.default_query_len if query_len is None else query_len
+    try:
+        return config.check_query_len(query_len)
+    except FusionError as e:
+        raise FusionError(f"{source}: {e}") from None
+
+
+def backend_query_len(backend, requested: int | None) -> int:
+    """The query_len to run: the graphs' own (a different --query-len is refused), or the flag / the default."""
+    from reference_model.errors import FusionError
+
+    if backend.query_len is None:
+        return resolve_query_len(requested, backend.config)
+    if requested is not None and requested != backend.query_len:
+        raise FusionError(f"--query-len {requested}: these graphs were exported for query_len {backend.query_len}")
+    return backend.query_len

@@ -22,11 +22,13 @@ import onnx
 from safetensors.torch import save_file
 
 from reference_model import load_model
-from reference_model.checkpoint import DTYPES, staging_folder
+from reference_model.checkpoint import DTYPES
 from reference_model.errors import FusionError
 from reference_model.prompt import TOKENIZER_FILES, load_tokenizer, tokenizer_folder
+from reference_model.staging import staging_folder
 
 from .containment import copy_data
+from .file_names import EMBEDDINGS_FILE
 from .graphs.decoder import decoder_prefill_spec, decoder_step_spec
 from .graphs.kv_write import TENSOR_SCATTER_OPSET
 from .graphs.vision_encoder import vision_encoder_spec
@@ -34,10 +36,8 @@ from .manifest import MODEL_SUBDIR, config_digest, graph_io, write_manifest
 from .onnx_export import plugin_ops, save_group, total_initializer_bytes, trace
 from .precision import Precision
 from .progress import Progress
-from .trt_compat import CompatReport, check_graphs, save_report
-from .trt_targets import TrtTarget
-
-EMBEDDINGS_FILE = "embed_tokens.safetensors"
+from .trt_rules.operator_check import CompatReport, check_graphs, save_report
+from .trt_rules.targets import TrtTarget
 
 
 class ExportError(FusionError):

@@ -1,21 +1,10 @@
-"""What the runtime feeds the exported graphs: names, and the host-side preparation every graph backend shares.
+"""The exported graphs' input and output names: the contract between the exporter and every runtime.
 
-The graphs leave to the runtime what is cheap on the host and awkward in a graph: the token-embedding gather
-(one table, stored once), scattering image tokens and latents into the prompt, the LongRoPE tables (decided per
-forward, docs/semantics.md section 7), the attention masks and the KV write columns. ONNX Runtime and TensorRT
-backends call the same functions, so they place every token exactly as the reference does.
-
-Light on purpose: numpy and the reference's RoPE function only, never the exporter.
+How a runtime fills those inputs on the host (embedding gather, image-token scatter, LongRoPE tables,
+masks, KV write columns) is engines/feeds.py.
 """
 
 from __future__ import annotations
-
-import numpy as np
-import torch
-
-from reference_model.generation import DecodeState
-from reference_model.rope import decode_cos_sin, rope_cos_sin
-from reference_model.sequence import PreparedBatch
 
 VISION_INPUTS = ("pixel_values", "instruct_embeds", "instruct_mask")
 VISION_OUTPUTS = ("image_tokens", "init_latents", "global_ctx")
@@ -35,101 +24,3 @@ def past_names(num_layers: int) -> list[str]:
 
 def present_names(num_layers: int) -> list[str]:
     return cache_names(num_layers, "present")
-
-
-def cache_as_float(arrays: list[np.ndarray], int8_scales: list[tuple[float, float]] | None) -> list[np.ndarray]:
-    """A backend's KV buffers (layer by layer, key then value) as the float values attention reads: an INT8
-    cache's q * scale (DequantizeLinear's arithmetic, exact in float32), a float cache as it is."""
-    if int8_scales is None:
-        return arrays
-    return [a.astype(np.float32) * np.float32(int8_scales[i // 2][i % 2]) for i, a in enumerate(arrays)]
-
-
-def _rope(position_ids: torch.Tensor, rope) -> tuple[np.ndarray, np.ndarray]:
-    cos, sin = rope_cos_sin(position_ids, rope)
-    return cos.numpy(), sin.numpy()
-
-
-def vision_inputs(batch: PreparedBatch, embed_table: np.ndarray) -> dict[str, np.ndarray]:
-    """The vision encoder's inputs: crops, the question's embeddings from the shared table, its padding mask."""
-    instructs = batch.instructs.numpy()
-    return {
-        "pixel_values": np.ascontiguousarray(batch.pixel_values.numpy()),
-        "instruct_embeds": embed_table[instructs],
-        "instruct_mask": (instructs != 0).astype(np.int64),
-    }
-
-
-def prefill_inputs(
-    batch: PreparedBatch,
-    embed_table: np.ndarray,
-    image_tokens: np.ndarray,
-    init_latents: np.ndarray,
-    global_ctx: np.ndarray,
-    rope,
-) -> dict[str, np.ndarray]:
-    """The prefill's inputs (KV buffers aside): the prompt embedded with the image tokens at the first
-    placeholder's columns and the latents at the second's (docs/semantics.md section 5)."""
-    layout = batch.layout
-    embeds = embed_table[layout.text_ids.numpy()]
-    for columns, rows in ((layout.image_columns, image_tokens), (layout.vision_pos, init_latents)):
-        np.put_along_axis(embeds, columns.numpy()[:, :, None], rows.astype(embeds.dtype), axis=1)
-    cos, sin = _rope(layout.position_ids, rope)
-    return {
-        "inputs_embeds": embeds,
-        "attention_mask": layout.attention_mask.numpy().astype(np.int64),
-        "rope_cos": cos,
-        "rope_sin": sin,
-        "vision_pos": layout.vision_pos.numpy(),
-        "instruct_pos": layout.instruct_pos.numpy(),
-        "global_ctx": global_ctx,
-    }
-
-
-class StepFeeds:
-    """The step graph's inputs as persistent host arrays, refreshed in place at each step, so a runtime binds them
-    once. RoPE rows are computed up front for every position the session can reach (`decode_cos_sin`: the same
-    numbers as one `rope_cos_sin` per step); the valid-column mask is kept as the graph's int64 and one column is
-    set per step. Same values as `step_inputs`, without a per-step allocation or table computation."""
-
-    def __init__(self, state: DecodeState, embed_table: np.ndarray, rope, max_new_tokens: int):
-        self.state, self.embed_table = state, embed_table
-        batch = state.key_valid.shape[0]
-        ahead = state.positions[:, None] + torch.arange(1, max_new_tokens + 1)  # (B, N) positions of later steps
-        cos, sin = decode_cos_sin(ahead, rope)
-        self.cos, self.sin = cos.numpy(), sin.numpy()
-        self.arrays = {
-            "inputs_embeds": np.zeros((batch, 1, embed_table.shape[1]), dtype=embed_table.dtype),
-            "attention_mask": state.key_valid.numpy().astype(np.int64),
-            "rope_cos": np.zeros((batch, 1, self.cos.shape[-1]), dtype=np.float32),
-            "rope_sin": np.zeros((batch, 1, self.sin.shape[-1]), dtype=np.float32),
-            "write_indices": np.zeros((batch,), dtype=np.int64),
-        }
-        self.steps = 0
-
-    def advance(self, tokens: torch.Tensor) -> dict[str, np.ndarray]:
-        """Advance the state by one column and write that step's inputs into the arrays (returned)."""
-        self.state.advance()
-        column, step = self.state.length - 1, self.steps
-        a = self.arrays
-        a["inputs_embeds"][:, 0] = self.embed_table[tokens.numpy()]
-        a["attention_mask"][:, column] = 1
-        a["rope_cos"][:, 0], a["rope_sin"][:, 0] = self.cos[:, step], self.sin[:, step]
-        a["write_indices"][:] = column
-        self.steps += 1
-        return a
-
-
-def step_inputs(tokens: torch.Tensor, state: DecodeState, embed_table: np.ndarray, rope) -> dict[str, np.ndarray]:
-    """One decode step's inputs: advances `state` by one column and returns the new token's embedding, the
-    valid columns of the whole buffer, its RoPE tables and the column it is written to."""
-    positions = state.advance()
-    cos, sin = _rope(positions, rope)
-    batch = tokens.shape[0]
-    return {
-        "inputs_embeds": embed_table[tokens.numpy()[:, None]],
-        "attention_mask": state.key_valid.numpy().astype(np.int64),
-        "rope_cos": cos,
-        "rope_sin": sin,
-        "write_indices": np.full((batch,), state.length - 1, dtype=np.int64),
-    }

@@ -27,13 +27,12 @@ from reference_model.errors import FusionError
 from reference_model.input_files import read_json
 
 from .containment import check_folder_contents, check_relative_name, contained_path
+from .file_names import GRAPHS, MANIFEST
 from .precision import Precision
 
-MANIFEST = "manifest.json"
 FORMAT = "fusion-export-onnx-artifact"
 FORMAT_VERSION = 2  # 2: manifest digest, precision and query_len checked against the graphs
 MODEL_SUBDIR = "model"  # config.json, vision_config.json and tokenizer files copied from the checkpoint
-GRAPHS = ("vision_encoder", "decoder_prefill", "decoder_step")
 KV_SCALE_SUFFIX = ".kv_scale"  # an INT8 KV cache's scale initializers: past_key_values.{i}.key.kv_scale, ...
 # what every reader relies on: section -> keys
 REQUIRED = {

@@ -89,7 +89,7 @@ def attention_region(metadata: dict[str, str]) -> str | None:
     the module and the torch op): `kv_write`, `decode_attention` or `scaled_dot_product_attention` for those
     ops, `forward` for the module's other ops (reshapes, RoPE); None outside attention modules and inside their
     projections. Kept in the graph so a runtime finds each layer's attention as one region
-    (fusion_export/ort_attention.py) without matching op patterns."""
+    (engines/onnxruntime/attention.py) without matching op patterns."""
     target = re.search(r"target=torch\.ops\.[\w]+\.(\w+)\.", metadata.get("pkg.torch.onnx.fx_node", ""))
     try:
         scopes = ast.literal_eval(metadata.get("pkg.torch.onnx.name_scopes", ""))
@@ -104,7 +104,7 @@ def attention_region(metadata: dict[str, str]) -> str | None:
 
 def _attach_plugin_functions(model: ir.Model, opset: int) -> None:
     """Every plugin node gets its local function (the standard-op decomposition) and its domain's opset."""
-    from engines.plugins.onnx_forms import DOMAIN, PLUGIN_FUNCTIONS
+    from fusion_export.plugin_ops.onnx_forms import DOMAIN, PLUGIN_FUNCTIONS
 
     for name in plugin_ops(model):
         function = ir.serde.deserialize_function(PLUGIN_FUNCTIONS[name](opset))
@@ -114,7 +114,7 @@ def _attach_plugin_functions(model: ir.Model, opset: int) -> None:
 
 def plugin_ops(model: ir.Model) -> list[str]:
     """The plugin ops a traced graph holds (its nodes in the plugin domain), sorted."""
-    from engines.plugins.onnx_forms import DOMAIN
+    from fusion_export.plugin_ops.onnx_forms import DOMAIN
 
     return sorted({node.op_type for node in model.graph if node.domain == DOMAIN})
 

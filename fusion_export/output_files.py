@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 
 from reference_model.errors import FusionError
 from reference_model.input_files import read_json, require_regular_file
-from reference_model.interruption import raise_if_signalled
+from reference_model.staging import write_atomically
+
+from .file_names import ENGINE_MANIFEST, MANIFEST
 
 MAX_REPORT_BYTES = 64 << 20  # an existing JSON report larger than this is not one of ours; never read it whole
 
@@ -78,9 +80,9 @@ def _png_text(path: Path) -> dict[str, str]:
 
 def protected_folder(folder: Path) -> str | None:
     """'an artifact folder', 'an engine folder' or 'a checkpoint folder' when `folder` is one, else None."""
-    if (folder / "manifest.json").is_file():
+    if (folder / MANIFEST).is_file():
         return "an artifact folder"
-    if (folder / "engines.json").is_file():
+    if (folder / ENGINE_MANIFEST).is_file():
         return "an engine folder"
     if (folder / "config.json").is_file() and any(
         (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
@@ -184,41 +186,6 @@ def check_timing_cache_file(path: str | Path, flag: str, inputs: Iterable[Path |
         if not os.access(path, os.W_OK):
             raise OutputPathError(f"{flag} {path} is read-only; refusing to replace it (give a writable file)")
     _probe_writable(_nearest_existing(path, flag, path), flag)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call write(temp_path) for a hidden temp file beside `path`, then rename it over `path`; the temp file is
-    removed if anything fails (Ctrl-C and SIGTERM included). Missing parent folders are created. A full disk
-    (ENOSPC, EDQUOT, however the writer wrapped it) is a DiskFullError naming `path`, never the temp name."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        os.close(fd)
-        write(Path(tmp))  # (writers may recreate the file, so its mode is set afterwards)
-        raise_if_signalled()  # a Ctrl-C a library swallowed: never publish what it interrupted
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs look like any other file
-        os.replace(tmp, path)
-    except BaseException as e:
-        written = 0
-        if tmp is not None:
-            written = os.stat(tmp).st_size if os.path.exists(tmp) else 0
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, Exception) and not isinstance(e, FusionError):  # an interruption stays one
-            from reference_model.checkpoint import disk_full_cause, disk_full_error  # (imports torch: errors only)
-
-            full = disk_full_cause(e)
-            if full is not None:
-                raise disk_full_error(path, full, written) from None
-        raise
     return path
 
 

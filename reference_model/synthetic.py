@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SafetensorsWriter, staging_folder, to_checkpoint_key, write_config_files
+from .checkpoint import SafetensorsWriter, to_checkpoint_key, write_config_files
 from .config import FusionConfig, preset_config
 from .model import FusionModel
+from .staging import staging_folder
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",

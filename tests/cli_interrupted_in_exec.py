@@ -4,7 +4,7 @@ CLI, which reports 130. With `sys-exit`, the module exits the plain way, to show
 
 import sys
 
-from fusion_export import cli
+from fusion_export_cli import cli
 
 
 def _command(args) -> int:

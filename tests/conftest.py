@@ -130,7 +130,7 @@ def export_oracle(oracle_dir, tmp_path_factory):
     """Export the oracle checkpoint once per (query_len, target, dtype) per test session."""
     from fusion_export.export import ExportOptions, export_artifact
     from fusion_export.precision import Precision
-    from fusion_export.trt_targets import TrtTarget
+    from fusion_export.trt_rules.targets import TrtTarget
 
     cache: dict[tuple, Path] = {}
 
@@ -153,15 +153,15 @@ class CliResult:
 
 
 def build_plugin_model(model, path: Path, profile: dict[str, tuple], min_layers: int, min_plan_bytes: int) -> None:
-    """A plugin's one-node ONNX model (engines/plugins/onnx_forms.py) saved to `path`: with no plugin registered,
-    TensorRT-RTX's parser inlines the local function (more than `min_layers` layers) and the builder builds it
-    under `profile` ({input: (min, opt, max)}); the static check reads the node through its function for every
+    """A plugin's one-node ONNX model (fusion_export/plugin_ops/onnx_forms.py) saved to `path`: with no plugin
+    registered, TensorRT-RTX's parser inlines the local function (more than `min_layers` layers) and the builder
+    builds it under `profile` ({input: (min, opt, max)}); the static check reads the node through its function for every
     target."""
     import onnx
 
-    from engines.trt_api import load_trt
-    from fusion_export.trt_compat import check_graphs
-    from fusion_export.trt_targets import TrtTarget
+    from engines.tensorrt.flavours import load_trt
+    from fusion_export.trt_rules.operator_check import check_graphs
+    from fusion_export.trt_rules.targets import TrtTarget
 
     onnx.save(model, path)
     builder, network, errors = load_trt("tensorrt-rtx").parse(path)
@@ -187,7 +187,7 @@ def build_plan(builder, network, profile: dict[str, tuple]):
 def run_main(*args: str) -> CliResult:
     """The CLI's `main` in this process (no interpreter start-up): for the many bad-input cases. Subprocess
     runs (`test_cli_golden.run_cli`) cover what needs a real process (signals, exit codes from the shell)."""
-    from fusion_export.cli import main
+    from fusion_export_cli.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -205,7 +205,7 @@ def sha256(path: Path) -> str:
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory) -> Path:
     """The demo's model: the oracle's decoder shape with a 4-layer tower (quick to export and build)."""
-    from fusion_export.commands.demo import DEMO_SEED, demo_config
+    from fusion_export_cli.commands.demo import DEMO_SEED, demo_config
     from reference_model.synthetic import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("demo") / "tiny-demo", demo_config(), seed=DEMO_SEED)
@@ -222,7 +222,7 @@ def export_demo(demo_checkpoint, tmp_path_factory):
     through the CLI, so that `--plugins on` is what its tests read."""
     from fusion_export.export import ExportOptions, export_artifact
     from fusion_export.precision import Precision
-    from fusion_export.trt_targets import TrtTarget
+    from fusion_export.trt_rules.targets import TrtTarget
 
     cache: dict[tuple, Path] = {}
 

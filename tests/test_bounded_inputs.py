@@ -418,7 +418,7 @@ def test_decompression_bomb_image_is_refused_from_its_header(tiny_checkpoint, tm
 
 
 def test_calibration_bomb_is_refused_from_its_header(tmp_path):
-    from fusion_export.quantization.calibration_set import CalibrationError, load_calibration_set
+    from engines.quantization.calibration_set import CalibrationError, load_calibration_set
 
     calib = tmp_path / "calib"
     calib.mkdir()
@@ -438,7 +438,7 @@ def test_calibration_bomb_is_refused_from_its_header(tmp_path):
 
 @pytest.mark.parametrize("name", ["b.png", "questions.txt"])
 def test_calibration_fifo_is_refused_without_blocking(tmp_path, name):
-    from fusion_export.quantization.calibration_set import load_calibration_set
+    from engines.quantization.calibration_set import load_calibration_set
     from reference_model.errors import FusionError
 
     calib = tmp_path / "calib"

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from engines.trt_api import TrtFlavour, installed_flavours
+from engines.tensorrt.flavours import TrtFlavour, installed_flavours
 from fusion_export.manifest import MANIFEST, file_entries, open_artifact, save_manifest
 
 from .conftest import DEMO_IMAGE, changed_entries, run_main, tree_state
@@ -172,7 +172,7 @@ def test_untouched_copies_still_open(demo_artifact, tmp_path):
 
 
 def test_untouched_engine_copies_still_open(demo_engines, tmp_path):
-    from engines.engine_manifest import open_engines
+    from engines.tensorrt.engine_manifest import open_engines
 
     engines = shutil.copytree(demo_engines, tmp_path / "eng", symlinks=True)
     reseal(engines, ENGINES)
@@ -314,7 +314,7 @@ def test_hugging_face_cache_snapshot_exports_as_data(demo_checkpoint, tmp_path):
 
 def test_calibration_folder_links_that_leave_it(demo_artifact, tmp_path):
     """`quantize --calib DIR` reads DIR's images and questions.txt only where they stay inside it."""
-    from fusion_export.quantization.calibration_set import load_calibration_set
+    from engines.quantization.calibration_set import load_calibration_set
 
     calib, outside = tmp_path / "calib", tmp_path / "photos"
     calib.mkdir()

@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.trt_api import TrtFlavour, installed_flavours
+from benchmarks.validation import Tolerances, compare
+from engines.tensorrt.flavours import TrtFlavour, installed_flavours
 from fusion_export.precision import Precision
-from fusion_export.validation import Tolerances, compare
 from reference_model import FusionModel, preset_config
 
 from .conftest import ROOT
@@ -44,7 +44,7 @@ STEPS = 4  # the prefill's token, then 3 teacher-forced decode steps
 
 REQUEST = """
 import sys, torch
-from fusion_export.commands.demo import DEMO_IMAGE
+from fusion_export.bundled import DEMO_IMAGE
 from reference_model import load_config, make_request, prepare_batch
 from reference_model.prompt import load_tokenizer
 def batch_for(folder):
@@ -94,7 +94,7 @@ ORT_SCRIPT = (
     + """
 import time
 from fusion_export.manifest import open_artifact
-from fusion_export.ort_runtime import OrtModel
+from engines.onnxruntime.session import OrtModel
 art, reference, out = sys.argv[1], sys.argv[2], sys.argv[3]
 ids = torch.load(reference)["ids"]
 session = OrtModel(open_artifact(art)).session(batch_for(art + "/model"), ids.shape[1])
@@ -139,7 +139,7 @@ def measure(ckpt: Path, art: Path, write: str, work: Path) -> None:
     code, out, t_ckpt, _ = run_measured([sys.executable, "-c", write], work / "checkpoint.log")
     assert code == 0, out
 
-    cli = [sys.executable, "-m", "fusion_export.cli"]
+    cli = [sys.executable, "-m", "fusion_export_cli.cli"]
     export = [*cli, "export", "--model", str(ckpt), "--out", str(art), "--dtype", "fp16"]
     code, out, t_export, peak_export = run_measured(export, work / "export.log")
     assert code == 0, out

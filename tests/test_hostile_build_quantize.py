@@ -61,8 +61,8 @@ def test_dry_run_command_lines_carry_the_targets(art, tmp_path):
 
 
 def test_dry_run_table_is_what_tensorrt_rtx_reports():
-    from engines.build_plan import COMPUTE_CAPABILITIES, HAS_TIMING_CACHE
-    from engines.trt_api import Trt, TrtFlavour, load_trt
+    from engines.tensorrt.flavours import Trt, TrtFlavour, load_trt
+    from engines.tensorrt.plan import COMPUTE_CAPABILITIES, HAS_TIMING_CACHE
 
     rtx = load_trt("tensorrt-rtx")
     assert list(COMPUTE_CAPABILITIES["tensorrt-rtx"]) == rtx.compute_capabilities()
@@ -98,8 +98,8 @@ def test_quantize_refuses_patterns_that_match_nothing(art, tmp_path):
 
 
 def test_exclude_adds_to_the_lm_head_default():
-    from fusion_export.commands.quantize import patterns
-    from fusion_export.quantization.qdq import DEFAULT_EXCLUDE
+    from engines.quantization.qdq import DEFAULT_EXCLUDE
+    from fusion_export_cli.commands.quantize import patterns
 
     assert patterns(None, DEFAULT_EXCLUDE) == ("*lm_head*",)
     assert patterns(["model.layers.0.*"], DEFAULT_EXCLUDE) == ("*lm_head*", "model.layers.0.*")
@@ -109,7 +109,7 @@ def test_exclude_adds_to_the_lm_head_default():
 
 def _fake_quantize(seen: dict):
     """quantize_int8 stood in for: records its options, reports what a real run would print, writes nothing."""
-    from fusion_export.quantization.quantize import QuantizeResult
+    from engines.quantization.quantize import QuantizeResult
 
     class Report:
         def table(self) -> str:
@@ -123,7 +123,7 @@ def _fake_quantize(seen: dict):
 
 
 def test_quantize_says_what_it_keeps_in_float(art, tmp_path, monkeypatch):
-    import fusion_export.quantization.quantize as quantize
+    import engines.quantization.quantize as quantize
 
     seen: dict = {}
     monkeypatch.setattr(quantize, "quantize_int8", _fake_quantize(seen))
@@ -163,7 +163,7 @@ def test_quantize_refuses_idle_flags_and_out_of_range_numbers(art, tmp_path):
 
 
 def test_quantize_max_image_pixels_reaches_the_calibration(art, tmp_path, monkeypatch):
-    import fusion_export.quantization.quantize as quantize
+    import engines.quantization.quantize as quantize
     from reference_model.errors import FusionError
 
     calib = tmp_path / "calib"
@@ -193,8 +193,8 @@ def test_quantize_max_image_pixels_reaches_the_calibration(art, tmp_path, monkey
 
 
 def test_staging_folder_never_replaces_what_another_process_created(tmp_path):
-    from reference_model.checkpoint import OutputExistsError, staging_folder
     from reference_model.errors import FusionError
+    from reference_model.staging import OutputExistsError, staging_folder
 
     for theirs in ("empty", "full"):
         out = tmp_path / theirs
@@ -215,7 +215,7 @@ def test_staging_folder_never_replaces_what_another_process_created(tmp_path):
 def test_build_racing_another_build_on_one_out(art, tmp_path, monkeypatch):
     """The one real build here: another process creates --out while this one builds; the result is discarded
     with a message that says so, and the other's folder is left as it was."""
-    import engines.build as build
+    import engines.tensorrt.build as build
 
     out = tmp_path / "eng"
     real_save = build.save_manifest
@@ -274,7 +274,7 @@ class _SwallowingBuilder:
 
 
 def test_write_plan_raises_a_full_disk(tmp_path, monkeypatch):
-    import engines.trt_api as trt_api
+    import engines.tensorrt.flavours as trt_api
 
     monkeypatch.setattr(trt_api, "open", _FullDisk, raising=False)
     with pytest.raises(OSError) as error:
@@ -284,8 +284,8 @@ def test_write_plan_raises_a_full_disk(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_build_on_a_full_disk_names_the_engine_folder(art, tmp_path, monkeypatch, code):
-    import engines.build as build
-    import engines.trt_api as trt_api
+    import engines.tensorrt.build as build
+    import engines.tensorrt.flavours as trt_api
 
     def build_graph(trt, onnx_path, graph, options, progress, timing_cache, engine_path, *args):
         trt.write_plan(_SwallowingBuilder(), None, None, engine_path)  # where the engine's bytes are written
@@ -304,7 +304,7 @@ def test_build_on_a_full_disk_names_the_engine_folder(art, tmp_path, monkeypatch
 
 def test_staging_and_atomic_writes_name_the_final_path_on_a_full_disk(tmp_path):
     from fusion_export.output_files import write_atomically
-    from reference_model.checkpoint import DiskFullError, staging_folder
+    from reference_model.staging import DiskFullError, staging_folder
 
     def fill(path: Path) -> None:
         path.write_bytes(b"x" * 1000)

@@ -9,10 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from engines.plugins.interaction_attention import (  # noqa: E402
-    interaction_attention,
-    interaction_attention_reference,
-)
+from engines.plugins.interaction_attention import interaction_attention  # noqa: E402
+from fusion_export.plugin_ops.reference import interaction_attention_reference  # noqa: E402
 from reference_model.errors import FusionError  # noqa: E402
 from reference_model.global_context import context_windows  # noqa: E402
 from reference_model.interaction import WindowCrossAttention  # noqa: E402
@@ -113,7 +111,7 @@ def test_interaction_attention_onnx_form_runs_on_onnxruntime(dtype, opset):
     import onnx
     import onnxruntime as ort
 
-    from engines.plugins.onnx_forms import DOMAIN, INTERACTION_ATTENTION, interaction_attention_model
+    from fusion_export.plugin_ops.onnx_forms import DOMAIN, INTERACTION_ATTENTION, interaction_attention_model
 
     model = interaction_attention_model(ONNX_TYPES[dtype], side=4, window=3, heads=16, head_dim=12, opset=opset)
     onnx.checker.check_model(model, full_check=True)
@@ -129,7 +127,7 @@ def test_interaction_attention_onnx_form_runs_on_onnxruntime(dtype, opset):
 def test_interaction_attention_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
     """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it;
     the static check reads the node through its function for every target."""
-    from engines.plugins.onnx_forms import interaction_attention_model
+    from fusion_export.plugin_ops.onnx_forms import interaction_attention_model
 
     from .conftest import build_plugin_model
 

@@ -16,7 +16,7 @@ from .conftest import ROOT
 def test_interrupted_export_leaves_nothing(oracle_dir, tmp_path, signum, code):
     out = tmp_path / "art"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fusion_export.cli", "export", "--model", str(oracle_dir), "--out", str(out)],
+        [sys.executable, "-m", "fusion_export_cli.cli", "export", "--model", str(oracle_dir), "--out", str(out)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -36,7 +36,7 @@ def test_interrupted_export_leaves_nothing(oracle_dir, tmp_path, signum, code):
 
 def test_signal_wrapped_by_a_library_still_reads_as_the_signal(monkeypatch, capsys):
     """onnxruntime's import turns whatever interrupts it into ImportError; the CLI still exits as terminated."""
-    from fusion_export import cli
+    from fusion_export_cli import cli
 
     def interrupted_import(args):
         try:
@@ -71,9 +71,9 @@ def _swallow(signum: int) -> None:
 def test_a_signal_a_library_swallows_still_stops_the_command(monkeypatch, capsys, tmp_path, signum, code):
     """The exception is gone but the signal was recorded: the next step does not start, the staged folder is not
     published, and the command exits as signalled (it exited 0 with its artifact written before)."""
-    from fusion_export import cli
     from fusion_export.progress import Progress
-    from reference_model.checkpoint import staging_folder
+    from fusion_export_cli import cli
+    from reference_model.staging import staging_folder
 
     out, ran = tmp_path / "art", []
 
@@ -101,8 +101,8 @@ def test_a_signal_a_library_swallows_still_stops_the_command(monkeypatch, capsys
 
 
 def test_a_swallowed_signal_is_not_published_by_write_atomically(monkeypatch, tmp_path):
-    from fusion_export import cli
     from fusion_export.output_files import write_atomically
+    from fusion_export_cli import cli
 
     report = tmp_path / "report.json"
 
@@ -117,7 +117,7 @@ def test_a_swallowed_signal_is_not_published_by_write_atomically(monkeypatch, tm
 
 @pytest.mark.parametrize("exit_with,code", [("exit_as_main", 130), ("sys-exit", -signal.SIGINT)])
 def test_interrupted_module_run_exits_130(exit_with, code):
-    """`python -m fusion_export.cli` after a Ctrl-C that passed through exec'd code: CPython would exit by SIGINT
+    """`python -m fusion_export_cli.cli` after a Ctrl-C that passed through exec'd code: CPython would exit by SIGINT
     (-2, the flaky failure of the export test above) whatever status `main` returned; `exit_as_main` keeps it."""
     args = [] if exit_with == "exit_as_main" else [exit_with]
     proc = subprocess.run([sys.executable, "-m", "tests.cli_interrupted_in_exec", *args], cwd=ROOT,

@@ -1,5 +1,5 @@
 """An INT8 KV cache (`quantize --kv-cache int8`): the reference's quantized cache (reference_model/kv_cache.py),
-the decoder graphs rewritten to store INT8 (fusion_export/quantization/kv_cache.py) in every export form, ONNX
+the decoder graphs rewritten to store INT8 (engines/quantization/kv_cache.py) in every export form, ONNX
 Runtime's tokens and logits against the reference quantizing with the same scales, a perturbed scale caught by
 `validate`, the graphs built by TensorRT-RTX with INT8 cache I/O, and the static check agreeing with RTX's parser
 about which writes take an INT8 cache."""
@@ -15,13 +15,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.build import BuildOptions, build_engines
-from engines.trt_api import TrtFlavour, installed_flavours, load_trt
-from fusion_export.commands.demo import DEMO_IMAGE, DEMO_QUESTION
+from engines.onnxruntime.session import OrtModel
+from engines.tensorrt.build import BuildOptions, build_engines
+from engines.tensorrt.flavours import TrtFlavour, installed_flavours, load_trt
+from fusion_export.bundled import DEMO_IMAGE, DEMO_QUESTION
 from fusion_export.manifest import ArtifactError, file_entries, open_artifact, save_manifest
-from fusion_export.ort_runtime import OrtModel
-from fusion_export.trt_compat import check_graphs
-from fusion_export.trt_targets import TrtTarget
+from fusion_export.trt_rules.operator_check import check_graphs
+from fusion_export.trt_rules.targets import TrtTarget
 from reference_model import load_model, make_request, prepare_batch
 from reference_model.generation import GenerationConfig, ReferenceSession, generate
 from reference_model.kv_cache import KVCache, quantize_int8

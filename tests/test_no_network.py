@@ -24,7 +24,7 @@ def network_calls(tmp_path, *args: str) -> list[str]:
     sends nothing."""
     trace = tmp_path / "strace.txt"
     cmd = ["strace", "-f", "-qq", "-e", "trace=connect,sendto,sendmsg,openat", "-o", str(trace)]
-    proc = subprocess.run([*cmd, sys.executable, "-m", "fusion_export.cli", *args], cwd=ROOT, capture_output=True)
+    proc = subprocess.run([*cmd, sys.executable, "-m", "fusion_export_cli.cli", *args], cwd=ROOT, capture_output=True)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     sending = re.compile(r"\b(connect|sendto|sendmsg)\(.*AF_INET6?")
     lookup = re.compile(r"openat\(.*\"/etc/(resolv\.conf|hosts|gai\.conf)\"")

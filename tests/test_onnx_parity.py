@@ -9,11 +9,11 @@ import json
 
 import pytest
 
+from benchmarks.validation import Tolerances, validate_session
+from engines.onnxruntime.session import OrtModel
 from fusion_export.manifest import open_artifact
 from fusion_export.onnx_export import INLINE_BYTES
-from fusion_export.ort_runtime import OrtModel
 from fusion_export.precision import Precision
-from fusion_export.validation import Tolerances, validate_session
 from reference_model import GenerationConfig, ReferenceSession, generate, make_request, prepare_batch
 from reference_model.prompt import load_tokenizer
 

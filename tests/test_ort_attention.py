@@ -1,4 +1,4 @@
-"""ONNX Runtime's fused attention (fusion_export/ort_attention.py, and the vision encoder's,
+"""ONNX Runtime's fused attention (engines/onnxruntime/attention.py, and the vision encoder's,
 ort_vision_attention.py): the rewritten graphs compute what the shipped ones do, for every export form, with
 grouped KV heads, left-padded batches and multi-token steps.
 
@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 import pytest
 
+from engines.onnxruntime.attention import PREFILL_BLOCKS, FusedStepFeeds, fuse_attention
+from engines.onnxruntime.session import OrtModel
 from fusion_export.manifest import open_artifact
 from fusion_export.onnx_export import REGION_KEY
-from fusion_export.ort_attention import PREFILL_BLOCKS, FusedStepFeeds, fuse_attention
-from fusion_export.ort_runtime import OrtModel
 from reference_model import GenerationConfig, ReferenceSession, generate, make_request, prepare_batch
 from reference_model.prompt import load_tokenizer
 
@@ -33,7 +33,7 @@ FORMS = [("trt-10.3", False, None), ("trt-10.15", False, 1024), ("trt-10.3", Tru
 @pytest.fixture(scope="module")
 def gqa_checkpoint(tmp_path_factory):
     """The demo model with grouped KV heads (4 query heads over 2 KV heads)."""
-    from fusion_export.commands.demo import demo_config
+    from fusion_export_cli.commands.demo import demo_config
     from reference_model.synthetic import write_random_checkpoint
 
     config = demo_config()
@@ -44,7 +44,7 @@ def gqa_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gqa_export(gqa_checkpoint, tmp_path_factory):
     from fusion_export.export import ExportOptions, export_artifact
-    from fusion_export.trt_targets import TrtTarget
+    from fusion_export.trt_rules.targets import TrtTarget
 
     cache = {}
 
@@ -314,7 +314,7 @@ def test_residual_norm_fusion(skip_shape, observe_sum, fused, decomposed):
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from fusion_export.ort_norms import fuse_skip_norms
+    from engines.onnxruntime.norms import fuse_skip_norms
 
     model = _norm_graph(skip_shape, observe_sum, decomposed)
     rewritten = ir.serde.deserialize_model(model)

@@ -1,4 +1,4 @@
-"""Fused projections split by weight for ONNX Runtime (fusion_export/ort_split_projections.py): the MatMul + Split
+"""Fused projections split by weight for ONNX Runtime (engines/onnxruntime/split_projections.py): the MatMul + Split
 becomes one MatMul per part over a column slice of the weight, which ONNX Runtime folds into initializers, so the
 session runs no Slice and no Split; the products are the same numbers; anything else stays as it is.
 
@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fusion_export.ort_split_projections import split_projections
+from engines.onnxruntime.split_projections import split_projections
 
 RELATIVE = 1e-6
 K = 24

@@ -1,4 +1,4 @@
-"""The vision encoder's eager attention as ONNX Runtime's MultiHeadAttention (fusion_export/ort_vision_attention.py):
+"""The vision encoder's eager attention as ONNX Runtime's MultiHeadAttention (engines/onnxruntime/vision_attention.py):
 every form the tower exports is fused and computes what the graph does; what is not that pattern stays as it is.
 
 Tolerance: the fused and eager forms differ only in summation order inside the kernel (~1e-7 relative here);
@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fusion_export.ort_vision_attention import fuse_vision_attention
+from engines.onnxruntime.vision_attention import fuse_vision_attention
 
 RELATIVE = 1e-5
 HEADS, DIM, IMAGE_ROWS = 2, 8, 5

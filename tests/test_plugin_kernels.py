@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from engines.plugins.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+from engines.plugins.decode_attention import decode_attention  # noqa: E402
+from fusion_export.plugin_ops.reference import decode_attention_reference  # noqa: E402
 from reference_model.errors import FusionError  # noqa: E402
 
 # fp32: both sides accumulate in float32; only the order of the softmax sums differs (online vs. one pass).
@@ -98,7 +99,7 @@ def test_decode_attention_onnx_form_runs_on_onnxruntime(dtype):
     import onnx
     import onnxruntime as ort
 
-    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, decode_attention_model
+    from fusion_export.plugin_ops.onnx_forms import DECODE_ATTENTION, DOMAIN, decode_attention_model
 
     model = decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40)
     onnx.checker.check_model(model, full_check=True)
@@ -120,7 +121,7 @@ def test_decode_attention_onnx_form_reads_an_int8_cache(dtype):
     import onnx
     import onnxruntime as ort
 
-    from engines.plugins.onnx_forms import decode_attention_model
+    from fusion_export.plugin_ops.onnx_forms import decode_attention_model
 
     k_scale, v_scale = 0.0123, 0.0457
     model = decode_attention_model(ONNX_TYPES[dtype], heads=8, kv_heads=2, head_dim=40, kv_dtype=3,
@@ -152,7 +153,7 @@ def test_decode_attention_onnx_form_builds_with_tensorrt_rtx(dtype, kv_dtype, tm
     """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it
     (an int8 cache too: the scales reach the function body by attribute reference); the static check reads the
     node as the parser does: through its function."""
-    from engines.plugins.onnx_forms import decode_attention_model
+    from fusion_export.plugin_ops.onnx_forms import decode_attention_model
 
     from .conftest import build_plugin_model
 
@@ -173,10 +174,10 @@ def test_export_with_plugins_matches_reference_and_builds(export_demo, demo_chec
 
     import onnx
 
-    from engines.build import BuildOptions, build_engines
-    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL
     from engines.plugins.rtx_plugins import IMPLEMENTATION
-    from engines.trt_api import load_trt
+    from engines.tensorrt.build import BuildOptions, build_engines
+    from engines.tensorrt.flavours import load_trt
+    from fusion_export.plugin_ops.onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL
 
     from .conftest import run_main
 

@@ -11,12 +11,8 @@ import pytest
 from PIL import Image
 
 import reference_model
-from fusion_export.quantization.calibration_set import (
-    BUNDLED_QUESTIONS,
-    CalibrationError,
-    load_calibration_set,
-    read_questions,
-)
+from engines.quantization.calibration_set import CalibrationError, load_calibration_set, read_questions
+from fusion_export.bundled import BUNDLED_QUESTIONS
 from reference_model.errors import FusionError
 from reference_model.prompt import (
     IMAGE_TOKEN,

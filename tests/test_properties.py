@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from engines.onnxruntime.session import OrtModel
 from fusion_export.manifest import open_artifact
-from fusion_export.ort_runtime import OrtModel
 from reference_model import GenerationConfig, ReferenceSession, generate, make_request, prepare_batch
 from reference_model.errors import FusionError
 from reference_model.image_preprocessing import ImageError, static_hd_crops

@@ -16,10 +16,10 @@ import onnx
 import pytest
 from PIL import Image
 
-from engines.build import BuildOptions, build_engines
+from engines.tensorrt.build import BuildOptions, build_engines
 from fusion_export.manifest import ArtifactError, open_artifact, save_manifest
-from fusion_export.trt_compat import check_graphs
-from fusion_export.trt_targets import TrtTarget
+from fusion_export.trt_rules.operator_check import check_graphs
+from fusion_export.trt_rules.targets import TrtTarget
 
 from .conftest import ROOT, run_main
 
@@ -199,7 +199,7 @@ def test_killed_quantize_leaves_nothing(export_demo, tmp_path):
         [
             sys.executable,
             "-m",
-            "fusion_export.cli",
+            "fusion_export_cli.cli",
             "quantize",
             str(export_demo("trt-10.3")),
             "--out",
@@ -238,7 +238,7 @@ def test_smoothquant_artifact_within_int8_gates(export_demo, demo_checkpoint, tm
 
 
 def test_entropy_threshold_clips_outliers_and_keeps_counts():
-    from fusion_export.quantization.entropy import Histogram
+    from engines.quantization.entropy import Histogram
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(200_000)
@@ -254,8 +254,8 @@ def test_int8_kernels_follow_the_cpu(quantized, monkeypatch):
     """W8A8 on ONNX Runtime's CPU kernels: integer kernels where the CPU multiplies int8 without saturating (VNNI,
     AMX, ARM), float math on the dequantized values on x86 without (auto), either on request; a weight-only
     artifact always keeps its kernels (no u8s8 product)."""
-    import fusion_export.ort_runtime as ort_runtime
-    from fusion_export.ort_runtime import OrtModel, cpu_int8_dot
+    import engines.onnxruntime.session as ort_runtime
+    from engines.onnxruntime.session import OrtModel, cpu_int8_dot
     from reference_model.errors import FusionError
 
     assert cpu_int8_dot("x86_64", {"avx2", "avx512_vnni"}) and cpu_int8_dot("x86_64", {"avx2", "avx_vnni"})

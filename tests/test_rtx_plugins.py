@@ -19,9 +19,10 @@ pytest.importorskip("triton")
 trt_rtx = pytest.importorskip("tensorrt_rtx")
 
 from engines.plugins import rtx_plugins  # noqa: E402
-from engines.plugins.decode_attention import decode_attention_reference  # noqa: E402
-from engines.plugins.interaction_attention import interaction_attention_reference  # noqa: E402
-from engines.plugins.onnx_forms import (  # noqa: E402
+from engines.plugins.kernel_table import ATTRIBUTES, LOCAL_FUNCTION  # noqa: E402
+from engines.plugins.tensorrt_plugins import register_plugins  # noqa: E402
+from engines.tensorrt.flavours import load_trt  # noqa: E402
+from fusion_export.plugin_ops.onnx_forms import (  # noqa: E402
     DECODE_ATTENTION,
     INTERACTION_ATTENTION,
     WINDOW_MAX_POOL,
@@ -29,9 +30,11 @@ from engines.plugins.onnx_forms import (  # noqa: E402
     interaction_attention_model,
     window_max_pool_model,
 )
-from engines.plugins.tensorrt_plugins import ATTRIBUTES, LOCAL_FUNCTION, register_plugins  # noqa: E402
-from engines.plugins.window_max_pool import window_max_pool_reference  # noqa: E402
-from engines.trt_api import load_trt  # noqa: E402
+from fusion_export.plugin_ops.reference import (  # noqa: E402
+    decode_attention_reference,
+    interaction_attention_reference,
+    window_max_pool_reference,
+)
 
 OPS = [DECODE_ATTENTION, INTERACTION_ATTENTION, WINDOW_MAX_POOL]
 ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.int8: 3}  # TensorProto.FLOAT, FLOAT16, INT8

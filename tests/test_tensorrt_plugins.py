@@ -24,9 +24,15 @@ import pytest
 pytest.importorskip("triton")
 
 from engines.plugins import decode_attention, interaction_attention, window_max_pool  # noqa: E402
+from engines.plugins.kernel_table import ATTRIBUTES  # noqa: E402
 from engines.plugins.launch import compile_ptx  # noqa: E402
-from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, INTERACTION_ATTENTION, WINDOW_MAX_POOL  # noqa: E402
-from engines.plugins.tensorrt_plugins import _DEFINITIONS, ATTRIBUTES, register_plugins  # noqa: E402
+from engines.plugins.tensorrt_plugins import _DEFINITIONS, register_plugins  # noqa: E402
+from fusion_export.plugin_ops.onnx_forms import (  # noqa: E402
+    DECODE_ATTENTION,
+    DOMAIN,
+    INTERACTION_ATTENTION,
+    WINDOW_MAX_POOL,
+)
 from reference_model.config import preset_config  # noqa: E402
 from reference_model.errors import FusionError  # noqa: E402
 
@@ -34,7 +40,7 @@ from reference_model.errors import FusionError  # noqa: E402
 def _full_size_inputs() -> dict[str, tuple]:
     """Per plugin op: its module, its inputs as (shape, dtype) and its output shape at the full-size model's shapes
     (batch 1, query_len 64, 4096 KV columns), all read off the preset."""
-    from fusion_export.graphs.window_pool import window_indices
+    from fusion_export.plugin_ops.reference import window_indices
 
     cfg = preset_config("fusion-phi3.5-3b")
     d, it = cfg.decoder, cfg.interaction
@@ -160,7 +166,7 @@ def test_tensorrt_rtx_registers_ipluginv3_classes():
     classes instead (engines/plugins/rtx_plugins.py; built for real in tests/test_rtx_plugins.py), and that is
     what build records (engines.json `plugin_implementation`); an op this version does not define is refused."""
     from engines.plugins.rtx_plugins import IMPLEMENTATION
-    from engines.trt_api import load_trt
+    from engines.tensorrt.flavours import load_trt
 
     trt = load_trt("tensorrt-rtx")
     how = register_plugins(trt, [WINDOW_MAX_POOL, DECODE_ATTENTION])

@@ -13,20 +13,14 @@ from pathlib import Path
 import onnx
 import pytest
 
-from engines.build import BuildOptions, EngineBuildError, build_engines
-from engines.build_plan import BuildLimits, parse_device_memory, plan_build
-from engines.engine_manifest import (
-    ENGINE_MANIFEST,
-    EngineError,
-    check_built_from,
-    check_runtime,
-    open_engines,
-)
-from engines.trt_api import TrtFlavour, installed_flavours, load_trt, read_rtx_plan_header
+from engines.tensorrt.build import BuildOptions, EngineBuildError, build_engines
+from engines.tensorrt.engine_manifest import ENGINE_MANIFEST, EngineError, check_built_from, check_runtime, open_engines
+from engines.tensorrt.flavours import TrtFlavour, installed_flavours, load_trt, read_rtx_plan_header
+from engines.tensorrt.plan import BuildLimits, parse_device_memory, plan_build
 from fusion_export.manifest import file_entries, open_artifact, save_manifest
 from fusion_export.progress import Progress
-from fusion_export.trt_compat import check_graph
-from fusion_export.trt_targets import TrtTarget
+from fusion_export.trt_rules.operator_check import check_graph
+from fusion_export.trt_rules.targets import TrtTarget
 from reference_model.errors import FusionError
 
 from .conftest import DEMO_IMAGE, FLAVOURS, run_main
@@ -184,7 +178,7 @@ def parses(path: Path) -> tuple[bool, list[str]]:
 def test_parser_errors_are_quoted(export_demo, tmp_path):
     """A graph TensorRT rejects fails with the parser's own words; an artifact whose graphs disagree with each
     other is refused before TensorRT runs, and nothing is left behind."""
-    from engines.build import build_graph
+    from engines.tensorrt.build import build_graph
 
     folder = shutil.copytree(export_demo("trt-10.15", "fp32", 1024), tmp_path / "art")
     plan = plan_build(open_artifact(folder), BuildLimits())
@@ -257,7 +251,7 @@ def test_build_cli(export_demo, tmp_path):
 def test_fp32_attention_needs_the_decomposable_marking(export_demo, tmp_path, monkeypatch):
     """Without the marking, TensorRT-RTX stops at fp32 ONNX Attention ("not supported by a dedicated kernel"):
     the reason the builder marks every attention layer decomposable."""
-    from engines.trt_api import Trt
+    from engines.tensorrt.flavours import Trt
 
     monkeypatch.setattr(Trt, "attention_layers", lambda self, network: [])
     with pytest.raises(EngineBuildError, match="Attention operation was not supported by a dedicated kernel"):

@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from engines.trt_api import TrtFlavour, installed_flavours, load_trt
-from fusion_export.trt_compat import check_graph, check_graphs
-from fusion_export.trt_targets import TrtTarget
+from engines.tensorrt.flavours import TrtFlavour, installed_flavours, load_trt
+from fusion_export.trt_rules.operator_check import check_graph, check_graphs
+from fusion_export.trt_rules.targets import TrtTarget
 
 from .test_cli_golden import run_cli
 

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from engines.plugins.window_max_pool import window_max_pool, window_max_pool_reference  # noqa: E402
+from engines.plugins.window_max_pool import window_max_pool  # noqa: E402
+from fusion_export.plugin_ops.reference import window_max_pool_reference  # noqa: E402
 from reference_model.errors import FusionError  # noqa: E402
 
 ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.int8: 3}
@@ -63,7 +64,7 @@ def test_window_max_pool_onnx_form_runs_on_onnxruntime(dtype, opset):
     import onnx
     import onnxruntime as ort
 
-    from engines.plugins.onnx_forms import DOMAIN, WINDOW_MAX_POOL, window_max_pool_model
+    from fusion_export.plugin_ops.onnx_forms import DOMAIN, WINDOW_MAX_POOL, window_max_pool_model
 
     model = window_max_pool_model(ONNX_TYPES[dtype], side=54, out_size=8, channels=37, opset=opset)
     onnx.checker.check_model(model, full_check=True)
@@ -78,7 +79,7 @@ def test_window_max_pool_onnx_form_runs_on_onnxruntime(dtype, opset):
 def test_window_max_pool_onnx_form_builds_with_tensorrt_rtx(dtype, tmp_path):
     """Without the plugin registered, TensorRT-RTX's parser inlines the local function and the builder builds it;
     the static check reads the node through its function for every target."""
-    from engines.plugins.onnx_forms import window_max_pool_model
+    from fusion_export.plugin_ops.onnx_forms import window_max_pool_model
 
     from .conftest import build_plugin_model
 

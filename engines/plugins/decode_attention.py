@@ -18,7 +18,6 @@ heads and new tokens; an online softmax over blocks of columns, so it reads each
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -27,27 +26,6 @@ from reference_model.errors import FusionError
 from .launch import Launch, check_kv_scales, jit, next_power_of_2, require_kernel_device, static
 
 BLOCK_N = 32  # columns per block: the online softmax's unit of work
-
-
-def decode_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    start: torch.Tensor,
-    end: torch.Tensor,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-) -> torch.Tensor:
-    B, H, T, D = q.shape
-    groups = H // k.shape[1]
-    kk = (k.float() * k_scale).repeat_interleave(groups, dim=1)
-    vv = (v.float() * v_scale).repeat_interleave(groups, dim=1)
-    scores = q.float() @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, T, C]
-    column = torch.arange(k.shape[2])
-    last = end.long()[:, None] - T + torch.arange(T)[None, :]  # [B, T]: each new token's own column
-    visible = (column[None, None, :] >= start.long()[:, None, None]) & (column[None, None, :] <= last[:, :, None])
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    return (scores.softmax(dim=-1) @ vv).to(q.dtype)
 
 
 def check_inputs(q, k, v, start, end, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

@@ -20,32 +20,12 @@ block, w^2 <= a few hundred).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
 from reference_model.errors import FusionError
-from reference_model.global_context import context_windows
 
 from .launch import Launch, check_kv_scales, jit, next_power_of_2, require_kernel_device, static
-
-
-def interaction_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0
-) -> torch.Tensor:
-    B, s, _, H, D = q.shape
-    side = k.shape[1]
-    w = side // s
-
-    def windows(x: torch.Tensor, scale: float) -> torch.Tensor:  # (B, s^2, w^2, H, D) via the reference's gather
-        flat = (x.float() * scale).reshape(B, side * side, H * D)
-        return context_windows(flat, s, w).view(B, s * s, w * w, H, D)
-
-    kw, vw = windows(k, k_scale), windows(v, v_scale)
-    qf = q.float().reshape(B, s * s, 1, H, D)
-    scores = torch.einsum("bnqhd,bnkhd->bnhqk", qf, kw) / math.sqrt(D)  # (B, s^2, H, 1, w^2)
-    out = torch.einsum("bnhqk,bnkhd->bnqhd", scores.softmax(dim=-1), vw)  # (B, s^2, 1, H, D)
-    return out.reshape(q.shape).to(q.dtype)
 
 
 def check_inputs(q, k, v, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from fusion_export.plugin_ops.onnx_forms import WINDOW_MAX_POOL
 from reference_model.errors import FusionError
 
-from .onnx_forms import WINDOW_MAX_POOL
-from .tensorrt_plugins import ATTRIBUTES, TYPE_COMBINATIONS, run_kernel
+from .kernel_table import ATTRIBUTES, TYPE_COMBINATIONS, run_kernel
 
 VERSION = "1"
 NAMESPACE = ""  # what the parser searches (above); a serialized plugin is found again under the same one

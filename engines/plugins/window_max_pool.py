@@ -17,18 +17,11 @@ import functools
 import torch
 
 from reference_model.errors import FusionError
-from reference_model.global_context import adaptive_max_pool
 
 from .launch import Launch, jit, next_power_of_2, require_kernel_device, static
 
 BLOCK_D = 128  # channels per program
 DTYPES = (torch.float32, torch.float16, torch.int8)
-
-
-def window_max_pool_reference(grid: torch.Tensor, out_size: int) -> torch.Tensor:
-    if grid.dtype == torch.int8:  # torch has no integer max pooling; int8 is exact in float32
-        return adaptive_max_pool(grid.float(), out_size).to(torch.int8)
-    return adaptive_max_pool(grid, out_size)
 
 
 def check_inputs(grid: torch.Tensor, out_size: int) -> None:

@@ -161,7 +161,7 @@ def _decode_plugin(q, k, v, mask):
     last new token's mask row (valid columns are contiguous: left padding, then the written ones)."""
     from onnxscript.values import Opset
 
-    from engines.plugins.onnx_forms import DECODE_ATTENTION, DOMAIN, register_schemas
+    from fusion_export.plugin_ops.onnx_forms import DECODE_ATTENTION, DOMAIN, register_schemas
 
     register_schemas()
     last_row = op.Cast(op.Squeeze(op.Slice(mask, [-1], [2**62], [2]), [1, 2]), to=ir.DataType.INT32)  # (B, C)

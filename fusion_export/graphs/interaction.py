@@ -24,7 +24,7 @@ from reference_model.interaction import WindowCrossAttention
 @torch.library.custom_op("fusion_export::interaction_attention", mutates_args=())
 def interaction_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (B, s, s, heads, hd), k/v (B, s*w, s*w, heads, hd) -> (B, s, s, heads, hd)."""
-    from engines.plugins.interaction_attention import interaction_attention_reference
+    from fusion_export.plugin_ops.reference import interaction_attention_reference
 
     return interaction_attention_reference(q, k, v)
 
@@ -61,7 +61,7 @@ def window_attention_plugin(model: nn.Module, on: bool = True) -> Iterator[None]
 def _interaction_attention_plugin(q, k, v):
     from onnxscript.values import Opset
 
-    from engines.plugins.onnx_forms import DOMAIN, INTERACTION_ATTENTION, register_schemas
+    from fusion_export.plugin_ops.onnx_forms import DOMAIN, INTERACTION_ATTENTION, register_schemas
 
     register_schemas()
     return getattr(Opset(DOMAIN, 1), INTERACTION_ATTENTION)(q, k, v)

@@ -14,13 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def window_indices(in_size: int, out_size: int) -> torch.Tensor:
-    """(out_size, k_max) int64 input indices of each adaptive window, padded by repetition."""
-    starts = [(i * in_size) // out_size for i in range(out_size)]
-    ends = [-((-(i + 1) * in_size) // out_size) for i in range(out_size)]  # ceil
-    k_max = max(e - s for s, e in zip(starts, ends))
-    return torch.tensor([[min(s + j, e - 1) for j in range(k_max)] for s, e in zip(starts, ends)], dtype=torch.int64)
+from ..plugin_ops.reference import window_indices
 
 
 def gather_max(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -46,7 +40,7 @@ def _(grid, index):
 def _window_max_pool_plugin(grid, index):
     from onnxscript.values import Opset
 
-    from engines.plugins.onnx_forms import DOMAIN, WINDOW_MAX_POOL, register_schemas
+    from fusion_export.plugin_ops.onnx_forms import DOMAIN, WINDOW_MAX_POOL, register_schemas
 
     register_schemas()
     return getattr(Opset(DOMAIN, 1), WINDOW_MAX_POOL)(grid, index)

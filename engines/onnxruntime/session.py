@@ -1,0 +1,373 @@
+"""ONNX Runtime backend: the artifact's graphs behind the same DecoderSession interface as the reference.
+
+- The decoder's sessions (the prefill and the step) share one copy of the weights on CPU: they get the tensors
+  of `decoder.onnx.data` as memory-mapped initializers instead of loading the file per session.
+- The KV cache is one buffer pair per layer, sized prompt + max_new_tokens (or the fixed capacity of graphs
+  exported with --max-context), bound as both `past_*` input and `present_*` output (IOBinding), so the graphs'
+  scatter updates it in place and no step copies it.
+- Graph inputs (embedding gather from the artifact's single table, image-token scatter, LongRoPE tables, masks,
+  write columns) are prepared by `graph_inputs`, the same code every graph backend uses.
+- On CPU, each decoder layer's KV write and attention run as ONNX Runtime's fused GroupQueryAttention in a step,
+  and as causal query blocks in the prefill (`ort_attention`), and each vision encoder layer's attention as
+  MultiHeadAttention (`ort_vision_attention`); with prepacked weights, split projections run as sliced weights
+  (`ort_split_projections`). The graphs are rewritten in memory when the sessions are created;
+  `attention="graph"` runs them as exported.
+- CUDA is used when onnxruntime-gpu provides it (or when asked); CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx.external_data_helper import ExternalDataInfo
+
+from fusion_export.graph_inputs import LOGITS, past_names, present_names
+from fusion_export.manifest import Artifact
+from fusion_export.precision import Precision
+from reference_model.errors import FusionError
+from reference_model.generation import DecodeState, GenerationError, StageClock, require_finite
+from reference_model.input_files import read_tensor
+from reference_model.model import VisionOutputs
+from reference_model.sequence import PreparedBatch
+
+from ..feeds import StepFeeds, cache_as_float, prefill_inputs, vision_inputs
+from .providers import Device, resolve_providers
+
+STEP_CACHE = "past_key_values.0.key"
+
+
+class SharedInitializers:
+    """External initializers of several graphs as OrtValues over one read-only memory map per data file.
+
+    Graphs that point at the same bytes (location, offset, length) get the same OrtValue, so a weight shared
+    on disk is shared in memory too; names are looked up per graph (anonymous constants may collide).
+    """
+
+    def __init__(self) -> None:
+        self.maps: dict[Path, np.memmap] = {}
+        self.values: dict[tuple, object] = {}
+
+    def for_graph(self, path: Path) -> dict[str, object]:
+        import onnxruntime as ort
+
+        out = {}
+        for tensor in onnx.load(path, load_external_data=False).graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = ExternalDataInfo(tensor)
+            data_path = (path.parent / info.location).resolve()
+            key = (data_path, info.offset, info.length, tensor.data_type, tuple(tensor.dims))
+            if key not in self.values:
+                if data_path not in self.maps:
+                    self.maps[data_path] = np.memmap(data_path, dtype=np.uint8, mode="r")
+                raw = self.maps[data_path][info.offset : info.offset + info.length]
+                array = raw.view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+                self.values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+            out[tensor.name] = self.values[key]
+        return out
+
+
+def cpu_int8_dot(machine: str | None = None, flags: set[str] | None = None) -> bool:
+    """Whether this CPU multiplies int8 without saturating: ONNX Runtime's x86 W8A8 kernels (u8s8) sum pairs of
+    products into int16 with saturation unless the CPU has VNNI (AVX512-VNNI, AVX-VNNI) or AMX; ARM's dot-product
+    kernels accumulate in int32. Measured here on a Zen 3 EPYC (AVX2 only): the W8A8 demo artifact's vision
+    outputs came out 1.2-1.3x past their int8 gates with the integer kernels, within them with float math on the
+    dequantized values (what TensorRT's int32 accumulation computes)."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+        except OSError:
+            return True  # unknown: trust the integer kernels
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
+class OrtModel:
+    """An artifact in ONNX Runtime (the `onnxruntime` backend): vision encoder, decoder prefill and step sessions,
+    the embedding table. Opening checks the artifact and the provider; the sessions are created on first use."""
+
+    kind = "onnxruntime"
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        device: Device | None = None,
+        threads: int | None = None,
+        weights: str = "auto",
+        attention: str = "fused",
+        int8_kernels: str = "auto",
+    ):
+        """weights (CPU): "shared" = the decoder sessions read one memory-mapped copy of the weights;
+        "packed" = the step and the prefill each keep ONNX Runtime's prepacked copy (GEMM/GEMV-friendly
+        layout, ~11% faster decode on the `small` preset, twice the weights' memory); "auto" = packed while two
+        copies of fp32 decoder weights take under a quarter of the machine's memory, else shared.
+        attention (CPU): "fused" = the graphs rewritten for ONNX Runtime's kernels (ort_attention) where the
+        graphs allow it; "graph" = the graphs' own ops, as exported.
+        int8_kernels (W8A8 artifacts on CPU): "on" = ONNX Runtime's integer kernels; "off" = the same quantized
+        math in float32 (DequantizeLinear, then float MatMul); "auto" = on where the CPU has an int8 dot-product
+        instruction (`cpu_int8_dot`), off on x86 without one, whose u8s8 kernels saturate."""
+        if weights not in ("auto", "shared", "packed"):
+            raise FusionError(f"--ort-weights {weights!r}: choose auto, shared or packed")
+        if attention not in ("fused", "graph"):
+            raise FusionError(f"--ort-attention {attention!r}: choose fused or graph")
+        if int8_kernels not in ("auto", "on", "off"):
+            raise FusionError(f"--ort-int8-kernels {int8_kernels!r}: choose auto, on or off")
+        self.attention = attention
+        self.attention_form = "as exported"  # set by load()
+        self.attends_to_valid_columns = False  # True once load() fused the step graph's attention
+        self.artifact, self.threads = artifact, threads
+        self.config = artifact.config
+        self.model_dir = artifact.model_dir
+        self.precision, self.query_len = artifact.precision, artifact.query_len
+        self.quantization = artifact.quantization
+        self.kv_int8_scales = artifact.kv_int8_scales
+        self.max_context = artifact.max_context
+        self.providers = resolve_providers(device)
+        self.on_cpu = self.providers[0] == "CPUExecutionProvider"
+        cache_input = next(i for i in artifact.manifest["graphs"]["decoder_step"]["inputs"] if i["name"] == STEP_CACHE)
+        self.cache_dtype = np.dtype(
+            onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(cache_input["dtype"]))
+        )
+        decoder_bytes = artifact.manifest["files"][artifact.manifest["graphs"]["decoder_step"]["weights"]]["bytes"]
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        small = 2 * decoder_bytes < memory / 4
+        self.packed = self.on_cpu and (
+            weights == "packed" or (weights == "auto" and small and artifact.precision is Precision.fp32)
+        )
+        saturates = self.on_cpu and self.quantization == "int8" and not cpu_int8_dot()
+        self.int8_kernels = int8_kernels == "on" or (int8_kernels == "auto" and not saturates)
+        self._loaded = False
+
+    def describe(self) -> str:
+        layout = ("prepacked per session" if self.packed else "one shared copy") if self.on_cpu else "on the device"
+        int8 = "" if self.int8_kernels else ", INT8 as float math on dequantized values"
+        return (
+            f"onnxruntime {self.providers[0]}, {self.precision} graphs from {self.artifact.folder}, weights {layout}, "
+            f"attention {self.attention_form}{int8}"
+        )
+
+    def load(self) -> OrtModel:
+        """Create the sessions and read the embedding table (once)."""
+        if self._loaded:
+            return self
+        import onnxruntime as ort
+
+        ort.disable_telemetry_events()  # nothing leaves the machine (tests/test_no_network.py watches for it)
+        artifact = self.artifact
+        embeddings = artifact.manifest["embeddings"]
+        # a regular file; a corrupt header or a missing tensor is named, not a traceback
+        self.embed_table = read_tensor(artifact.folder / embeddings["file"], embeddings["tensor"], framework="np")
+
+        path = artifact.graph_path("vision_encoder")
+        model, form = self._fused_vision(path)
+        self.vision = self._session(path, self._options(), model)
+        forms = [f"vision_encoder: {form}"]
+        self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
+        self.prefill_session, form, _ = self._decoder_session("decoder_prefill")
+        forms.append(f"decoder_prefill: {form}")
+        self.step_session, form, fused = self._decoder_session("decoder_step")
+        forms.append(f"decoder_step: {form}")
+        self.attends_to_valid_columns = fused  # a fused step reads only the written KV columns (bench roofline)
+        self.step_input_names = {i.name for i in self.step_session.get_inputs()}
+        self.attention_form = "; ".join(forms)
+        self._loaded = True
+        return self
+
+    def _options(self, spin: bool = False):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # in-place TensorScatter notices are not errors
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        if not spin:
+            # Each session has its own thread pool. Spinning after the vision and prefill runs (a few long
+            # ops per request, nothing gained) took the cores from the step session's pool: the first 3-5
+            # decode steps ran 2-3x slower on 2 cores. Only the step session, many short ops, spins.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not self.int8_kernels:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")  # DQ -> float MatMul, unfused
+        # ONNX Runtime's x86 CPU kernels have no fp16 MatMul: session set-up converts every fp16 weight to a
+        # float32 copy (a full-size fp16 decoder would need ~18 GB per session). fp16 artifacts are for GPUs;
+        # to validate them on a CPU, graph rewrites are switched off so weights are cast per call instead,
+        # slowly but within the fp16 footprint.
+        if self.on_cpu and self.artifact.precision is Precision.fp16:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            opts.enable_cpu_mem_arena = False  # hand each per-call float32 weight copy straight back
+        return opts
+
+    def _session(self, path: Path, opts, model: bytes | None = None):
+        import onnxruntime as ort
+
+        if model is not None:  # rewritten in memory: its external weights are still read from the artifact
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        created = ort.InferenceSession(model or str(path), opts, providers=self.providers)
+        if created.get_providers()[0] != self.providers[0]:  # ORT falls back silently when CUDA fails
+            raise FusionError(
+                f"{path.name}: ONNX Runtime could not start {self.providers[0]} "
+                f"(it fell back to {created.get_providers()[0]}); check the CUDA/cuDNN installation"
+            )
+        return created
+
+    def _decoder_session(self, name: str):
+        """A decoder graph's session, the form its attention runs in and whether the graph was rewritten."""
+        path, opts = self.artifact.graph_path(name), self._options(spin=name == "decoder_step")
+        model, form = self._fused_attention(path)
+        if self.on_cpu and not self.packed:
+            # One memory-mapped copy of the decoder weights for all sessions, not repacked per session
+            # (prepacking would give each session a private copy of every MatMul weight).
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            for init_name, value in self._shared.for_graph(path).items():
+                opts.add_initializer(init_name, value)
+        # packed: each session loads and prepacks its own copy (ONNX Runtime does not prepack initializers
+        # handed in by the caller; its prepacked LM head streams at ~36 GB/s here against ~25 unpacked)
+        return self._session(path, opts, model), form, model is not None
+
+    def _fused_vision(self, path: Path) -> tuple[bytes | None, str]:
+        """The vision encoder with its eager attention as ONNX Runtime's MultiHeadAttention (ort_vision_attention;
+        CPU, float32 graphs), or None and the form it runs in."""
+        if self.attention == "graph":
+            return None, "as exported (--ort-attention graph)"
+        if not self.on_cpu:
+            return None, "as exported (MultiHeadAttention is used on CPU only)"
+        from .vision_attention import fuse_vision_graph
+
+        model, form = fuse_vision_graph(path)
+        return model, form if model is not None else f"as exported ({form})"
+
+    def _fused_attention(self, path: Path) -> tuple[bytes | None, str]:
+        """The decoder graph rewritten for ONNX Runtime's CPU kernels (ort_attention; float32 graphs), or None and
+        the form it runs in."""
+        if self.attention == "graph":
+            return None, "as exported (--ort-attention graph)"
+        if not self.on_cpu:
+            return None, "as exported (GroupQueryAttention is used on CPU only)"
+        from .attention import fuse_attention
+
+        d = self.config.decoder
+        # split projections only where each session prepacks its own weights (ort_split_projections.py)
+        model, form = fuse_attention(path, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, self.packed)
+        if model is None:
+            return None, f"as exported ({form})"
+        return model, form
+
+    def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
+        return OrtSession(self, batch, max_new_tokens)
+
+
+def open_backend(path: Path, options) -> OrtModel:
+    """The `onnxruntime` backend over an artifact folder (engines/backends.py)."""
+    from fusion_export.manifest import open_artifact
+
+    return OrtModel(
+        open_artifact(path),
+        options.provider,
+        options.threads,
+        options.ort_weights or "auto",
+        options.ort_attention or "fused",
+        options.ort_int8_kernels or "auto",
+    )
+
+
+class OrtSession:
+    """One batch on ONNX Runtime (DecoderSession); inputs prepared by `graph_inputs`, as for every graph backend."""
+
+    def __init__(self, model: OrtModel, batch: PreparedBatch, max_new_tokens: int):
+        model.load()
+        if batch.query_len != model.query_len:
+            raise GenerationError(
+                f"the artifact was exported for query_len {model.query_len}, the request asks for "
+                f"{batch.query_len}; re-export with --query-len {batch.query_len}"
+            )
+        import onnxruntime as ort
+
+        d = model.config.decoder
+        self.state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
+        self.model, self.batch = model, batch
+        self.batch_size = batch.layout.batch_size
+        shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
+        device = "cpu" if model.on_cpu else "cuda"
+        # Unwritten columns are masked but must not be NaN: zeros. np.zeros per buffer takes zero pages from the
+        # OS, touched only where written or read; copying one zeroed array cost ~200 ms of TTFT at capacity 4096.
+        self.cache = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=model.cache_dtype), device)
+            for _ in range(2 * d.num_layers)
+        ]
+        self.past_names, self.present_names = past_names(d.num_layers), present_names(d.num_layers)
+        self.vision: VisionOutputs | None = None
+        self.feeds = StepFeeds(self.state, model.embed_table, d.rope, max_new_tokens)
+        self.fused_feeds = None
+        if model.attends_to_valid_columns:  # the fused step graph takes its lengths, bias and RoPE rows from here
+            from .attention import FusedStepFeeds
+
+            self.fused_feeds = FusedStepFeeds(
+                model.step_input_names, self.batch_size, 1, self.state.capacity, d.head_dim
+            )
+        self._step_binding = None  # bound once, on the first step: the feeds are updated in place
+
+    def _run(self, session, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        binding = session.io_binding()
+        wanted = {i.name for i in session.get_inputs()}  # a specialised graph may read fewer
+        for name, value in inputs.items():
+            if name in wanted:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(LOGITS, "cpu")  # first bound output = get_outputs()[0]
+        for past, present, value in zip(self.past_names, self.present_names, self.cache):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # aliased: the scatter writes in place
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def synchronize(self) -> None:
+        """run_with_iobinding returns when the outputs are on the host: nothing is left queued."""
+
+    def prefill(self) -> torch.Tensor:
+        model, rope = self.model, self.model.config.decoder.rope
+        clock = StageClock(self.synchronize)
+        outputs = model.vision.run(None, vision_inputs(self.batch, model.embed_table))
+        clock.lap("vision_encoder")
+        self.vision = VisionOutputs(*(torch.from_numpy(x) for x in outputs))
+        require_finite("vision encoder", **vars(self.vision))
+        inputs = prefill_inputs(self.batch, model.embed_table, *outputs, rope)
+        logits = torch.from_numpy(self._run(model.prefill_session, inputs))
+        clock.lap("decoder_prefill")
+        self.stage_seconds = clock.seconds
+        require_finite("decoder prefill", logits=logits)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        import onnxruntime as ort
+
+        arrays = self.feeds.advance(tokens)
+        if self.fused_feeds is not None:
+            self.fused_feeds.update(arrays)  # in place: bound by reference like the others
+        if self._step_binding is None:  # inputs, outputs and cache all bound once, by reference
+            binding = self.model.step_session.io_binding()
+            if self.fused_feeds is not None:
+                arrays = {**arrays, **self.fused_feeds.arrays}
+            for name, array in arrays.items():
+                if name in self.model.step_input_names:
+                    binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+            self._logits = np.zeros((self.batch_size, self.model.config.decoder.vocab_size), np.float32)
+            binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits))
+            for past, present, value in zip(self.past_names, self.present_names, self.cache):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            self._step_binding = binding
+        self.model.step_session.run_with_iobinding(self._step_binding)
+        logits = torch.from_numpy(self._logits.copy())  # the next step overwrites the bound buffer
+        require_finite("decoder step", logits=logits)
+        return logits
+
+    def cache_arrays(self) -> list[np.ndarray]:
+        """The KV buffers (B, kv_heads, capacity, head_dim), layer by layer (key, value), as numpy copies of the
+        values attention reads (an INT8 cache dequantized)."""
+        copies = [value.numpy().copy() for value in self.cache]  # numpy() is a view of memory the session frees
+        return cache_as_float(copies, self.model.kv_int8_scales)

@@ -1,0 +1,1 @@
+"""`fusion-export`: the command-line shell (parse, exit codes, signals) and its commands."""

@@ -1,0 +1,184 @@
+"""`fusion-export build`: an artifact folder -> TensorRT engines (one per graph) in an engine folder.
+
+Every network is strongly typed: the precision is the graphs' own. Profiles come from the artifact and the limits
+below; `--device-memory` checks the plan against a device (a preset or GB) and reports the largest context that
+fits. `--dry-run` runs every check the build runs (--out, the artifact, the plan, the device memory, the flags
+the TensorRT flavour takes) and prints the plan (profiles, memory, equivalent trtexec / tensorrt_rtx command lines)
+without TensorRT. TensorRT-RTX builds without a GPU (for --compute-capability targets); TensorRT 10/11 builds on
+the GPU it targets. Flags the chosen flavour would ignore are refused. The folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+from ..options import compute_capabilities, positive_int
+
+# The command-line tool of each flavour (tensorrt_rtx takes trtexec's flags) and whether it needs --stronglyTyped.
+TOOLS = {"tensorrt": ("trtexec", True), "tensorrt-rtx": ("tensorrt_rtx", False)}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from engines.tensorrt.flavours import TrtFlavour
+    from engines.tensorrt.plan import DEVICE_PRESETS
+
+    p = sub.add_parser("build", help="build TensorRT engines from an artifact", description=__doc__)
+    p.add_argument("artifact", metavar="ART", help="artifact folder from `fusion-export export`")
+    p.add_argument("--out", metavar="ENG", help="engine folder to create (must not exist; not needed with --dry-run)")
+    p.add_argument(
+        "--trt", type=TrtFlavour, choices=list(TrtFlavour), help="TensorRT flavour (default: the one installed)"
+    )
+    limits = p.add_argument_group("engine limits (optimization profiles)")
+    limits.add_argument("--max-batch", type=positive_int, default=1, metavar="N", help="requests per batch (1)")
+    limits.add_argument("--opt-batch", type=positive_int, default=1, metavar="N", help="batch tuned for (1)")
+    limits.add_argument(
+        "--max-prompt", type=positive_int, metavar="N", help="prompt positions (default: the KV capacity - 1)"
+    )
+    limits.add_argument(
+        "--max-question-tokens", type=positive_int, metavar="N", help="question tokens for the vision encoder (512)"
+    )
+    limits.add_argument("--max-step-tokens", type=positive_int, default=1, metavar="N", help="tokens per step (1)")
+    limits.add_argument(
+        "--max-context",
+        type=positive_int,
+        metavar="N",
+        help="KV capacity (prompt + generated) for graphs exported without a fixed one (default 4096)",
+    )
+    p.add_argument(
+        "--device-memory",
+        metavar="PRESET|GB",
+        help=f"check the plan against a device: {', '.join(DEVICE_PRESETS)}, or a number of GB",
+    )
+    p.add_argument(
+        "--compute-capability",
+        type=compute_capabilities,
+        metavar="SM86,SM89",
+        help="TensorRT-RTX targets: SM75, SM80, SM86, SM89, SM120, SM121 (default: its own list, Ampere and newer)",
+    )
+    p.add_argument(
+        "--opt-level", type=int, choices=range(6), default=3, metavar="0-5", help="builder optimization level (3)"
+    )
+    p.add_argument(
+        "--timing-cache",
+        metavar="PATH",
+        help="timing cache file, read if present and replaced after the build (TensorRT 10/11 only; default one "
+        "per version under ~/.cache/fusion-export)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan and command lines; build nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(run=run)
+
+
+def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, dict]]) -> str:
+    """The plan, then per tool (name, needs --stronglyTyped, extra command_lines arguments) its command lines."""
+    from engines.tensorrt.plan import GB, command_lines
+
+    lines = [
+        f"precision {plan.precision} (from the graphs), query_len {plan.query_len}, KV capacity {plan.capacity} "
+        f"({'fixed at export' if plan.capacity_fixed_at_export else 'chosen at build'})",
+        "limits: " + ", ".join(f"{k} {v}" for k, v in plan.limits.items()),
+    ]
+    for graph in plan.graphs:
+        lines.append(f"{graph.name} ({graph.onnx}): activations ~{graph.activation_bytes / GB:.2f} GB")
+        for name, shapes in graph.profile.items():
+            lines.append(f"  {name:<26} min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
+    m = plan.memory
+    lines.append(
+        f"device memory ~{m['total'] / GB:.2f} GB: weights {m['weights'] / GB:.2f} (prefill and step engines each "
+        f"hold the decoder), KV cache {m['kv_cache'] / GB:.2f}, activations {m['activations'] / GB:.2f}, "
+        f"runtime {m['overhead'] / GB:.2f}"
+    )
+    if plan.device is not None:
+        lines.append(f"device: {plan.device['note']}; largest KV capacity that fits: {plan.largest_context}")
+    for tool, strongly_typed, extra in tools:
+        lines.append(f"equivalent {tool} command lines:")
+        lines += [f"  {line}" for line in command_lines(plan, artifact_dir, out, tool, strongly_typed, **extra)]
+    lines.append(
+        "  (fp32 graphs with ONNX Attention need their attention marked decomposable, which only the Python "
+        "builder (`fusion-export build`) can do)"
+    )
+    return "\n".join(lines)
+
+
+def dry_run_flavour(args: argparse.Namespace) -> str | None:
+    """The flavour a build would use, found without importing TensorRT: --trt, else the installed one in
+    load_trt's order; where none is installed, the one the flags need (targets: TensorRT-RTX; a timing cache:
+    TensorRT), else None (both tools' lines are printed)."""
+    from engines.tensorrt.flavours import TrtFlavour
+
+    if args.trt is not None:
+        return TrtFlavour(args.trt).value
+    for flavour in TrtFlavour:  # load_trt's order: enterprise TensorRT first
+        if importlib.util.find_spec(flavour.module_name) is not None:
+            return flavour.value
+    if args.compute_capability:
+        return TrtFlavour.tensorrt_rtx.value
+    return TrtFlavour.tensorrt.value if args.timing_cache else None
+
+
+def dry_run(args: argparse.Namespace, limits, device) -> int:
+    """Every check of the real build short of TensorRT (flavour flags against the static table), then the plan."""
+    from engines.tensorrt.plan import COMPUTE_CAPABILITIES, HAS_TIMING_CACHE, check_flavour_flags, plan_build
+    from fusion_export.manifest import open_artifact
+
+    flavour = dry_run_flavour(args)
+    capabilities = args.compute_capability or ()
+    timing_cache = Path(args.timing_cache) if args.timing_cache else None
+    if flavour is not None:
+        check_flavour_flags(flavour, COMPUTE_CAPABILITIES[flavour], HAS_TIMING_CACHE[flavour], capabilities,
+                            timing_cache)  # fmt: skip
+    if timing_cache is not None:
+        from fusion_export.output_files import check_timing_cache_file
+
+        check_timing_cache_file(timing_cache, "--timing-cache", [args.artifact], Path(args.out) if args.out else None)
+    plan = plan_build(open_artifact(args.artifact), limits, device)
+    # the lines of the flavour the flags select (--trt; targets are TensorRT-RTX's); both when nothing selects one
+    chosen = [flavour] if args.trt is not None or capabilities or timing_cache else list(TOOLS)
+    tools = []
+    for name in chosen:
+        tool, strongly_typed = TOOLS[name]
+        extra = {"compute_capabilities": capabilities} if name == "tensorrt-rtx" else {}
+        if name == "tensorrt" and timing_cache is not None:
+            extra["timing_cache"] = str(timing_cache)
+        tools.append((tool, strongly_typed, extra))
+    print(format_plan(plan, args.artifact, args.out or "ENG", tools))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.tensorrt.build import BuildOptions, build_engines
+    from engines.tensorrt.plan import BuildLimits, parse_device_memory
+    from fusion_export.output_files import check_output_folder
+    from reference_model.errors import FusionError
+
+    if not args.dry_run and not args.out:
+        raise FusionError("--out ENG is required (or --dry-run)")
+    if args.out:  # the dry run checks it too: it promises what the build would do
+        check_output_folder(args.out, "--out", inputs=[args.artifact])
+    limits = BuildLimits(
+        max_batch=args.max_batch,
+        opt_batch=args.opt_batch,
+        max_prompt=args.max_prompt,
+        max_question_tokens=args.max_question_tokens,
+        max_step_tokens=args.max_step_tokens,
+        max_context=args.max_context,
+    )
+    device = parse_device_memory(args.device_memory) if args.device_memory else None
+    if args.dry_run:
+        return dry_run(args, limits, device)
+    options = BuildOptions(
+        limits=limits,
+        device_memory=device,
+        flavour=args.trt,
+        compute_capabilities=args.compute_capability or (),
+        optimization_level=args.opt_level,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+    )
+    result = build_engines(args.artifact, args.out, options, verbose=not args.quiet)
+    for name, engine in result.engines.items():
+        attention = engine["attention_layers_decomposable"]
+        marked = f", {attention} attention layers marked decomposable" if attention else ""
+        print(f"{name}: {engine['layers']} layers, {engine['bytes'] / 1e6:.1f} MB in {engine['build_s']:.1f} s{marked}")
+    return 0
