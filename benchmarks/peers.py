@@ -138,8 +138,15 @@ class GenaiContender:
     def kv_value_bytes(self) -> float:
         return 4  # the CPU builder keeps fp32 I/O and cache for every weight precision
 
-    def weight_bytes(self) -> None:
-        return None  # counted from the config at weight_value_bytes
+    def weight_bytes(self) -> float | None:
+        """Quantized models: the bytes their graph stores (MatMulNBits' packed weights and block scales, the LM
+        head included, which the builder quantizes too unless told otherwise), the embedding table aside."""
+        if self.precision not in ("int8", "int4"):
+            return None  # counted from the config at weight_value_bytes
+        from .roofline import graph_weight_bytes
+
+        decoder = read_json(self.folder / "genai_config.json").get("model", {}).get("decoder", {})
+        return graph_weight_bytes(self.folder / decoder.get("filename", "model.onnx"))
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Per step a decoder reads every weight of its layers, the final norm and the LM head (the embedding lookup reads
 one row), plus the KV columns its attention reads: the valid ones for a backend that reads only those (the
 reference, onnxruntime-genai, transformers), the whole buffer for graphs that attend over a fixed capacity under a
-mask. Weights and cache are counted at the run's precision.
+mask. Weights and cache are counted at the run's precision: float weights from the config, quantized ones as the
+graph stores them (`graph_weight_bytes`: INT8 one byte a value, INT4 half a byte, plus their scales: INT4 blocks of
+32 with float32 scales read 0.625 bytes a value, blocks of 128 0.53).
 """
 
 from __future__ import annotations
@@ -53,18 +55,32 @@ def decoder_weight_values(config) -> int:
 
 
 def graph_weight_bytes(path) -> int:
-    """Bytes of every initializer of an ONNX graph (external and inline), read from its header only."""
+    """Bytes of the initializers an ONNX graph's decode step reads, as stored (external and inline, read from the
+    graph's header only): 4-bit types count half a byte a value (two to a byte), block scales count as the
+    tensors they are. An initializer only ever gathered from (an embedding table in a peer's graph) is left
+    out: a step reads one row of it."""
     import numpy as np
     import onnx
 
+    packed = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1}  # two values a byte
+    graph = onnx.load(path, load_external_data=False).graph
+    uses: dict[str, set[tuple[str, int]]] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            uses.setdefault(name, set()).add((node.op_type, slot))
     total = 0
-    for t in onnx.load(path, load_external_data=False).graph.initializer:
+    for t in graph.initializer:
+        if uses.get(t.name) == {("Gather", 0)}:
+            continue
         info = {e.key: e.value for e in t.external_data}
         if "length" in info:
             total += int(info["length"])
+            continue
+        values = int(np.prod(t.dims, dtype=np.int64))
+        if t.data_type in packed:
+            total += (values + 1) // 2
         else:
-            item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            total += int(np.prod(t.dims, dtype=np.int64)) * item
+            total += values * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
     return total
 
 

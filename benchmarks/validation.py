@@ -23,6 +23,22 @@ Tolerances (`Tolerances.for_precision`), with the reason for each number:
   agreement is gated at >= 0.9 and the flips' margins are reported.
 - int8-weight-only: only weight rounding (measured 2.6e-2 of the range on `small`, cosines >= 0.9995): 0.08
   of the range, cosine >= 0.995, top-1 >= 0.9.
+- int4-weight-only (INT4 blocks in the decoder, the LM head and the vision tower INT4, INT8 or float): each
+  weight is rounded to 1/14 of its block's range, ~16x INT8's step, and the error compounds over the layers.
+  Measured on `small` (random weights; `python -m benchmarks.quant_accuracy`, 256 steps, blocks of 32/64/128,
+  AWQ and RTN, the plain checkpoint and its outlier variant; ONNX Runtime at VALIDATION_ACCURACY_LEVEL): worst
+  stage 0.28-0.36 of its range with AWQ, up to 0.46 with RTN; lowest stage cosine 0.954-0.971 with AWQ, down to
+  0.927 with RTN (the outlier variant's, blocks of 128). So 0.5 of the range and cosine >= 0.93: one decoder
+  layer's INT4 values misplaced (half-blocks swapped; RTN-128 otherwise) brings the prefill logits' cosine from
+  0.966 to 0.80 / 0.89 / 0.92 (layer 0 down_proj / layer 4 qkv / layer 7 gate_up), so a wiring fault fails the
+  gate except late in the stack; a scale taken from the neighbouring block moves it by < 0.01 (random blocks
+  have similar ranges), which only the quantizer's own tests catch. RTN at blocks of 128 on the outlier variant
+  fails it, as it should. Top-1 agreement is 48-57% with AWQ (29-57% with RTN): random weights make near-ties
+  everywhere (the reference's median top-2 margin is 0.18 on logits of std ~1) and INT4's logit error is about
+  that size (RMS ~0.2 at cosine 0.98), so half the steps part at near-ties (the flips' median margin is
+  0.10-0.15). The issue's 90% target presumes a trained model's decided logits, which random weights cannot
+  show. So top-1 is a floor here, >= 0.25: a broken graph agrees on almost no step (~1 / vocabulary at random),
+  while rounding alone stayed above 0.28 on `small`.
 - an INT8 KV cache (fp32 linear layers): the reference quantizes its cache with the artifact's scales, so both
   sides store the same integers except where a value lies within float32 noise of a rounding boundary: there
   the two round apart by exactly one step (30 of 1.3M cache values on the demo model, 24 steps). So the cache
@@ -58,6 +74,12 @@ class CandidateSession(Protocol):
     def cache_arrays(self) -> list[np.ndarray]: ...
 
 
+# ONNX Runtime on CPU runs weight-only layers as MatMulNBits; at accuracy level 1 it computes in float32 on the
+# dequantized weights (TensorRT's W4A16 arithmetic), so validation measures the artifact's own rounding. Level 4
+# (generate's and bench's, for speed) also rounds the activations to INT8 per block inside the kernel.
+VALIDATION_ACCURACY_LEVEL = 1
+
+
 @dataclass(frozen=True)
 class Tolerances:
     atol: float | None  # absolute bound on every stage (None: use rtol_of_range)
@@ -75,7 +97,7 @@ class Tolerances:
         kv_int8_scales: list[tuple[float, float]] | None = None,
     ) -> Tolerances:
         if quantization is not None:
-            return INT8_GATES[quantization]
+            return QUANTIZED_GATES[quantization]
         if kv_int8_scales is not None and precision is Precision.fp32:
             step = max(s for pair in kv_int8_scales for s in pair) * 1.001  # + float32 rounding of q * scale
             return Tolerances(atol=1e-4, rtol_of_range=None, min_cosine=0.99999, identical_ids=False, min_top1=0.9,
@@ -87,10 +109,11 @@ class Tolerances:
         raise ValueError(f"no validation gates for {precision!r}")
 
 
-# INT8 Q/DQ graphs (module docstring for the reasons).
-INT8_GATES = {
+# Q/DQ graphs, by the mode their Q/DQ nodes make them (Artifact.quantization; module docstring for the reasons).
+QUANTIZED_GATES = {
     "int8": Tolerances(atol=None, rtol_of_range=0.15, min_cosine=0.99, identical_ids=False, min_top1=0.9),
     "int8-weight-only": Tolerances(atol=None, rtol_of_range=0.08, min_cosine=0.995, identical_ids=False, min_top1=0.9),
+    "int4-weight-only": Tolerances(atol=None, rtol_of_range=0.5, min_cosine=0.93, identical_ids=False, min_top1=0.25),
 }
 
 

@@ -47,6 +47,7 @@ class BackendOptions:
     ort_weights: str | None = None  # onnxruntime on CPU: auto | shared | packed (OrtModel)
     ort_int8_kernels: str | None = None  # onnxruntime on CPU, W8A8 artifacts: auto | on | off (OrtModel)
     ort_attention: str | None = None  # onnxruntime on CPU: fused | graph (OrtModel)
+    ort_accuracy_level: int | None = None  # onnxruntime on CPU, INT4/INT8 weight-only: 1 | 4 (default; OrtModel)
 
 
 class Backend(Protocol):

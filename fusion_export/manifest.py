@@ -248,7 +248,8 @@ class Artifact:
     precision: Precision
     query_len: int
     max_context: int | None  # the decoder graphs' fixed KV capacity, or None when it is sized per request
-    quantization: str | None = None  # "int8" (W8A8) or "int8-weight-only", read from the graphs' Q/DQ nodes
+    # "int8" (W8A8), "int8-weight-only" or "int4-weight-only", read from the graphs' Q/DQ nodes
+    quantization: str | None = None
     # an INT8 KV cache's per-layer (key, value) scales (the manifest's `kv_cache` record; the graphs' cache inputs
     # are INT8 exactly when it is there), or None for a cache in the model's dtype
     kv_int8_scales: list[tuple[float, float]] | None = None
@@ -281,16 +282,21 @@ def _io_entry(io: dict[str, list[dict[str, Any]]], kind: str, name: str, where: 
 
 
 def _quantization_of(paths: list[Path]) -> str | None:
-    """What the graphs' Q/DQ nodes make them: None, "int8-weight-only" (DQ only) or "int8" (Q and DQ). An INT8 KV
-    cache's own Q/DQ (their scales named `<cache input>` + KV_SCALE_SUFFIX) do not count: it is recorded apart."""
-    ops = {
-        n.op_type
-        for p in paths
-        for n in onnx.load(p, load_external_data=False).graph.node
-        if not (len(n.input) > 1 and n.input[1].endswith(KV_SCALE_SUFFIX))
-    }
+    """What the graphs' Q/DQ nodes make them: None, "int4-weight-only" (a DQ of an INT4 weight; other layers may
+    be INT8 or float), "int8-weight-only" (DQ only) or "int8" (Q and DQ). An INT8 KV cache's own Q/DQ (their
+    scales named `<cache input>` + KV_SCALE_SUFFIX) do not count: it is recorded apart."""
+    ops, int4 = set(), False
+    for path in paths:
+        graph = onnx.load(path, load_external_data=False).graph
+        int4_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT4}
+        for n in graph.node:
+            if not (len(n.input) > 1 and n.input[1].endswith(KV_SCALE_SUFFIX)):
+                ops.add(n.op_type)
+                int4 |= n.op_type == "DequantizeLinear" and n.input[0] in int4_weights
     if "QuantizeLinear" in ops:
         return "int8"
+    if int4:
+        return "int4-weight-only"
     return "int8-weight-only" if "DequantizeLinear" in ops else None
 
 

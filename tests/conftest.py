@@ -41,6 +41,9 @@ EXPORT_GROUPS = [
     ("tests/test_kv_int8.py", "demo-exports"),  # quantizes the demo exports above, its plugin form included
     ("tests/test_plugin_kernels.py::test_export_with_plugins_matches_reference_and_builds", "demo-exports"),
     ("tests/test_quantize.py", "quantize"),  # its own demo exports: balances the workers
+    ("tests/test_int4.py", "demo-exports"),  # quantizes the demo exports above
+    ("tests/test_memory_plan.py", "demo-exports"),
+    ("tests/test_ort_matmul_nbits.py", "demo-exports"),
     ("tests/test_ort_attention.py", "ort-attention"),  # module-scoped GQA exports shared by its tests
 ]
 
@@ -275,3 +278,37 @@ def changed_entries(before: dict[str, str], after: dict[str, str], allowed: tupl
         return not any(rel == a or rel.startswith(a.rstrip("/") + "/") for a in allowed)
 
     return sorted(rel for rel in set(before) | set(after) if before.get(rel) != after.get(rel) and outside(rel))
+
+
+def scale_initializer(folder: Path, name: str, factor: float) -> None:
+    """A real fault planted in an artifact: one float initializer of the decoder graphs multiplied by `factor`
+    where it is stored (inline in both graphs, or once in the shared data file), then every file hash and the
+    manifest digest resealed, so only the numbers are wrong."""
+    import json
+
+    import numpy as np
+    import onnx
+
+    from fusion_export.manifest import file_entries, save_manifest
+
+    step = onnx.load(folder / "decoder_step.onnx", load_external_data=False)
+    target = next(t for t in step.graph.initializer if t.name == name)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(target.data_type)
+    info = {e.key: e.value for e in target.external_data}
+    if info:
+        data = folder / info["location"]
+        raw = bytearray(data.read_bytes())
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        raw[offset : offset + length] = (
+            (np.frombuffer(raw[offset : offset + length], dtype) * factor).astype(dtype).tobytes()
+        )
+        data.write_bytes(bytes(raw))
+    else:
+        for graph in ("decoder_prefill", "decoder_step"):
+            model = onnx.load(folder / f"{graph}.onnx", load_external_data=False)
+            t = next(t for t in model.graph.initializer if t.name == name)
+            t.raw_data = (np.frombuffer(t.raw_data, dtype) * factor).astype(dtype).tobytes()
+            onnx.save(model, folder / f"{graph}.onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = file_entries(folder)
+    save_manifest(folder, manifest)

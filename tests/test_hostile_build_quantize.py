@@ -108,7 +108,7 @@ def test_exclude_adds_to_the_lm_head_default():
 
 
 def _fake_quantize(seen: dict):
-    """quantize_int8 stood in for: records its options, reports what a real run would print, writes nothing."""
+    """quantize_artifact stood in for: records its options, reports what a real run would print, writes nothing."""
     from engines.quantization.quantize import QuantizeResult
 
     class Report:
@@ -126,7 +126,7 @@ def test_quantize_says_what_it_keeps_in_float(art, tmp_path, monkeypatch):
     import engines.quantization.quantize as quantize
 
     seen: dict = {}
-    monkeypatch.setattr(quantize, "quantize_int8", _fake_quantize(seen))
+    monkeypatch.setattr(quantize, "quantize_artifact", _fake_quantize(seen))
     result = run_main("quantize", str(art), "--out", str(tmp_path / "q"), "--weight-only", "--exclude",
                       "model.layers.0.*")  # fmt: skip
     assert result.returncode == 0, result.stderr

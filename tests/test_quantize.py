@@ -21,7 +21,7 @@ from fusion_export.manifest import ArtifactError, open_artifact, save_manifest
 from fusion_export.trt_rules.operator_check import check_graphs
 from fusion_export.trt_rules.targets import TrtTarget
 
-from .conftest import ROOT, run_main
+from .conftest import ROOT, run_main, scale_initializer
 
 GRAPHS = ("vision_encoder", "decoder_prefill", "decoder_step")
 
@@ -90,26 +90,7 @@ def test_int8_artifact_matches_reference_within_int8_gates(quantized, demo_check
 def test_perturbed_int8_weight_fails_validation(quantized, demo_checkpoint, tmp_path):
     """A real fault (one INT8 weight tensor scaled, every hash and the manifest digest kept consistent) fails."""
     folder = shutil.copytree(quantized("trt-10.3", "int8"), tmp_path / "broken")
-    step = onnx.load(folder / "decoder_step.onnx", load_external_data=False)
-    target = next(t for t in step.graph.initializer if t.name == "model.layers.0.mlp.down_proj.weight.T.scale")
-    data = folder / "decoder.onnx.data"
-    info = {e.key: e.value for e in target.external_data}
-    if info:  # scales are small: inline in both graphs, or external in the shared file
-        raw = bytearray(data.read_bytes())
-        offset, length = int(info.get("offset", 0)), int(info["length"])
-        raw[offset : offset + length] = (np.frombuffer(raw[offset : offset + length], np.float32) * 8).tobytes()
-        data.write_bytes(bytes(raw))
-    else:
-        for g in ("decoder_prefill", "decoder_step"):
-            model = onnx.load(folder / f"{g}.onnx", load_external_data=False)
-            t = next(t for t in model.graph.initializer if t.name == target.name)
-            t.raw_data = (np.frombuffer(t.raw_data, np.float32) * 8).tobytes()
-            onnx.save(model, folder / f"{g}.onnx")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    from fusion_export.manifest import file_entries
-
-    manifest["files"] = file_entries(folder)
-    save_manifest(folder, manifest)
+    scale_initializer(folder, "model.layers.0.mlp.down_proj.weight.T.scale", 8.0)
     open_artifact(folder)  # consistent: only the numbers are wrong
     result, report = _validate(folder, demo_checkpoint, tmp_path)
     assert result.returncode == 1 and not report["passed"]
@@ -187,7 +168,7 @@ def test_quantize_refuses_bad_flags_and_sources(quantized, export_demo, tmp_path
     result = run_main("quantize", art, "--out", art)
     assert result.returncode == 2 and "--out" in result.stderr
     result = run_main("quantize", str(quantized("trt-10.3", "int8")), "--out", str(tmp_path / "qq"), "--weight-only")
-    assert result.returncode == 2 and "starts from an fp32, unquantized artifact" in result.stderr
+    assert result.returncode == 2 and "starts from an fp32 or fp16 artifact that is not quantized" in result.stderr
     result = run_main("quantize", art, "--out", str(tmp_path / "p"), "--method", "percentile", "--percentile", "100")
     assert result.returncode == 2 and "--percentile 100.0" in result.stderr
     assert not (tmp_path / "qq").exists() and not (tmp_path / "p").exists()

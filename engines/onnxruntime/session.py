@@ -12,6 +12,8 @@
   MultiHeadAttention (`ort_vision_attention`); with prepacked weights, split projections run as sliced weights
   (`ort_split_projections`). The graphs are rewritten in memory when the sessions are created;
   `attention="graph"` runs them as exported.
+- On CPU, INT4 and INT8 weight-only layers run as MatMulNBits at the accuracy level asked for (matmul_nbits.py:
+  1 = float32 compute, for validation; 4 = INT8 activations, for speed), whatever the attention form.
 - CUDA is used when onnxruntime-gpu provides it (or when asked); CPU otherwise.
 """
 
@@ -36,9 +38,18 @@ from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
 from ..feeds import StepFeeds, cache_as_float, prefill_inputs, vision_inputs
+from .matmul_nbits import (
+    ACCURACY_LEVELS,
+    SPEED_LEVEL,
+    QuantizedLayerRewrite,
+    QuantizedLayers,
+    SharedOperands,
+    rewrite_graph,
+)
 from .providers import Device, resolve_providers
 
 STEP_CACHE = "past_key_values.0.key"
+SUB_BYTE_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
 class SharedInitializers:
@@ -52,12 +63,15 @@ class SharedInitializers:
         self.maps: dict[Path, np.memmap] = {}
         self.values: dict[tuple, object] = {}
 
-    def for_graph(self, path: Path) -> dict[str, object]:
+    def for_graph(self, path: Path, skip: set[str] = frozenset()) -> dict[str, object]:
+        """The graph's external initializers but `skip` (those an in-memory rewrite no longer reads)."""
         import onnxruntime as ort
 
         out = {}
         for tensor in onnx.load(path, load_external_data=False).graph.initializer:
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.name in skip:
+                continue
+            if tensor.data_type in SUB_BYTE_TYPES:  # no numpy view of packed values: the session reads the file
                 continue
             info = ExternalDataInfo(tensor)
             data_path = (path.parent / info.location).resolve()
@@ -103,6 +117,7 @@ class OrtModel:
         weights: str = "auto",
         attention: str = "fused",
         int8_kernels: str = "auto",
+        accuracy_level: int = SPEED_LEVEL,
     ):
         """weights (CPU): "shared" = the decoder sessions read one memory-mapped copy of the weights;
         "packed" = the step and the prefill each keep ONNX Runtime's prepacked copy (GEMM/GEMV-friendly
@@ -112,13 +127,22 @@ class OrtModel:
         graphs allow it; "graph" = the graphs' own ops, as exported.
         int8_kernels (W8A8 artifacts on CPU): "on" = ONNX Runtime's integer kernels; "off" = the same quantized
         math in float32 (DequantizeLinear, then float MatMul); "auto" = on where the CPU has an int8 dot-product
-        instruction (`cpu_int8_dot`), off on x86 without one, whose u8s8 kernels saturate."""
+        instruction (`cpu_int8_dot`), off on x86 without one, whose u8s8 kernels saturate.
+        accuracy_level (CPU, INT4 / INT8 weight-only layers as MatMulNBits): 1 = float32 compute on the dequantized
+        weights (validation: TensorRT's W4A16 arithmetic); 4 = activations quantized to INT8 inside the kernel
+        (speed; ~0.6% relative error per layer). With int8 kernels off, INT8 layers run as float math either way."""
         if weights not in ("auto", "shared", "packed"):
             raise FusionError(f"--ort-weights {weights!r}: choose auto, shared or packed")
         if attention not in ("fused", "graph"):
             raise FusionError(f"--ort-attention {attention!r}: choose fused or graph")
         if int8_kernels not in ("auto", "on", "off"):
             raise FusionError(f"--ort-int8-kernels {int8_kernels!r}: choose auto, on or off")
+        if accuracy_level not in ACCURACY_LEVELS:
+            levels = ", ".join(f"{level} ({what})" for level, what in ACCURACY_LEVELS.items())
+            raise FusionError(f"--ort-accuracy-level {accuracy_level!r}: choose {levels}")
+        self.accuracy_level = accuracy_level
+        self.quantized_form = ""  # set by load(), with quantized_layers (graph -> QuantizedLayers)
+        self.quantized_layers: dict[str, QuantizedLayers] = {}
         self.attention = attention
         self.attention_form = "as exported"  # set by load()
         self.attends_to_valid_columns = False  # True once load() fused the step graph's attention
@@ -148,9 +172,10 @@ class OrtModel:
     def describe(self) -> str:
         layout = ("prepacked per session" if self.packed else "one shared copy") if self.on_cpu else "on the device"
         int8 = "" if self.int8_kernels else ", INT8 as float math on dequantized values"
+        quantized = f", quantized layers {self.quantized_form}" if self.quantized_form else ""
         return (
             f"onnxruntime {self.providers[0]}, {self.precision} graphs from {self.artifact.folder}, weights {layout}, "
-            f"attention {self.attention_form}{int8}"
+            f"attention {self.attention_form}{int8}{quantized}"
         )
 
     def load(self) -> OrtModel:
@@ -165,20 +190,48 @@ class OrtModel:
         # a regular file; a corrupt header or a missing tensor is named, not a traceback
         self.embed_table = read_tensor(artifact.folder / embeddings["file"], embeddings["tensor"], framework="np")
 
+        # quantized layers' operands: built once for all graphs (the rewrite's cache is dropped once the sessions
+        # exist), read by the sessions from one copy that lives as long as they do
+        self._rewrite = QuantizedLayerRewrite(self.accuracy_level, int8_as_float=not self.int8_kernels)
+        self._operands = SharedOperands()
+        layers: dict[str, QuantizedLayers] = {}
         path = artifact.graph_path("vision_encoder")
         model, form = self._fused_vision(path)
-        self.vision = self._session(path, self._options(), model)
+        model, layers["vision_encoder"] = self._quantized_layers(path, model)
+        opts = self._options()
+        self._operands.hand_in(opts, layers["vision_encoder"])
+        self.vision = self._session(path, opts, model)
         forms = [f"vision_encoder: {form}"]
         self._shared = SharedInitializers()  # keeps the memory maps alive as long as the sessions
-        self.prefill_session, form, _ = self._decoder_session("decoder_prefill")
+        self.prefill_session, form, _, layers["decoder_prefill"] = self._decoder_session("decoder_prefill")
         forms.append(f"decoder_prefill: {form}")
-        self.step_session, form, fused = self._decoder_session("decoder_step")
+        self.step_session, form, fused, layers["decoder_step"] = self._decoder_session("decoder_step")
         forms.append(f"decoder_step: {form}")
+        self._rewrite = None
+        for done in layers.values():
+            done.initializers.clear()  # self._operands holds them
+        self.quantized_layers = layers
         self.attends_to_valid_columns = fused  # a fused step reads only the written KV columns (bench roofline)
         self.step_input_names = {i.name for i in self.step_session.get_inputs()}
         self.attention_form = "; ".join(forms)
+        self.quantized_form = self._describe_layers(layers)
         self._loaded = True
         return self
+
+    def _describe_layers(self, layers: dict[str, QuantizedLayers]) -> str:
+        if not self.on_cpu:
+            return "as exported (MatMulNBits is used on CPU only)" if self.quantization else ""
+        rewritten = {name: done for name, done in layers.items() if done.kernels or done.int8_float}
+        if not rewritten:
+            return ""
+        level = f"MatMulNBits accuracy level {self.accuracy_level} ({ACCURACY_LEVELS[self.accuracy_level]})"
+        return f"{level}: " + "; ".join(f"{name}: {done.describe()}" for name, done in rewritten.items())
+
+    def _quantized_layers(self, path: Path, model: bytes | None) -> tuple[bytes | None, QuantizedLayers]:
+        """The graph (as rewritten so far) with its weight-only layers as MatMulNBits (CPU; matmul_nbits.py)."""
+        if not self.on_cpu:
+            return model, QuantizedLayers()
+        return rewrite_graph(path, model, self._rewrite)
 
     def _options(self, spin: bool = False):
         import onnxruntime as ort
@@ -217,18 +270,26 @@ class OrtModel:
         return created
 
     def _decoder_session(self, name: str):
-        """A decoder graph's session, the form its attention runs in and whether the graph was rewritten."""
+        """A decoder graph's session, the form its attention runs in, whether its attention was rewritten and its
+        quantized layers' rewrite."""
         path, opts = self.artifact.graph_path(name), self._options(spin=name == "decoder_step")
         model, form = self._fused_attention(path)
+        fused = model is not None
+        model, layers = self._quantized_layers(path, model)
         if self.on_cpu and not self.packed:
             # One memory-mapped copy of the decoder weights for all sessions, not repacked per session
-            # (prepacking would give each session a private copy of every MatMul weight).
-            opts.add_session_config_entry("session.disable_prepacking", "1")
-            for init_name, value in self._shared.for_graph(path).items():
+            # (prepacking would give each session a private copy of every MatMul weight). Not with MatMulNBits
+            # nodes: unpacked, the kernel dequantizes its whole weight on every call (a `small` step's INT4 layers,
+            # one thread: 73 ms against 1.6 ms prepacked); float weights are then prepacked per session too.
+            if not layers.kernels:
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+            for init_name, value in self._shared.for_graph(path, skip=layers.removed).items():
                 opts.add_initializer(init_name, value)
-        # packed: each session loads and prepacks its own copy (ONNX Runtime does not prepack initializers
-        # handed in by the caller; its prepacked LM head streams at ~36 GB/s here against ~25 unpacked)
-        return self._session(path, opts, model), form, model is not None
+        self._operands.hand_in(opts, layers)
+        # packed: each session loads and prepacks its own copy (its prepacked LM head streams at ~36 GB/s here
+        # against ~25 unpacked). ONNX Runtime 1.32 prepacks handed-in initializers too (a 64 MB float32 weight
+        # given with add_initializer: +64 MB per session with prepacking on, +0 off).
+        return self._session(path, opts, model), form, fused, layers
 
     def _fused_vision(self, path: Path) -> tuple[bytes | None, str]:
         """The vision encoder with its eager attention as ONNX Runtime's MultiHeadAttention (ort_vision_attention;
@@ -273,6 +334,7 @@ def open_backend(path: Path, options) -> OrtModel:
         options.ort_weights or "auto",
         options.ort_attention or "fused",
         options.ort_int8_kernels or "auto",
+        SPEED_LEVEL if options.ort_accuracy_level is None else options.ort_accuracy_level,
     )
 
 

@@ -95,7 +95,9 @@ def _plugin_reads(readers: list[tuple[ir.Node, int]], which: int) -> list[tuple[
     ]
 
 
-def quantize_kv_cache(model: ir.Model, num_layers: int, kv_heads: int, scales: list[tuple[float, float]]) -> int:
+def quantize_kv_cache(
+    model: ir.Model, num_layers: int, kv_heads: int, scales: list[tuple[float, float]], scale_dtype=np.float32
+) -> int:
     """Rewrite a decoder graph's cache as INT8 with per-layer (key, value) `scales`; returns the writes rewritten.
     A `--plugins on` step's DecodeAttention nodes read the INT8 buffers themselves, the scales as their k_scale /
     v_scale attributes (the plugin dequantizes on load, a quarter of the bytes read), and the model's local
@@ -107,7 +109,8 @@ def quantize_kv_cache(model: ir.Model, num_layers: int, kv_heads: int, scales: l
     row_index: ir.Value | None = None
     plugin_read = False
     for i, (name, write) in enumerate(writes.items()):
-        scale = initializer(graph, name + KV_SCALE_SUFFIX, np.array(scales[i // 2][i % 2], np.float32))
+        # in the cache's float dtype: QuantizeLinear's input and scale share one type
+        scale = initializer(graph, name + KV_SCALE_SUFFIX, np.array(scales[i // 2][i % 2], scale_dtype))
         update = write_update(write)
         quantize = ir.node("QuantizeLinear", [update, scale, zero_point], name=f"{name}/quantize")
         graph.insert_before(write, quantize)

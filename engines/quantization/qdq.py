@@ -61,8 +61,11 @@ def excluded(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def quantize_weight(weight: np.ndarray, clip_ratios: np.ndarray = CLIP_RATIOS) -> tuple[np.ndarray, np.ndarray]:
-    """[in, out] float -> (INT8 [in, out], float32 scale [out]) per output column, symmetric.
+def quantize_weight(
+    weight: np.ndarray, clip_ratios: np.ndarray = CLIP_RATIOS, scale_dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """[in, out] float -> (INT8 [in, out], scale [out] in scale_dtype, the activation dtype) per output column,
+    symmetric; the values are rounded with the stored scale.
 
     Each column's range is clipped to the ratio of its max |w| that minimises the column's squared rounding
     error: bell-shaped weights lose less to a slightly clipped outlier than to coarser steps for every other value
@@ -76,8 +79,15 @@ def quantize_weight(weight: np.ndarray, clip_ratios: np.ndarray = CLIP_RATIOS) -
         error = np.square(np.clip(np.rint(w / scale), -QMAX, QMAX) * scale - w).sum(axis=0)
         better = error < best_error
         best_error[better], best_scale[better] = error[better], scale[better]
-    q = np.clip(np.rint(w / best_scale), -QMAX, QMAX).astype(np.int8)
-    return q, best_scale
+    stored = stored_scale(best_scale, scale_dtype)
+    q = np.clip(np.rint(w / stored.astype(np.float32)), -QMAX, QMAX).astype(np.int8)
+    return q, stored
+
+
+def stored_scale(scale: np.ndarray, dtype) -> np.ndarray:
+    """Scales as stored in `dtype`, kept positive: an all-zero column's tiny float32 scale would round to 0 in
+    float16, and TensorRT requires every scale > 0."""
+    return np.maximum(scale.astype(dtype), np.finfo(dtype).tiny)
 
 
 def smoothing_factors(channel_max: np.ndarray, weight: np.ndarray, alpha: float) -> np.ndarray:
@@ -102,11 +112,12 @@ def quantize_graph(
     float_inputs: Iterable[str] = DEFAULT_FLOAT_INPUTS,
     channel_max: dict[str, np.ndarray] | None = None,
     alpha: float = SMOOTHQUANT_ALPHA,
+    scale_dtype=np.float32,
 ) -> tuple[list[str], list[str]]:
     """Rewrite every linear layer not excluded; activation_scales=None: weight-only, else the inputs of layers
     not matching `float_inputs` are quantized too. channel_max (per weight, its input's max |x| per channel):
     SmoothQuant on those quantized inputs, whose scales then come from the smoothed ranges. Returns (quantized,
-    excluded) weight names."""
+    excluded) weight names. Scales and SmoothQuant's factors are stored in scale_dtype, the activation dtype."""
     exclude, float_inputs = tuple(exclude), tuple(float_inputs)
     done, skipped = [], []
     dequantized: dict[str, ir.Value] = {}
@@ -122,7 +133,8 @@ def quantize_graph(
             quantize_input and channel_max is not None) else None  # fmt: skip
         if name not in dequantized:  # one DequantizeLinear per weight, however many MatMuls read it
             weight = weight_value.const_value.numpy()
-            q, scale = quantize_weight(weight if smooth is None else weight * smooth[:, None])
+            weight = weight.astype(np.float32)
+            q, scale = quantize_weight(weight if smooth is None else weight * smooth[:, None], scale_dtype=scale_dtype)
             dq = ir.node("DequantizeLinear", [initializer(graph, f"{name}.int8", q),
                                               initializer(graph, f"{name}.scale", scale)],
                          {"axis": 1}, name=f"{name}/dequantize")  # fmt: skip
@@ -139,12 +151,12 @@ def quantize_graph(
                 value = activation_scales[name]
                 if smooth is not None:  # the smoothed input's range: max over channels of max|x_j| / s_j
                     value = max(float((channel_max[name] / smooth).max()) / QMAX, MIN_SCALE)
-                initializer(graph, scale_name, np.array(value, np.float32))
+                initializer(graph, scale_name, np.array(value, scale_dtype))
             scale = graph.initializers[scale_name]
             activation = layer.activation
             if smooth is not None:
                 if f"{name}.smooth" not in graph.initializers:
-                    initializer(graph, f"{name}.smooth", (1.0 / smooth).astype(np.float32))
+                    initializer(graph, f"{name}.smooth", (1.0 / smooth).astype(scale_dtype))
                 inverse = graph.initializers[f"{name}.smooth"]
                 mul = ir.node("Mul", [activation, inverse], name=f"{name}/{len(done)}/smooth")
                 graph.insert_before(layer.node, mul)

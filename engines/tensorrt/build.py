@@ -251,7 +251,11 @@ def build_engines(
                 "graphs": {g.name: artifact.manifest["files"][g.onnx]["sha256"] for g in plan.graphs},
             },
             "precision": plan.precision,
-            "quantization": artifact.quantization,  # INT8 Q/DQ graphs: "int8" or "int8-weight-only"
+            # the graphs' weight quantization as read from their Q/DQ nodes ("int8", "int8-weight-only",
+            # "int4-weight-only"; None: float), what the runtimes read; then with its block size and method
+            "quantization": artifact.quantization,
+            "quantization_settings": plan.quantization,
+            "kv_cache_dtype": plan.kv_cache_dtype,  # int8, or the activations' fp16 / fp32
             "kv_int8_scales": artifact.kv_int8_scales,  # an INT8 KV cache's (key, value) scales per layer, or None
             # plugin nodes in the graphs, and per op how the engines run it: a tensorrt.plugin implementation, or
             # "local function: <why>" (no plugin registered: the parser inlined its standard-op decomposition)

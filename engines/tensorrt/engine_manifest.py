@@ -5,7 +5,9 @@ runs before it trusts an engine.
 ENG/
   engines.json                        TensorRT flavour and version, compute capabilities, per-engine profile,
                                       I/O, layers, build time; sha256 of every file, of the source graphs and of
-                                      the artifact manifest; the build limits and the memory plan
+                                      the artifact manifest; precision, weight quantization (`quantization`: the
+                                      mode; `quantization_settings`: mode, block size, method) and KV cache
+                                      dtype; the build limits and the memory plan (weights per engine as stored)
   vision_encoder.engine  decoder_prefill.engine  decoder_step.engine
   embed_tokens.safetensors, model/     copied from the artifact, so the folder runs on its own
 ```

@@ -19,6 +19,11 @@ target): engine weights (the prefill engine holds the decoder and the interactio
 decoder again: TensorRT engines do not share weights), the KV cache at capacity C, the largest of the three
 engines' activations (the runtime gives all three contexts one scratch buffer: they never run at once), and a
 fixed runtime overhead.
+
+Weights are counted from each graph's own initializers as stored (read from the protos, no weights loaded): INT4
+packed two per byte with its block scales, INT8 one byte with its column scales, float in its own type; the
+interaction layers are what the prefill graph holds beyond the step graph. So a quantized artifact is planned
+from what it holds, and the plan names what it planned for (activations, weight quantization, KV cache dtype).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
+import onnx_ir as ir
+
+from fusion_export.graph_inputs import past_names
+from fusion_export.precision import Precision
 from reference_model.errors import FusionError
 
 GB = 1e9
@@ -106,6 +116,12 @@ class GraphPlan:
 
 
 @dataclass
+class EngineWeights:
+    bytes: int
+    by_dtype: dict[str, int]  # ONNX type name -> bytes (INT4 packed), e.g. {"INT4": .., "FLOAT16": .. (scales)}
+
+
+@dataclass
 class BuildPlan:
     precision: str
     query_len: int
@@ -114,12 +130,32 @@ class BuildPlan:
     limits: dict[str, int]
     graphs: list[GraphPlan]
     memory: dict[str, int]  # weights, kv_cache, activations, overhead, total (bytes)
+    # what the memory is planned for: the artifact's weight quantization ({"mode", and "block_size", "method" where
+    # the manifest records them}; None: float weights) and the KV cache's type
+    quantization: dict[str, Any] | None = None
+    kv_cache_dtype: str = ""  # int8, fp16 or fp32
+    weights: dict[str, EngineWeights] = field(default_factory=dict)  # per engine, as its graph stores them
+    # bytes of the weights both decoder engines hold (each engine its own copy until they share one), and of the
+    # prefill engine's own beyond them (the interaction layers)
+    decoder_in_both_engines: int = 0
+    prefill_only: int = 0
     device: dict[str, Any] | None = None  # the device budget checked against, when one was given
     largest_context: int | None = None  # the largest capacity that fits the device
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def planned_for(self) -> str:
+        """What the plan's memory is for, in words: activations, weights, KV cache."""
+        q = self.quantization
+        if q is None:
+            weights = f"{self.precision} weights"
+        else:
+            details = [f"blocks of {q['block_size']}"] if "block_size" in q else []
+            details += [q["method"]] if "method" in q else []
+            weights = f"{q['mode']} weights" + (f" ({', '.join(details)})" if details else "")
+        return f"{self.precision} activations, {weights}, KV cache {self.kv_cache_dtype}"
 
 
 def _bytes_per_value(precision: str) -> int:
@@ -171,19 +207,67 @@ def _activations(config, precision: str, batch: int, prompt: int, question: int,
     }
 
 
-def _weight_bytes(artifact) -> dict[str, int]:
-    """Per engine: the vision weights; the decoder with its interaction layers (prefill); without them (step)."""
-    files = artifact.manifest["files"]
-    config = artifact.config
-    d, i = config.decoder, config.interaction
-    act = _bytes_per_value(artifact.precision.value)
-    interaction = i.num_layers * 9 * d.hidden_size**2 * act  # 9 D^2 per layer (docs/semantics.md section 1)
-    vision = sum(e["bytes"] for n, e in files.items() if n.startswith("vision_encoder.onnx"))
-    decoder = (
-        files["decoder.onnx.data"]["bytes"]
-        + sum(e["bytes"] for n, e in files.items() if n in ("decoder_prefill.onnx", "decoder_step.onnx")) // 2
-    )
-    return {"vision_encoder": vision, "decoder_prefill": decoder, "decoder_step": max(decoder - interaction, 0)}
+def stored_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor as ONNX stores it and a TensorRT engine holds it: sub-byte types packed (INT4: two values
+    a byte, the tensor's last odd value in a byte of its own)."""
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (TypeError, ValueError):
+        raise FusionError(f"weight {tensor.name!r}: ONNX type {tensor.data_type} has no fixed size") from None
+    return (math.prod(tensor.dims) * bits + 7) // 8
+
+
+def graph_weights(path: Path) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor of a graph by name (initializers and Constant nodes' values), read from its proto
+    alone: their dims and types, not their data."""
+    graph = onnx.load(path, load_external_data=False).graph
+    tensors = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensors.update((node.output[0], a.t) for a in node.attribute if a.name == "value")
+    return tensors
+
+
+def _engine_weights(tensors: dict[str, onnx.TensorProto]) -> EngineWeights:
+    by_dtype: dict[str, int] = {}
+    for tensor in tensors.values():
+        name = onnx.TensorProto.DataType.Name(tensor.data_type)
+        by_dtype[name] = by_dtype.get(name, 0) + stored_bytes(tensor)
+    return EngineWeights(sum(by_dtype.values()), dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])))
+
+
+def _weight_bytes(artifact) -> tuple[dict[str, EngineWeights], int, int]:
+    """Per engine, the weights its graph holds; the bytes of those both decoder engines hold (the same names:
+    one tensor in the artifact, a copy in each engine), and the prefill engine's beyond them (interaction layers)."""
+    graphs = {name: graph_weights(artifact.graph_path(name))
+              for name in ("vision_encoder", "decoder_prefill", "decoder_step")}  # fmt: skip
+    weights = {name: _engine_weights(tensors) for name, tensors in graphs.items()}
+    prefill, step = graphs["decoder_prefill"], graphs["decoder_step"]
+    shared = sum(stored_bytes(t) for name, t in prefill.items() if name in step)
+    return weights, shared, weights["decoder_prefill"].bytes - shared
+
+
+def _quantization(artifact) -> dict[str, Any] | None:
+    """The weight quantization the graphs hold (their mode, read from their Q/DQ nodes by open_artifact), with the
+    block size and method the manifest records for it."""
+    if artifact.quantization is None:
+        return None
+    record = artifact.manifest.get("quantization") or {}
+    return {"mode": artifact.quantization, **{k: record[k] for k in ("block_size", "method") if k in record}}
+
+
+def _kv_cache(artifact) -> tuple[str, int]:
+    """The KV cache's type ("int8", or the activations' "fp16" / "fp32") and bytes per value, from the decoder
+    graphs' cache inputs as the manifest lists them (open_artifact checked them against the graphs)."""
+    names = set(past_names(artifact.config.decoder.num_layers))
+    dtypes = {entry["dtype"] for graph in ("decoder_prefill", "decoder_step")
+              for entry in artifact.manifest["graphs"][graph]["inputs"] if entry["name"] in names}  # fmt: skip
+    where = f"{artifact.folder}: the decoder graphs' KV cache inputs"
+    if len(dtypes) != 1:
+        raise FusionError(f"{where} have types {sorted(dtypes)}")
+    dtype = dtypes.pop()
+    word = "int8" if dtype == "INT8" else Precision.from_onnx_dtype(dtype, where).value
+    return word, int(ir.DataType[dtype].itemsize)
 
 
 def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None) -> BuildPlan:
@@ -235,8 +319,10 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
         for name in ("vision_encoder", "decoder_prefill", "decoder_step")
     ]  # fmt: skip
 
-    weights = sum(_weight_bytes(artifact).values())
-    kv_per_column = 2 * d.num_layers * d.num_kv_heads * d.head_dim * _bytes_per_value(artifact.precision.value) * B
+    engine_weights, in_both, prefill_only = _weight_bytes(artifact)
+    weights = sum(w.bytes for w in engine_weights.values())
+    kv_dtype, kv_value_bytes = _kv_cache(artifact)
+    kv_per_column = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_value_bytes * B
 
     def total(cap: int, prompt: int) -> dict[str, int]:
         acts = _activations(config, artifact.precision.value, B, prompt, max_question, limits.max_step_tokens, cap)
@@ -265,6 +351,11 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
         },
         graphs=graphs,
         memory=memory,
+        quantization=_quantization(artifact),
+        kv_cache_dtype=kv_dtype,
+        weights=engine_weights,
+        decoder_in_both_engines=in_both,
+        prefill_only=prefill_only,
         notes=notes,
     )
     if device is not None:
@@ -278,13 +369,13 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
                 + (", which needs a re-export: the graphs fix it)" if fixed is not None else ")")
                 if fits
                 else "even the shortest context does not fit: the weights alone need "
-                f"{(weights + RUNTIME_OVERHEAD_BYTES) / GB:.1f} GB"
+                f"{(weights + RUNTIME_OVERHEAD_BYTES) / GB:.2f} GB"
             )
             raise FusionError(
-                f"--device-memory: the engines need about {memory['total'] / GB:.1f} GB at capacity {capacity} "
-                f"(weights {weights / GB:.1f}, KV {memory['kv_cache'] / GB:.1f}, activations "
-                f"{memory['activations'] / GB:.1f}, overhead {RUNTIME_OVERHEAD_BYTES / GB:.1f}); {device.note} leaves "
-                f"{budget / GB:.1f} GB; {advice}"
+                f"--device-memory: the engines ({plan.planned_for()}) need about {memory['total'] / GB:.2f} GB at "
+                f"capacity {capacity} (weights {weights / GB:.2f}, KV {memory['kv_cache'] / GB:.2f}, activations "
+                f"{memory['activations'] / GB:.2f}, overhead {RUNTIME_OVERHEAD_BYTES / GB:.2f}); {device.note} "
+                f"leaves {budget / GB:.2f} GB; {advice}"
             )
     return plan
 

@@ -4,13 +4,16 @@ The TensorRT versions users deploy (10.3 on JetPack 6, 10.x, 11.x) cannot all be
 graph is checked against `trt_operator_tables/<target>.json` (onnx-tensorrt `docs/operators.md` at the target's
 release, see its README): opset range, op support, attribute
 values, inputs that must be constants or absent, outputs that must be absent, dtypes, named dynamic dims, plus
-this project's own rules (no `If`, no custom domains), and the rules TensorRT's real parser taught us (tested
-against TensorRT-RTX, `tests/test_trt_build.py`). Errors are what the parser would reject; warnings are rules
+this project's own rules (no `If`, no custom domains), the INT4 weight rules of each target's importer (the
+tables' `int4_weights`), and the rules TensorRT's real parser taught us (tested against TensorRT-RTX,
+`tests/test_trt_build.py`, `tests/test_int4_trt.py`). Errors are what the parser would reject; warnings are rules
 this check cannot evaluate statically.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from onnx import helper
 from reference_model.errors import FusionError
 
 from ..output_files import OutputKind, write_json
-from .targets import TrtTarget
+from .targets import TrtTarget, blockwise_dequantize_opset
 
 _DTYPE_NAMES = {v: k for k, v in onnx.TensorProto.DataType.items()}
 # Ops that move INT8 data (an INT8 KV cache) without computing on it. The operator tables list no INT8 for them
@@ -82,6 +85,13 @@ class _GraphChecker:
         graph = model.graph
         self.initializers = {t.name: t for t in graph.initializer}
         self.constants = {o: n for n in graph.node if n.op_type == "Constant" for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for value in node.input:
+                self.consumers.setdefault(value, []).append(node)
+        self.opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+        # ops the parser has built in outside ai.onnx (op_type -> domain), read like DequantizeLinear
+        self.int4_custom_ops = {op: d for op, d in target.int4_rules["dequantize_ops"].items() if d}
         self.types: dict[str, onnx.TypeProto] = {}
         try:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -122,7 +132,7 @@ class _GraphChecker:
                 lo, hi = self.table["opset_min"], self.table["opset_max"]
                 if not lo <= imp.version <= hi:
                     self.add("error", "opset", f"ai.onnx opset {imp.version} outside {self.target.value}'s {lo}..{hi}")
-            else:
+            elif imp.domain not in self.int4_custom_ops.values():
                 self.add(
                     "error", "opset", f"custom domain '{imp.domain}' (version {imp.version}) is not parsed by TensorRT"
                 )
@@ -145,6 +155,9 @@ class _GraphChecker:
 
     def check_node(self, node: onnx.NodeProto, where: str) -> None:
         where = f"{where} ({node.op_type})"
+        if self.int4_custom_ops.get(node.op_type) == node.domain:
+            self.int4_dequantize_rules(node, where)
+            return
         if node.domain not in ("", "ai.onnx"):
             self.add("error", where, f"op in domain '{node.domain}' is not a standard ONNX op")
             return
@@ -163,6 +176,8 @@ class _GraphChecker:
             if rule["rule"] == "must be absent" and i < len(node.output) and node.output[i]:
                 self.add("error", where, f"output {i} ({rule['output_name']}) must be absent")
         self.kv_cache_update_rule(node, where)
+        if node.op_type == "DequantizeLinear" and node.input and self.dtype(node.input[0]) == "INT4":
+            self.int4_dequantize_rules(node, where)
         for attr in node.attribute:  # Loop / Scan bodies are parsed too
             for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 for k, inner in enumerate(body.node):
@@ -223,7 +238,8 @@ class _GraphChecker:
         if rule in ("must be initializer", "must be build-time constant"):
             return "" if self.is_constant(value) else f"must be a constant, got computed '{value}'"
         if rule == "must be zero initializer":
-            return "" if constant is not None and not constant.any() else "must be a zero initializer"
+            zero = constant is not None and not constant.any()
+            return "" if zero else f"must be a zero initializer ('{value}' is not)"
         if rule == "must be initializer evaluating to false":
             return "" if constant is not None and not constant.any() else "must be a constant false"
         if rule.startswith("rank must be"):
@@ -253,6 +269,105 @@ class _GraphChecker:
                 if a.name == "value":
                     return onnx.numpy_helper.to_array(a.t)
         return None
+
+    def shape(self, value: str) -> list[int] | None:
+        """The static shape of a constant (initializer or Constant output), read without its data."""
+        if value in self.initializers:
+            return list(self.initializers[value].dims)
+        node = self.constants.get(value)
+        tensor = next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
+        return None if tensor is None else list(tensor.dims)
+
+    def int4_dequantize_rules(self, node: onnx.NodeProto, where: str) -> None:
+        """INT4 weights as the target's importer reads them (the table's `int4_weights`, see its README): blockwise
+        on a constant, one blocked axis, a scale of the weights' rank, the block inferred from the shapes (the parser
+        never reads block_size, so it must divide the blocked dimension), symmetric, two values a byte."""
+        rules, target = self.target.int4_rules, self.target.value
+
+        def error(message: str) -> None:
+            self.add("error", where, message)
+
+        def warning(message: str) -> None:
+            self.add("warning", where, message)
+
+        custom = node.domain not in ("", "ai.onnx")
+        weights, scale = node.input[0], node.input[1] if len(node.input) > 1 else ""
+        if custom and self.dtype(weights) != "INT4":
+            return error(f"{node.op_type} reads INT4 weights; '{weights}' is {self.dtype(weights)}")
+        dims, scale_dims = self.shape(weights), self.shape(scale) if scale else None
+        named = f"INT4 weights '{weights}'"
+        if dims is None:
+            return error(f"INT4 '{weights}' is computed: {target} dequantizes INT4 only as constant weights")
+        if len(dims) != rules["weight_rank"]:
+            return error(f"{named} have rank {len(dims)}: {target} reads rank-{rules['weight_rank']} INT4 weights only")
+        if scale_dims is None:
+            return error(f"the scale '{scale or '(none)'}' of {named} must be a constant")
+        if len(scale_dims) != len(dims):
+            return error(
+                f"the scale '{scale}' of {named} has rank {len(scale_dims)}: INT4 needs a blockwise scale of the "
+                f"weights' rank {len(dims)} (per-tensor or per-channel INT4 is not the form this project writes)"
+            )
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis = int(attrs.get("axis", 1)) % len(dims)
+        blocked = [i for i, (d, s) in enumerate(zip(dims, scale_dims, strict=True)) if d != s]
+        if blocked != [axis] or axis - len(dims) not in rules["blocked_axes"]:
+            return error(
+                f"the scale '{scale}' {scale_dims} of {named} {dims}: exactly one axis may be blocked, the "
+                f"quantization axis ({axis}), and it must be one of the last two"
+            )
+        size, blocks, block = dims[axis], scale_dims[axis], int(attrs.get("block_size", 0))
+        first = blockwise_dequantize_opset()
+        if block and not custom and self.opset < first:
+            error(f"{named}: block_size is a DequantizeLinear attribute from opset {first}; the graph is {self.opset}")
+        if not block and not custom:
+            return error(f"{named} have a scale of their rank but no block_size")
+        block = block or size // max(blocks, 1)
+        if size % block or size // block != blocks:
+            error(
+                f"{named}: block_size {block} over dimension {axis} ({size}) with {blocks} scale rows; {target}'s "
+                f"parser ignores block_size and reads blocks of {size}/{blocks}, so the block must divide the "
+                "dimension into exactly that many"
+            )
+        if rules["even"] == "last dimension" and dims[-1] % 2:
+            error(
+                f"{named} have an odd last dimension ({dims[-1]}): {target}'s parser packs two values a byte along it"
+            )
+        elif math.prod(dims) % 2:
+            error(f"{named} have an odd element count: {target}'s parser packs two values a byte")
+        elif dims[-1] % 2:
+            warning(
+                f"{named} have an odd last dimension ({dims[-1]}): parsers since 10.6 and TensorRT-RTX 1.7.1 take "
+                "it, 10.1's refused it; confirm on the target"
+            )
+        if block not in rules["documented_block_sizes"]:
+            warning(  # the node is named beside it: one text for every layer, so the report folds them
+                f"INT4 blocks of {block}: TensorRT documents blocks of {rules['documented_block_sizes']} "
+                "(TensorRT-RTX 1.7.1 builds it without a GPU); confirm on the target"
+            )
+        if custom and len(node.input) > 2 and node.input[2]:  # DequantizeLinear's comes from the table's input_rules
+            problem = self.input_problem(node.input[2], "must be zero initializer")
+            if problem:
+                error(f"input 2 (x_zero_point) {problem}")
+        self.int4_activation_dtype_rule(node, where, scale)
+
+    def int4_activation_dtype_rule(self, node: onnx.NodeProto, where: str, scale: str) -> None:
+        """The dequantized weights take the scale's dtype, and a strongly typed MatMul/Gemm multiplies operands of
+        one type only (TensorRT-RTX 1.7.1: "IMatrixMultiplyLayer must have same input types")."""
+        output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
+        dequantized = _DTYPE_NAMES.get(output_dtype) if output_dtype else self.dtype(scale)
+        for consumer in self.consumers.get(node.output[0], []):
+            if consumer.op_type not in ("MatMul", "Gemm"):
+                continue
+            for other in consumer.input[:2]:
+                dtype = self.dtype(other) if other != node.output[0] else None
+                if None not in (dtype, dequantized) and dtype != dequantized:
+                    self.add(
+                        "error",
+                        where,
+                        f"the scale '{scale}' is {dequantized} and the activations '{other}' into {consumer.op_type} "
+                        f"'{consumer.name}' are {dtype}: write the scale in the activation dtype (a strongly typed "
+                        "MatMul takes one type)",
+                    )
 
     def kv_cache_update_rule(self, node: onnx.NodeProto, where: str) -> None:
         """Learned from TensorRT's own parser (TensorRT-RTX 1.7, the onnx-tensorrt importer): TensorScatter maps to
@@ -295,7 +410,9 @@ def read_graph(path: Path) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))  # by path: external data is resolved beside the file, not loaded
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
-        raise GraphReadError(f"{path}: not a valid ONNX model ({first})") from None
+        node = re.search(r"Name: (\S+) OpType: (\S+)", str(e))  # the checker's context line names the node
+        at = f" at node '{node[1]}' ({node[2]})" if node else ""
+        raise GraphReadError(f"{path}: not a valid ONNX model ({first}{at})") from None
     return model
 
 
@@ -317,8 +434,14 @@ def _inline_plugin_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, l
 
 
 def check_graph(path: Path, target: TrtTarget, name: str | None = None) -> tuple[list[Finding], dict[str, int]]:
-    model, plugins = _inline_plugin_functions(read_graph(path))
-    checker = _GraphChecker(name or path.stem, model, target)
+    return check_model(read_graph(path), target, name or path.stem)
+
+
+def check_model(model: onnx.ModelProto, target: TrtTarget, name: str) -> tuple[list[Finding], dict[str, int]]:
+    """The check of a graph in memory (weights may stay external: only shapes and small constants are read), for
+    a graph that is not on disk yet or that the ONNX checker would stop before this check says why."""
+    model, plugins = _inline_plugin_functions(model)
+    checker = _GraphChecker(name, model, target)
     for plugin in plugins:
         checker.add("warning", plugin, "plugin node: checked through its local-function decomposition, which "
                     "TensorRT inlines unless the plugin is registered")  # fmt: skip

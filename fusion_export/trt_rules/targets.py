@@ -31,6 +31,11 @@ class TrtTarget(str, Enum):
     def max_opset(self) -> int:
         return int(self.table["opset_max"])
 
+    @property
+    def int4_rules(self) -> dict[str, Any]:
+        """How the target's parser reads INT4 weights (the table's `int4_weights`; its README says where from)."""
+        return self.table["int4_weights"]
+
     def resolve_opset(self, opset: int | None) -> int:
         """The requested opset, or the target's highest; rejected when the target's parser cannot read it."""
         from reference_model.errors import FusionError  # imported here: the CLI builds parsers from this enum
@@ -49,3 +54,35 @@ class TrtTarget(str, Enum):
 def operator_table(target: str) -> dict[str, Any]:
     path = TABLE_DIR / f"{target}.json"
     return json.loads(path.read_text())
+
+
+@cache
+def blockwise_dequantize_opset() -> int:
+    """The first ai.onnx opset whose DequantizeLinear takes INT4 and `block_size`, read from onnx's own schemas."""
+    from onnx import defs
+
+    return min(
+        int(schema.since_version)
+        for schema in defs.get_all_schemas_with_history()
+        if schema.name == "DequantizeLinear" and schema.domain == "" and "block_size" in schema.attributes
+    )
+
+
+def check_int4(target: TrtTarget, opset: int) -> None:
+    """Refuse INT4 weights, before any work, for graphs of `opset` that `target`'s parser could not read: they are
+    written as INT4 -> DequantizeLinear(block_size) -> MatMul, which needs ai.onnx opset 21 or later."""
+    from reference_model.errors import FusionError
+
+    need = blockwise_dequantize_opset()
+    if target.max_opset < need:
+        readers = " or ".join(t.value for t in TrtTarget if t.max_opset >= need)
+        raise FusionError(
+            f"--precision int4 writes blockwise DequantizeLinear (ONNX opset {need}+), and {target.value}'s parser "
+            f"reads opsets up to {target.max_opset}: quantize an artifact exported for {readers}"
+        )
+    if opset < need:
+        raise FusionError(
+            f"--precision int4 writes blockwise DequantizeLinear (ONNX opset {need}+), and this artifact's graphs "
+            f"are opset {opset}: export it again for {target.value} with --opset {need}..{target.max_opset} "
+            f"(without --opset it gets {target.resolve_opset(None)})"
+        )

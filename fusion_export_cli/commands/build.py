@@ -71,6 +71,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def size(n: int) -> str:
+    """Bytes in GB, or in MB below 0.1 GB (tiny models' weights would read 0.00 GB)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, dict]]) -> str:
     """The plan, then per tool (name, needs --stronglyTyped, extra command_lines arguments) its command lines."""
     from engines.tensorrt.plan import GB, command_lines
@@ -79,16 +84,22 @@ def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, 
         f"precision {plan.precision} (from the graphs), query_len {plan.query_len}, KV capacity {plan.capacity} "
         f"({'fixed at export' if plan.capacity_fixed_at_export else 'chosen at build'})",
         "limits: " + ", ".join(f"{k} {v}" for k, v in plan.limits.items()),
+        f"planned for: {plan.planned_for()}",
     ]
     for graph in plan.graphs:
-        lines.append(f"{graph.name} ({graph.onnx}): activations ~{graph.activation_bytes / GB:.2f} GB")
+        weights = plan.weights[graph.name]
+        # the types that hold a visible share (INT4 weights, their scales, an INT8 head), not the shape constants
+        by_dtype = ", ".join(f"{t} {size(n)}" for t, n in weights.by_dtype.items() if n >= weights.bytes / 1000)
+        lines.append(f"{graph.name} ({graph.onnx}): weights {size(weights.bytes)} ({by_dtype}), activations "
+                     f"~{graph.activation_bytes / GB:.2f} GB")  # fmt: skip
         for name, shapes in graph.profile.items():
             lines.append(f"  {name:<26} min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
     m = plan.memory
     lines.append(
-        f"device memory ~{m['total'] / GB:.2f} GB: weights {m['weights'] / GB:.2f} (prefill and step engines each "
-        f"hold the decoder), KV cache {m['kv_cache'] / GB:.2f}, activations {m['activations'] / GB:.2f}, "
-        f"runtime {m['overhead'] / GB:.2f}"
+        f"device memory ~{m['total'] / GB:.2f} GB: weights {size(m['weights'])} (the decoder's "
+        f"{size(plan.decoder_in_both_engines)} twice: the prefill and step engines each hold it; the prefill's "
+        f"interaction layers {size(plan.prefill_only)}), KV cache {m['kv_cache'] / GB:.2f}, activations "
+        f"{m['activations'] / GB:.2f}, runtime {m['overhead'] / GB:.2f}"
     )
     if plan.device is not None:
         lines.append(f"device: {plan.device['note']}; largest KV capacity that fits: {plan.largest_context}")
@@ -177,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
     )
     result = build_engines(args.artifact, args.out, options, verbose=not args.quiet)
+    print(f"engines for {result.plan.planned_for()} (recorded in engines.json)")
     for name, engine in result.engines.items():
         attention = engine["attention_layers_decomposable"]
         marked = f", {attention} attention layers marked decomposable" if attention else ""

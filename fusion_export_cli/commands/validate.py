@@ -5,7 +5,9 @@ Reports vision tokens, init latents, global context, prefill logits, the KV cach
 (teacher-forced on the reference's greedy tokens) and the first divergent generated token: max abs / max rel
 error, cosine and top-1 agreement, as a table (and as JSON with --json). Exit status 1 when a tolerance is
 exceeded (fp32 defaults: 1e-4 absolute, identical greedy ids), 2 on bad input. The gates follow the precision of
-the deployment's graphs, never a manifest field.
+the deployment's graphs, never a manifest field. On ONNX Runtime (CPU) INT4 and INT8 weight-only layers run as
+MatMulNBits in float32 (accuracy level 1), so only the artifact's own rounding is measured; --ort-accuracy-level 4
+validates the INT8-activation kernels generate and bench use.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="TensorRT: CUDA device (default cuda:0)")
     add_ort_attention_option(p)
+    p.add_argument("--ort-accuracy-level", type=int, choices=(1, 4), default=None, metavar="{1,4}",
+                   help="ONNX Runtime on CPU, INT4/INT8 weight-only layers (MatMulNBits): 1 = float32 compute, only "
+                   "the weights rounded (default); 4 = INT8 activations, as generate and bench run them")  # fmt: skip
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from benchmarks.golden import read_batch
-    from benchmarks.validation import Tolerances, validate_session
+    from benchmarks.validation import VALIDATION_ACCURACY_LEVEL, Tolerances, validate_session
     from engines.backends import BackendKind, BackendOptions, kind_of_folder, open_backend
     from fusion_export.bundled import DEMO_IMAGE, DEMO_QUESTION
     from fusion_export.manifest import config_digest
@@ -70,10 +75,13 @@ def run(args: argparse.Namespace) -> int:
         raise FusionError(f"{args.deployment}: neither an artifact folder (export) nor an engine folder (build)")
     if kind is BackendKind.onnxruntime and args.device is not None:
         raise FusionError("--device applies to engine folders (TensorRT); ONNX Runtime takes --provider")
-    if kind is BackendKind.tensorrt and (args.provider or args.ort_attention) is not None:
-        flag = "--provider" if args.provider is not None else "--ort-attention"
+    if kind is BackendKind.tensorrt and (args.provider or args.ort_attention or args.ort_accuracy_level) is not None:
+        flag = next(f"--{name.replace('_', '-')}" for name in ("provider", "ort_attention", "ort_accuracy_level")
+                    if getattr(args, name) is not None)  # fmt: skip
         raise FusionError(f"{flag} applies to artifact folders (ONNX Runtime); TensorRT takes --device")
-    options = BackendOptions(provider=args.provider, device=args.device, ort_attention=args.ort_attention)
+    level = VALIDATION_ACCURACY_LEVEL if args.ort_accuracy_level is None else args.ort_accuracy_level
+    options = BackendOptions(provider=args.provider, device=args.device, ort_attention=args.ort_attention,
+                             ort_accuracy_level=level)  # fmt: skip
     candidate = open_backend(kind, args.deployment, options)
     config = candidate.config
     if config_digest(load_config(args.model)) != config_digest(config):
