@@ -63,14 +63,14 @@ def first_layer_inputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.
     return prefill, step, seen["x"]
 
 
-def test_outlier_variant_is_the_same_float_model_with_outlier_channels(demo_checkpoint, outlier_checkpoint, batch):
+def test_outlier_variant_is_the_same_float_model_with_outlier_channels(demo_model, outlier_checkpoint, batch):
     record = json.loads((outlier_checkpoint / RECIPE_FILE).read_text())
     channels = {int(c): f for c, f in record["channels"]["decoder"].items()}
-    hidden = load_model(demo_checkpoint).config.decoder.hidden_size
+    hidden = demo_model.config.decoder.hidden_size
     assert len(channels) == max(2, hidden // OutlierRecipe.channels_per)
     assert set(channels.values()) <= set(OutlierRecipe.factors)
 
-    source, variant = load_model(demo_checkpoint), load_model(outlier_checkpoint)
+    source, variant = demo_model, load_model(outlier_checkpoint)
     src_prefill, src_step, src_x = first_layer_inputs(source, batch)
     var_prefill, var_step, var_x = first_layer_inputs(variant, batch)
     # Power-of-two factors make every product of the variant exactly the source's (the scaled activation times

@@ -37,6 +37,11 @@ class Int4Options:
     forms: dict[str, str]  # layer class -> int4 | int8 | float
     exclude: tuple[str, ...] = ()  # weights kept float whatever their class
 
+    def form(self, graph_name: str, weight: str) -> str:
+        if excluded(weight, self.exclude):
+            return "float"
+        return self.forms[layer_class(graph_name, weight)]
+
 
 @dataclass
 class Int4Plan:
@@ -51,15 +56,11 @@ class Int4Plan:
     alphas: dict[tuple[str, ...], float] = field(default_factory=dict)
     done: dict[str, tuple[str, np.ndarray, np.ndarray]] = field(default_factory=dict)  # weight -> (form, q, scale)
 
-    def form(self, graph_name: str, weight: str) -> str:
-        if excluded(weight, self.options.exclude):
-            return "float"
-        return self.options.forms[layer_class(graph_name, weight)]
 
-
-def _norm_input(activation: ir.Value, users: set[ir.Node]) -> ir.Node | None:
-    """The node producing `activation` if 1 / s can be folded into its per-channel constants: a normalisation
-    (or a Mul by a 1-D constant) whose output only `users` read and whose constants nothing else reads."""
+def _norm_input(activation: ir.Value, users: set[ir.Node]) -> tuple[ir.Node, list[int]] | None:
+    """The node producing `activation` and the indices of its per-channel constants, if 1 / s can be folded into
+    them: a normalisation (or a Mul by a 1-D constant) whose output only `users` read and whose constants nothing
+    else reads."""
     node = activation.producer()
     if node is None or {u for u, _ in activation.uses()} != users or node.domain not in ("", "ai.onnx"):
         return None
@@ -74,7 +75,7 @@ def _norm_input(activation: ir.Value, users: set[ir.Node]) -> ir.Node | None:
     constants = [node.inputs[i] for i in indices]
     if not constants or any(v.const_value is None or len(v.uses()) != 1 for v in constants):
         return None
-    return node
+    return node, indices
 
 
 def _groups(graph: ir.Graph) -> dict[tuple[str, ...], tuple[ir.Value, set[ir.Node]]]:
@@ -91,7 +92,7 @@ def plan_folds(plan: Int4Plan, graphs: dict[str, ir.Graph]) -> None:
     """Pass 1 over every graph: a group's 1 / s is folded only if it can be in every graph that reads it."""
     for name, graph in graphs.items():
         for key, (activation, users) in _groups(graph).items():
-            if all(plan.form(name, w) == "int4" for w in key):
+            if all(plan.options.form(name, w) == "int4" for w in key):
                 foldable = _norm_input(activation, users) is not None
                 plan.fold[key] = plan.fold.get(key, True) and foldable
 
@@ -134,15 +135,12 @@ def _quantize(plan: Int4Plan, form: str, name: str, weight: np.ndarray) -> tuple
 def _apply_inverse(plan: Int4Plan, graph: ir.Graph, key: tuple[str, ...], activation: ir.Value, users) -> None:
     inverse = plan.inverse[key]
     if plan.fold.get(key):
-        node = _norm_input(activation, users)
-        indices = NORMS.get(node.op_type) or [i for i, v in enumerate(node.inputs) if v is not None and
-                                              v.const_value is not None and len(v.const_value.shape) == 1]  # fmt: skip
+        node, indices = _norm_input(activation, users)  # foldable in every graph (plan_folds)
         for i in indices:
-            if i < len(node.inputs) and node.inputs[i] is not None:
-                constant = node.inputs[i].const_value
-                values = constant.numpy()
-                folded = (values.astype(np.float32) * inverse).astype(values.dtype)
-                node.inputs[i].const_value = ir.tensor(folded, name=constant.name)
+            constant = node.inputs[i].const_value
+            values = constant.numpy()
+            folded = (values.astype(np.float32) * inverse).astype(values.dtype)
+            node.inputs[i].const_value = ir.tensor(folded, name=constant.name)
         return
     mul_inverse = initializer(graph, f"{key[0]}.awq_inverse_scale", inverse.astype(plan.scale_dtype))
     mul = ir.node("Mul", [activation, mul_inverse], name=f"{key[0]}/awq_scale")
@@ -155,7 +153,7 @@ def quantize_graph_int4(plan: Int4Plan, graph_name: str, graph: ir.Graph) -> tup
     """Rewrite one graph's linear layers by the plan; returns (quantized, kept float) weight names."""
     done, kept = set(), set()
     for key, (activation, users) in _groups(graph).items():
-        if plan.options.method == "awq" and all(plan.form(graph_name, w) == "int4" for w in key):
+        if plan.options.method == "awq" and all(plan.options.form(graph_name, w) == "int4" for w in key):
             if key not in plan.alphas:
                 _awq_scales(plan, graph, key)
             if key in plan.inverse:
@@ -163,7 +161,7 @@ def quantize_graph_int4(plan: Int4Plan, graph_name: str, graph: ir.Graph) -> tup
     dequantized: dict[str, ir.Value] = {}
     for layer in list(linear_layers(graph)):
         name = layer.weight
-        form = plan.form(graph_name, name)
+        form = plan.options.form(graph_name, name)
         if form == "float":
             kept.add(name)
             continue

@@ -113,13 +113,11 @@ def check_int4(artifact: Artifact, options: QuantizeOptions) -> None:
     every layer that becomes INT4 is a whole number of blocks (shapes read from the graphs, no weights loaded)."""
     check_int4_target(TrtTarget(artifact.manifest["export"]["trt_target"]), artifact.manifest["export"]["opset"])
     from .int4 import check_block_size
-    from .int4_graph import Int4Plan
 
-    plan = Int4Plan(options.int4, np.float32)
     for name in GRAPHS:
         graph = onnx.load(artifact.graph_path(name), load_external_data=False).graph
         for weight in graph.initializer:
-            if is_linear_weight(weight.name, len(weight.dims)) and plan.form(name, weight.name) == "int4":
+            if is_linear_weight(weight.name, len(weight.dims)) and options.int4.form(name, weight.name) == "int4":
                 check_block_size(weight.name, list(weight.dims), options.int4.block_size)
 
 
