@@ -123,7 +123,7 @@ def export_artifact(
     capacity = resolve_max_context(options.max_context, config, opset, query_len)
     specs = [
         vision_encoder_spec(model, query_len),
-        decoder_prefill_spec(model, query_len, capacity),
+        decoder_prefill_spec(model, query_len, capacity, options.plugins),
         decoder_step_spec(model, capacity),
     ]
 

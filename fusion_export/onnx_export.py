@@ -23,6 +23,10 @@ from .graphs import attention, interaction, kv_write, rms_norm, window_pool
 from .graphs.spec import GraphSpec
 
 REGION_KEY = "fusion_export.region"
+# the decoder layer, interaction layer or final norm a node computes, e.g. "model.layers.3": how the build finds
+# each interaction layer in the prefill graph to run it behind a conditional (fusion_export/decoder_merge.py)
+SCOPE_KEY = "fusion_export.scope"
+_SCOPE = re.compile(r"model\.(layers|interaction)\.\d+|model\.norm")
 REGION_OPS = ("kv_write", "decode_attention", "scaled_dot_product_attention")
 INLINE_BYTES = 1024  # smaller constants stay inside the .onnx file
 _SMALL_ALIGN, _LARGE_ALIGN, _LARGE = 64, 65536, 1 << 20  # large tensors page-aligned so runtimes can mmap them
@@ -74,14 +78,27 @@ def trace(spec: GraphSpec, opset: int, plugins: bool = False) -> ir.Model:
         output_size_limit=INLINE_BYTES,
     )
     for node in model.graph:
-        region = attention_region(node.metadata_props)
+        region, scope = attention_region(node.metadata_props), layer_scope(node.metadata_props)
         node.metadata_props.clear()  # per-node stack traces would be most of the file's size
         if region:
             node.metadata_props[REGION_KEY] = region
+        if scope:
+            node.metadata_props[SCOPE_KEY] = scope
         _drop_default_attributes(node, opset)
+    _declare_dims(model, spec.declared_dims)
     model.graph.name = spec.name
     _attach_plugin_functions(model, opset)
     return model
+
+
+def _declare_dims(model: ir.Model, declared: dict[str, dict[int, int]]) -> None:
+    """Fix the declared sizes in the graph's input shapes (the nodes read them from the data)."""
+    for value in model.graph.inputs:
+        if value.name in declared and value.shape is not None:
+            dims = list(value.shape)
+            for axis, size in declared[value.name].items():
+                dims[axis] = size
+            value.shape = ir.Shape(dims)
 
 
 def attention_region(metadata: dict[str, str]) -> str | None:
@@ -100,6 +117,17 @@ def attention_region(metadata: dict[str, str]) -> str | None:
     if target.group(1) in REGION_OPS:
         return f"{scopes[-2]}/{target.group(1)}"
     return f"{scopes[-2]}/forward" if scopes[-2].endswith(".self_attn") else None
+
+
+def layer_scope(metadata: dict[str, str]) -> str | None:
+    """The outermost decoder layer, interaction layer or final norm module whose forward made the node, or None."""
+    try:
+        scopes = ast.literal_eval(metadata.get("pkg.torch.onnx.name_scopes", ""))
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(scopes, list):
+        return None
+    return next((s for s in scopes if isinstance(s, str) and _SCOPE.fullmatch(s)), None)
 
 
 def _attach_plugin_functions(model: ir.Model, opset: int) -> None:

@@ -37,6 +37,7 @@ EXPORT_GROUPS = [
     ("tests/test_trt_build.py", "demo-exports"),
     ("tests/test_hostile_build_quantize.py", "demo-exports"),
     ("tests/test_bench.py", "demo-exports"),
+    ("tests/test_decoder_merge.py", "demo-exports"),
     ("tests/test_containment.py", "demo-exports"),  # copies of the demo export, planted
     ("tests/test_kv_int8.py", "demo-exports"),  # quantizes the demo exports above, its plugin form included
     ("tests/test_plugin_kernels.py::test_export_with_plugins_matches_reference_and_builds", "demo-exports"),

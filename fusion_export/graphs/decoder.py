@@ -31,6 +31,10 @@ past_key_values.{i}.key|value   [batch, kv_heads, capacity, head_dim]
 -> logits                       [batch, vocab]                       float32 of the last new token
 -> present.{i}.key|value        [batch, kv_heads, capacity, head_dim]
 ```
+The prefill graph's interaction layers hold no count of latents in their nodes (traced with the latent rows
+dynamic, declared with query_len's): the same nodes run on none at a decode step, which is how one decoder graph
+serves both phases in one engine (fusion_export/decoder_merge.py).
+
 RoPE cos/sin are inputs because LongRoPE switches tables per forward (docs/semantics.md section 7); the runtime
 computes them with the reference's own function, so positions past 4096 are never silently wrong.
 """
@@ -48,7 +52,7 @@ from reference_model.model import InteractionInputs
 
 from ..graph_inputs import LOGITS, PREFILL_INPUTS, STEP_INPUTS, past_names, present_names
 from .attention import use_export_attention
-from .interaction import window_attention_plugin
+from .interaction import any_latent_rows, context_windows_any_rows, window_attention_plugin
 from .kv_write import scatter_index  # (and registers torch.ops.fusion_export.kv_write)
 from .rms_norm import use_export_norms
 from .spec import GraphSpec
@@ -86,10 +90,11 @@ class _BufferLayer:
 
 
 class DecoderPrefillGraph(nn.Module):
-    def __init__(self, model: FusionModel):
+    def __init__(self, model: FusionModel, latent_side: int):
         super().__init__()
         self.model = use_export_attention(use_export_norms(model))
         self.as_plugin = False  # set for the export of a --plugins on graph (onnx_export.trace)
+        self.latent_side = latent_side  # s: latents per row of the grid (the rows are the data's)
 
     def forward(
         self,
@@ -108,10 +113,14 @@ class DecoderPrefillGraph(nn.Module):
         cache = BufferCache(past_key_values, torch.zeros_like(attention_mask_[:, 0]), attend_to_buffer=False)
         if self.as_plugin:  # the InteractionAttention plugin reads each latent's window in place (graphs/interaction)
             interaction = InteractionInputs(vision_pos, instruct_pos, windows=global_ctx)
-        else:
-            interaction = model.interaction_inputs(global_ctx, vision_pos, instruct_pos)
-        with window_attention_plugin(model, on=self.as_plugin):
-            h = model.decode(inputs_embeds, rope_cos, rope_sin, mask, cache, interaction)
+            with window_attention_plugin(model, on=True):
+                h = model.decode(inputs_embeds, rope_cos, rope_sin, mask, cache, interaction)
+        else:  # the interaction layers' nodes run on any number of latents, none at a decode step (graphs/interaction)
+            window = model.config.interaction.window_size
+            windows = context_windows_any_rows(global_ctx, self.latent_side, window)
+            with any_latent_rows(model):
+                h = model.decode(inputs_embeds, rope_cos, rope_sin, mask, cache,
+                                 InteractionInputs(vision_pos, instruct_pos, windows))  # fmt: skip
         return (model.logits(h[:, -1]), *cache.presents)
 
 
@@ -152,8 +161,11 @@ def _dims(model: FusionModel, capacity: int | None) -> tuple[torch.export.Dim, d
     return batch, cache
 
 
-def decoder_prefill_spec(model: FusionModel, query_len: int, capacity: int | None = None) -> GraphSpec:
-    """capacity: fixed KV columns, or None for a dynamic `capacity` dim."""
+def decoder_prefill_spec(
+    model: FusionModel, query_len: int, capacity: int | None = None, plugins: bool = False
+) -> GraphSpec:
+    """capacity: fixed KV columns, or None for a dynamic `capacity` dim. plugins: the graph is traced for
+    `--plugins on` (its interaction plugin reads whole latent rows of a fixed count)."""
     cfg = model.config
     B, S = 2, query_len + 11  # example sizes distinct from every static dim
     C = capacity or query_len + 17
@@ -172,9 +184,14 @@ def decoder_prefill_spec(model: FusionModel, query_len: int, capacity: int | Non
     batch, cache_dims = _dims(model, capacity)
     seq = torch.export.Dim("seq", max=capacity or cfg.decoder.rope.max_position_embeddings)
     n_cache = 2 * cfg.decoder.num_layers
+    # traced with the latent rows dynamic, so no node holds their number (graphs/interaction.py), then declared
+    # with query_len's: the artifact's prefill graph takes exactly query_len latents
+    side, window = math.isqrt(query_len), cfg.interaction.window_size
+    rows = torch.export.Dim("latent_rows", min=0, max=side)
+    latents, context = (rows * side, rows * side * window * window) if not plugins else (None, None)
     return GraphSpec(
         name="decoder_prefill",
-        module=DecoderPrefillGraph(model),
+        module=DecoderPrefillGraph(model, side),
         example_inputs=example,
         input_names=[*PREFILL_INPUTS, *past_names(cfg.decoder.num_layers)],
         output_names=[LOGITS, *present_names(cfg.decoder.num_layers)],
@@ -183,12 +200,13 @@ def decoder_prefill_spec(model: FusionModel, query_len: int, capacity: int | Non
             "attention_mask_": {0: batch, 1: seq},
             "rope_cos": {0: batch, 1: seq},
             "rope_sin": {0: batch, 1: seq},
-            "vision_pos": {0: batch},
+            "vision_pos": {0: batch, 1: latents} if latents else {0: batch},
             "instruct_pos": {0: batch},
-            "global_ctx": {0: batch},
+            "global_ctx": {0: batch, 1: context} if context else {0: batch},
             "past_key_values": tuple(dict(cache_dims) for _ in range(n_cache)),
         },
         weights_group="decoder",
+        declared_dims={"vision_pos": {1: query_len}, "global_ctx": {1: ctx}},
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,3 +18,5 @@ class GraphSpec:
     output_names: list[str]
     dynamic_shapes: dict[str, Any]  # torch.export dynamic shapes, keyed by forward argument name
     weights_group: str  # graphs in one group share one external data file
+    # input -> {axis: size}: dims traced dynamic (so no node holds them) and declared fixed in the graph's inputs
+    declared_dims: dict[str, dict[int, int]] = field(default_factory=dict)
