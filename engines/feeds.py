@@ -115,3 +115,25 @@ def step_inputs(tokens: torch.Tensor, state: DecodeState, embed_table: np.ndarra
         "rope_sin": sin,
         "write_indices": np.full((batch,), state.length - 1, dtype=np.int64),
     }
+
+
+def decoder_prefill_inputs(prefill: dict[str, np.ndarray], capacity: int) -> dict[str, np.ndarray]:
+    """The one decoder graph's prefill feeds (fusion_export/decoder_merge.py) from the prefill graph's: the prompt
+    is a step of `seq` new tokens written at column 0, its mask the first `seq` of `capacity` valid columns."""
+    mask = prefill["attention_mask"]
+    batch, seq = mask.shape
+    columns = np.zeros((batch, capacity), dtype=np.int64)
+    columns[:, :seq] = mask
+    return {**prefill, "attention_mask": columns, "write_indices": np.zeros((batch,), dtype=np.int64)}
+
+
+def decoder_step_inputs(step: dict[str, np.ndarray], hidden_size: int, dtype) -> dict[str, np.ndarray]:
+    """The one decoder graph's step feeds from the step graph's: no latents and no context grid, so its
+    interaction layers compute nothing; the instruction column 0 is one every step has (never read)."""
+    batch = step["write_indices"].shape[0]
+    return {
+        **step,
+        "vision_pos": np.zeros((batch, 0), dtype=np.int64),
+        "instruct_pos": np.zeros((batch, 1), dtype=np.int64),
+        "global_ctx": np.zeros((batch, 0, hidden_size), dtype=dtype),
+    }

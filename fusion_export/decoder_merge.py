@@ -42,13 +42,18 @@ import onnx
 from reference_model.errors import FusionError
 
 from .graph_inputs import STEP_INPUTS
-from .onnx_export import SCOPE_KEY
 from .plugin_ops.onnx_forms import DOMAIN as PLUGIN_DOMAIN
 
-_LATENT_DIMS = {"vision_pos": "latents", "global_ctx": "context"}
+# the merged graph's dims that neither graph has: the new tokens of either phase, and the latents and context grid
+# entries, all of them at a prefill and none at a decode step
+MERGED_DIMS = {"inputs_embeds": {1: "tokens"}, "rope_cos": {1: "tokens"}, "rope_sin": {1: "tokens"},
+               "vision_pos": {1: "latents"}, "global_ctx": {1: "context"}}  # fmt: skip
 INTERACTION_INPUTS = ("vision_pos", "instruct_pos", "global_ctx")  # the prefill graph's inputs the layers read
 SAME_AT_PREFILL = ("inputs_embeds",)  # an input the layers may read the shape of: the same at a merged prefill
 DECODER_SCOPE, INTERACTION_SCOPE, NORM_SCOPE = "model.layers.", "model.interaction.", "model.norm"
+# the node metadata key the exporter writes (onnx_export.py): the decoder layer, interaction layer or final norm a
+# node computes, e.g. "model.layers.3"
+SCOPE_KEY = "fusion_export.scope"
 
 
 class MergeError(FusionError):
@@ -110,6 +115,27 @@ def _island(p: _Graph, output: str, boundary: str, layer: str) -> list[onnx.Node
 
 def _op_types(nodes: list[onnx.NodeProto]) -> Counter:
     return Counter(n.op_type for n in nodes if _is_decoder(_scope(n)))
+
+
+def _entries(values) -> list[dict]:
+    """Graph inputs as the manifest lists them: name, and shape with dim names or sizes."""
+    return [{"name": v.name, "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+            for v in values]  # fmt: skip
+
+
+def merged_inputs(prefill: list[dict], step: list[dict]) -> list[dict]:
+    """The merged graph's inputs from the two graphs' (manifest entries: name, shape, and any other field): the
+    step graph's, then the interaction layers', before the KV cache, with MERGED_DIMS named."""
+    p, s = {e["name"]: e for e in prefill}, {e["name"]: e for e in step}
+    names = [n for n in s if n in STEP_INPUTS] + list(INTERACTION_INPUTS) + [n for n in s if n not in STEP_INPUTS]
+    out = []
+    for name in names:
+        entry = dict(s.get(name) or p[name])
+        entry["shape"] = list(entry["shape"])
+        for axis, dim in MERGED_DIMS.get(name, {}).items():
+            entry["shape"][axis] = dim
+        out.append(entry)
+    return out
 
 
 def merge_decoder(prefill: onnx.ModelProto, step: onnx.ModelProto) -> onnx.ModelProto:
@@ -184,24 +210,20 @@ def merge_decoder(prefill: onnx.ModelProto, step: onnx.ModelProto) -> onnx.Model
         graph.node.extend(nodes_now[:position] + branch_nodes + nodes_now[position:])
         s = _Graph(graph)
 
-    # inputs: the step graph's, then the interaction layers', before the KV cache
-    first_past = next(i for i, x in enumerate(graph.input) if x.name not in STEP_INPUTS)
-    extra = []
-    for name in INTERACTION_INPUTS:
+    # inputs: as merged_inputs lists them
+    entries = {e["name"]: e for e in merged_inputs(_entries(prefill.graph.input), _entries(step.graph.input))}
+    infos = {i.name: i for i in [*graph.input, *prefill.graph.input]}
+    del graph.input[:]
+    for name, entry in entries.items():
         info = onnx.ValueInfoProto()
-        info.CopyFrom(p_inputs[name])
-        if name in _LATENT_DIMS:  # the rows of latents: all of them at a prefill, none at a decode step
-            dim = info.type.tensor_type.shape.dim[1]
+        info.CopyFrom(infos[name])
+        for dim, size in zip(info.type.tensor_type.shape.dim, entry["shape"]):
             dim.Clear()
-            dim.dim_param = _LATENT_DIMS[name]
-        extra.append(info)
-    for offset, info in enumerate(extra):
-        graph.input.insert(first_past + offset, info)
-    for info in graph.input:
-        if info.name in ("inputs_embeds", "rope_cos", "rope_sin"):
-            dim = info.type.tensor_type.shape.dim[1]
-            dim.Clear()
-            dim.dim_param = "tokens"
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+        graph.input.append(info)
     # plugin functions and opsets of both graphs (an interaction plugin's function comes from the prefill graph)
     have = {(f.domain, f.name, f.overload) for f in merged.functions}
     merged.functions.extend(f for f in prefill.functions if (f.domain, f.name, f.overload) not in have)

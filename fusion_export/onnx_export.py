@@ -19,13 +19,13 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from .decoder_merge import SCOPE_KEY
 from .graphs import attention, interaction, kv_write, rms_norm, window_pool
 from .graphs.spec import GraphSpec
 
 REGION_KEY = "fusion_export.region"
-# the decoder layer, interaction layer or final norm a node computes, e.g. "model.layers.3": how the build finds
-# each interaction layer in the prefill graph to run it behind a conditional (fusion_export/decoder_merge.py)
-SCOPE_KEY = "fusion_export.scope"
+# SCOPE_KEY: the decoder layer, interaction layer or final norm a node computes, how decoder_merge finds each
+# interaction layer in the prefill graph
 _SCOPE = re.compile(r"model\.(layers|interaction)\.\d+|model\.norm")
 REGION_OPS = ("kv_write", "decode_attention", "scaled_dot_product_attention")
 INLINE_BYTES = 1024  # smaller constants stay inside the .onnx file

@@ -17,7 +17,7 @@ def test_demo(tmp_path):
     assert "TensorRT check (trt-10.3): OK" in out
     assert "top-1 agreement 100.0%; PASSED" in out
     assert "ONNX Runtime tokens identical to the reference's" in out
-    assert "== 7. build TensorRT engines" in out and re.search(r"decoder_step: \d+ layers", out)  # TensorRT-RTX
+    assert "== 7. build TensorRT engines" in out and re.search(r"decoder: \d+ layers", out)  # TensorRT-RTX
     assert (tmp_path / "demo" / "engines" / "engines.json").exists()
     assert (tmp_path / "demo" / "onnx-fp32" / "manifest.json").exists()
     again = run_cli("demo", "--out", str(tmp_path / "demo"), "--max-new-tokens", "8", timeout=300)

@@ -52,7 +52,8 @@ def test_dry_run_command_lines_carry_the_targets(art, tmp_path):
     result = run_main("build", str(art), "--dry-run", "--compute-capability", "sm86,SM120", "--max-context", "1024")
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("  tensorrt_rtx ")]
-    assert len(lines) == 3 and all(line.endswith(" --computeCapabilities=86,120") for line in lines)
+    assert len(lines) == 1 and all(line.endswith(" --computeCapabilities=86,120") for line in lines)
+    assert "# decoder: decoder_prefill.onnx + decoder_step.onnx merged in memory" in result.stdout
     assert "trtexec" not in result.stdout  # enterprise TensorRT takes no targets: its lines would build something else
     result = run_main("build", str(art), "--dry-run", "--trt", "tensorrt", "--timing-cache", str(tmp_path / "t.cache"))
     assert result.returncode == 0, result.stderr  # no TensorRT needed: the flavour's flags come from a static table

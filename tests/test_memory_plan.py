@@ -9,10 +9,10 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from engines.tensorrt.build import BuildOptions, build_graph
+from engines.tensorrt.build import BuildOptions, build_graph, merged_decoder_bytes
 from engines.tensorrt.engine_manifest import open_engines
 from engines.tensorrt.flavours import TrtFlavour, installed_flavours, load_trt
-from engines.tensorrt.plan import GB, RUNTIME_OVERHEAD_BYTES, BuildLimits, plan_build
+from engines.tensorrt.plan import DECODER, GB, RUNTIME_OVERHEAD_BYTES, BuildLimits, plan_build
 from fusion_export.manifest import open_artifact
 from fusion_export.progress import Progress
 
@@ -43,23 +43,30 @@ def test_plan_counts_int4_weights_as_stored(fp16_and_int4):
     fp16, int4 = (open_artifact(folder) for folder in fp16_and_int4)
     plan = plan_build(int4, BuildLimits())
     stored = {name: stored_initializers(int4.graph_path(name)) for name in GRAPHS}
-    for name in GRAPHS:  # byte for byte and type by type what the graphs hold, each engine its own copy
+    # byte for byte and type by type what the graphs hold: the vision engine its graph's, the one decoder engine
+    # its two graphs' (one tensor per name: the decoder's weights once)
+    held = {
+        "vision_encoder": stored["vision_encoder"],
+        DECODER: {**stored["decoder_step"], **stored["decoder_prefill"]},
+    }
+    assert sorted(plan.weights) == sorted(held) and plan.decoder_engines == 1
+    for name, tensors in held.items():
         by_dtype: dict[str, int] = {}
-        for dtype, n in stored[name].values():
+        for dtype, n in tensors.values():
             by_dtype[dtype] = by_dtype.get(dtype, 0) + n
         assert plan.weights[name].by_dtype == by_dtype and plan.weights[name].bytes == sum(by_dtype.values()), name
-    assert plan.memory["weights"] == sum(n for s in stored.values() for _, n in s.values())
+    assert plan.memory["weights"] == sum(n for s in held.values() for _, n in s.values())
     prefill, step = ({k: n for k, (_, n) in stored[g].items()} for g in ("decoder_prefill", "decoder_step"))
-    assert plan.decoder_in_both_engines == sum(n for name, n in prefill.items() if name in step)
+    assert plan.decoder_weights == sum(n for name, n in prefill.items() if name in step)
     # the step graph's own: shape and index constants only (8 KB on this model), no weight the prefill lacks
-    assert 0 <= sum(step.values()) - plan.decoder_in_both_engines < 16 * 1024
+    assert 0 <= sum(step.values()) - plan.decoder_weights < 16 * 1024
 
     # from the config alone: every decoder linear layer K x N at half a byte (K, N even here), and one fp16
     # scale per block of BLOCK input rows per output column
     d = int4.config.decoder
     q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
     layer_kn = d.hidden_size * (q + 2 * kv) + q * d.hidden_size + 3 * d.hidden_size * d.intermediate_size
-    assert plan.weights["decoder_step"].by_dtype["INT4"] == d.num_layers * layer_kn // 2
+    assert sum(n for dtype, n in stored["decoder_step"].values() if dtype == "INT4") == d.num_layers * layer_kn // 2
     int4_scales = sum(n for name, n in step.items() if name.endswith(".scale") and f"{name[:-6]}.int4" in step)
     assert int4_scales == d.num_layers * layer_kn // BLOCK * 2
 
@@ -67,16 +74,16 @@ def test_plan_counts_int4_weights_as_stored(fp16_and_int4):
     # 9 D^2 per layer that a guessed activation size would count
     interaction = sum(n for name, n in prefill.items() if name.startswith("model.interaction."))
     # + the prefill's own constants: shapes, and the interaction layers' index broadcast row (hidden int64s)
-    assert interaction <= plan.prefill_only <= interaction + 4096
+    assert interaction <= plan.interaction_weights <= interaction + 4096
     float_guess = int4.config.interaction.num_layers * 9 * d.hidden_size**2 * 2
-    assert plan.prefill_only < 0.4 * float_guess
+    assert plan.interaction_weights < 0.4 * float_guess
 
     fp16_plan = plan_build(fp16, BuildLimits())
     assert plan.quantization == {"mode": "int4-weight-only", "block_size": BLOCK, "method": "rtn"}
     assert plan.planned_for() == f"fp16 activations, int4-weight-only weights (blocks of {BLOCK}, rtn), KV cache fp16"
     assert fp16_plan.quantization is None and fp16_plan.planned_for() == "fp16 activations, fp16 weights, KV cache fp16"
     # INT4 decoder layers: about 4.5 bits a weight with block-32 fp16 scales, the INT8 head 8 bits; fp16: 16
-    assert 0.25 < plan.weights["decoder_step"].bytes / fp16_plan.weights["decoder_step"].bytes < 0.35
+    assert 0.25 < plan.weights[DECODER].bytes / fp16_plan.weights[DECODER].bytes < 0.35
     assert plan.memory["kv_cache"] == fp16_plan.memory["kv_cache"]  # weight-only: the cache stays fp16
 
 
@@ -89,8 +96,8 @@ def test_dry_run_prints_the_mode_and_refuses_a_plan_that_does_not_fit(fp16_and_i
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"planned for: fp16 activations, int4-weight-only weights (blocks of {BLOCK}, rtn), KV cache fp16" in out
-    assert "decoder_step (decoder_step.onnx): weights " in out and "(INT4 " in out
-    assert "twice: the prefill and step engines each hold it" in out
+    assert "decoder (decoder_prefill.onnx + decoder_step.onnx): weights " in out and "(INT4 " in out
+    assert "once, in one engine for prefill and decode" in out
 
     result = run_main("build", str(fp16), "--dry-run", "--device-memory", f"{budget:.6f}")
     assert result.returncode == 2
@@ -121,13 +128,16 @@ def test_int4_engines_record_the_mode_and_hold_the_planned_weights(fp16_and_int4
     assert manifest["quantization"] == "int4-weight-only" and manifest["kv_cache_dtype"] == "fp16"
     assert manifest["quantization_settings"] == {"mode": "int4-weight-only", "block_size": BLOCK, "method": "rtn"}
 
-    fp16_plan = plan_build(open_artifact(fp16), BuildLimits())
-    step = next(g for g in fp16_plan.graphs if g.name == "decoder_step")
-    build_graph(load_trt(TrtFlavour.tensorrt_rtx), fp16 / step.onnx, step, BuildOptions(), Progress(1, enabled=False),
-                None, tmp_path / "fp16_step.engine")  # fmt: skip
-    engine_saving = (tmp_path / "fp16_step.engine").stat().st_size - manifest["engines"]["decoder_step"]["bytes"]
-    planned_saving = fp16_plan.weights["decoder_step"].bytes - manifest["plan"]["weights"]["decoder_step"]["bytes"]
-    # 3%: the engines differ by more than their weights (the INT4 one has a DequantizeLinear per layer, each with
-    # its own layer record); measured 1,434,480 against 1,446,636 bytes (0.8%) with TensorRT-RTX 1.7.1. INT4
-    # widened to fp16 in the engine would save nothing.
-    assert engine_saving == pytest.approx(planned_saving, rel=0.03)
+    fp16_artifact = open_artifact(fp16)
+    fp16_plan = plan_build(fp16_artifact, BuildLimits())
+    decoder = next(g for g in fp16_plan.graphs if g.name == DECODER)
+    build_graph(load_trt(TrtFlavour.tensorrt_rtx), fp16 / "decoder_step.onnx", decoder, BuildOptions(),
+                Progress(1, enabled=False), None, tmp_path / "fp16_decoder.engine",
+                model_bytes=merged_decoder_bytes(fp16_artifact, decoder))  # fmt: skip
+    engine_saving = (tmp_path / "fp16_decoder.engine").stat().st_size - manifest["engines"][DECODER]["bytes"]
+    planned_saving = fp16_plan.weights[DECODER].bytes - manifest["plan"]["weights"][DECODER]["bytes"]
+    # INT4 widened to fp16 in the engine would save nothing. Not the whole planned saving: on this tiny model the
+    # one decoder engine is mostly kernels (9.3 of 11.9 MB fp16), and the INT4 one's profile spanning 1..1023 tokens
+    # carries more of them (each DequantizeLinear's): measured 976,248 saved of 1,870,572 planned (TensorRT-RTX
+    # 1.7.1); a prefill-free step engine saved 99% (issue 25), where kernels did not vary with the token count
+    assert 0.4 * planned_saving < engine_saving <= planned_saving * 1.03

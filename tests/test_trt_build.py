@@ -14,9 +14,17 @@ import onnx
 import pytest
 
 from engines.tensorrt.build import BuildOptions, EngineBuildError, build_engines
-from engines.tensorrt.engine_manifest import ENGINE_MANIFEST, EngineError, check_built_from, check_runtime, open_engines
+from engines.tensorrt.engine_manifest import (
+    ENGINE_MANIFEST,
+    ENGINE_SETS,
+    EngineError,
+    check_built_from,
+    check_runtime,
+    open_engines,
+)
 from engines.tensorrt.flavours import TrtFlavour, installed_flavours, load_trt, read_rtx_plan_header
-from engines.tensorrt.plan import BuildLimits, parse_device_memory, plan_build
+from engines.tensorrt.plan import DECODER, BuildLimits, parse_device_memory, plan_build
+from fusion_export.decoder_merge import merge_decoder
 from fusion_export.manifest import file_entries, open_artifact, save_manifest
 from fusion_export.progress import Progress
 from fusion_export.trt_rules.operator_check import check_graph
@@ -69,7 +77,8 @@ def test_every_flavour_builds(built, export_demo, target, precision, max_context
     assert manifest["source"]["manifest_sha256"] == artifact.manifest["manifest_sha256"]
     assert engines.limits["max_context"] == 1024 and engines.config == artifact.config
     opset24 = target == "trt-10.15"
-    for name in GRAPHS:
+    assert engines.engine_names == ("vision_encoder", "decoder")  # the decoder held once (decoder_merge.py)
+    for name in engines.engine_names:
         engine = manifest["engines"][name]
         path = folder / engine["file"]
         assert path.stat().st_size == engine["bytes"] > 1_000_000 and engine["layers"] > 300
@@ -80,24 +89,29 @@ def test_every_flavour_builds(built, export_demo, target, precision, max_context
         dtypes = {t["name"]: t["dtype"] for t in engine["io"]["inputs"]}
         embeds = "instruct_embeds" if name == "vision_encoder" else "inputs_embeds"
         assert dtypes[embeds] == {"fp32": "FLOAT", "fp16": "HALF"}[precision]  # strongly typed: the graph's
-    step_cache = manifest["engines"]["decoder_step"]["profile"]["past_key_values.0.key"]
-    assert step_cache["min"] == step_cache["max"] == [1, 4, 1024, 32]  # one fixed capacity, batch 1
+    decoder = manifest["engines"]["decoder"]
+    assert decoder["graphs"] == ["decoder_prefill", "decoder_step"]
+    cache = decoder["profile"]["past_key_values.0.key"]
+    assert cache["min"] == cache["max"] == [1, 4, 1024, 32]  # one fixed capacity, batch 1
+    # one profile for both phases: a decode step (one token, no latents) to the longest prompt with every latent
+    assert decoder["profile"]["inputs_embeds"]["min"][1] == 1 and decoder["profile"]["vision_pos"]["min"] == [1, 0]
+    assert decoder["profile"]["inputs_embeds"]["max"][1] == 1023 and decoder["profile"]["vision_pos"]["max"] == [1, 16]
 
 
 def test_oracle_checkpoint_builds(export_oracle, tmp_path):
     result = build_engines(export_oracle(16), tmp_path / "eng", BuildOptions(), verbose=False)
-    assert {name: e["layers"] > 300 for name, e in result.engines.items()} == dict.fromkeys(GRAPHS, True)
+    assert {name: e["layers"] > 300 for name, e in result.engines.items()} == dict.fromkeys(ENGINE_SETS[1], True)
     open_engines(result.folder)
 
 
 def test_engine_folder_checks(built, export_demo, tmp_path):
     folder = shutil.copytree(built("trt-10.3", "fp32", None), tmp_path / "eng")
     trt = load_trt(TrtFlavour.tensorrt_rtx)
-    step = folder / "decoder_step.engine"
+    step = folder / "decoder.engine"
     original = step.read_bytes()
 
     step.write_bytes(original[:-1000])  # a truncated copy: caught by its size
-    with pytest.raises(EngineError, match="decoder_step.engine: .* bytes, manifest says"):
+    with pytest.raises(EngineError, match="decoder.engine: .* bytes, manifest says"):
         open_engines(folder)
     reseal(folder)  # even with the hashes rewritten, the plan's own header says it is short
     with pytest.raises(FusionError, match="truncated or padded engine"):
@@ -188,10 +202,12 @@ def test_parser_errors_are_quoted(export_demo, tmp_path):
             dim.dim_param = "capacity"
     onnx.save(model, folder / "decoder_step.onnx")
     trt = load_trt(TrtFlavour.tensorrt_rtx)
-    step = next(g for g in plan.graphs if g.name == "decoder_step")
+    decoder = next(g for g in plan.graphs if g.name == DECODER)
+    prefill = onnx.load(folder / "decoder_prefill.onnx", load_external_data=False)
+    merged = merge_decoder(prefill, model).SerializeToString()  # what build parses: the edited step graph merged
     with pytest.raises(EngineBuildError) as error:
-        build_graph(trt, folder / "decoder_step.onnx", step, BuildOptions(), Progress(1, enabled=False), None,
-                    tmp_path / "step.engine")  # fmt: skip
+        build_graph(trt, folder / "decoder_step.onnx", decoder, BuildOptions(), Progress(1, enabled=False), None,
+                    tmp_path / "decoder.engine", model_bytes=merged)  # fmt: skip
     assert "TensorRT's parser (tensorrt-rtx" in str(error.value)
     assert "The KV cache tensor must have a static sequence length dimension" in str(error.value)
 
@@ -213,8 +229,11 @@ def test_dry_run_and_memory_planner(export_demo, tmp_path):
     assert "past_key_values.0.key" in out and "min [1, 4, 2048, 32]  opt [1, 4, 2048, 32]  max [1, 4, 2048, 32]" in out
     assert "instruct_embeds" in out and "min [1, 1, 128]  opt [1, 32, 128]  max [1, 512, 128]" in out
     assert "Jetson Orin Nano 8 GB" in out and "largest KV capacity that fits:" in out
-    assert f"trtexec --onnx={art}/decoder_step.onnx --saveEngine=ENG/decoder_step.engine --stronglyTyped" in out
-    assert "tensorrt_rtx --onnx=" in out and "--maxShapes=inputs_embeds:1x2047x128" in out
+    assert f"trtexec --onnx={art}/vision_encoder.onnx --saveEngine=ENG/vision_encoder.engine --stronglyTyped" in out
+    assert "# decoder: decoder_prefill.onnx + decoder_step.onnx merged in memory" in out  # trtexec cannot build it
+    assert "inputs_embeds" in out and "min [1, 1, 128]  opt [1, 1, 128]  max [1, 2047, 128]" in out
+    assert "vision_pos" in out and "min [1, 0]  opt [1, 0]  max [1, 16]" in out
+    assert "tensorrt_rtx --onnx=" in out and "once, in one engine for prefill and decode" in out
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
     plan = plan_build(open_artifact(art), BuildLimits(max_context=1024), parse_device_memory("1.2"))
@@ -238,7 +257,7 @@ def test_build_cli(export_demo, tmp_path):
     result = run_main("build", str(art), "--out", str(tmp_path / "eng"), "--max-context", "1024", "--quiet",
                       "--compute-capability", "sm86,SM89")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "decoder_step:" in result.stdout and "layers" in result.stdout
+    assert "decoder:" in result.stdout and "layers" in result.stdout
     engines = open_engines(tmp_path / "eng")
     assert engines.manifest["tensorrt"]["compute_capabilities"] == ["SM86", "SM89"]  # read back from the plans
     result = run_main("build", str(art), "--out", str(tmp_path / "eng2"), "--compute-capability", "SM90")
@@ -294,6 +313,8 @@ def test_small_shape_builds(tmp_path):
     result = build_engines(artifact, tmp_path / "eng", BuildOptions(), verbose=False)
     engines = result.engines
     decoder_bytes = open_artifact(artifact).manifest["files"]["decoder.onnx.data"]["bytes"]
-    assert engines["decoder_prefill"]["bytes"] > 0.9 * decoder_bytes  # the engine carries the fp16 weights
-    assert engines["decoder_step"]["attention_layers_decomposable"] == 8  # one per decoder layer
+    # the one decoder engine carries the fp16 weights once: 1.1x the weights file measured (its kernels besides),
+    # where a prefill and a step engine held 1.96x (109.6 + 89.6 MB of 101.7)
+    assert 0.9 * decoder_bytes < engines["decoder"]["bytes"] < 1.4 * decoder_bytes, engines["decoder"]["bytes"]
+    assert engines["decoder"]["attention_layers_decomposable"] == 8  # one per decoder layer
     assert result.plan.limits["max_context"] == 2048 and result.plan.capacity_fixed_at_export

@@ -1,6 +1,8 @@
-"""`fusion-export build`: an artifact folder -> an engine folder, one TensorRT engine per graph.
+"""`fusion-export build`: an artifact folder -> an engine folder: the vision encoder's engine and one decoder engine
+for prefill and decode, whose graph fusion_export/decoder_merge.py makes of the artifact's two decoder graphs in
+memory (the decoder's weights held once; `--plugins on` artifacts: a prefill and a step engine, engines/tensorrt/plan).
 
-Every network is strongly typed (precision comes from the ONNX). Per graph: parse, mark the attention layers
+Every network is strongly typed (precision comes from the ONNX). Per engine: parse, mark the attention layers
 decomposable (so fp32 attention, which has no dedicated kernel for multi-token queries, falls back to MatMul and
 Softmax instead of failing the build), one optimization profile from `build_plan`, compute-capability targets
 (TensorRT-RTX), the builder optimization level, a timing cache reused across builds (TensorRT 10/11; TensorRT-RTX
@@ -17,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from fusion_export.containment import contained_path, copy_data, copy_listed, staged_path
+from fusion_export.decoder_merge import merge_decoder
 from fusion_export.file_names import EMBEDDINGS_FILE
 from fusion_export.manifest import MANIFEST, file_entries, open_artifact, save_manifest, tool_versions
 from fusion_export.output_files import check_timing_cache_file, write_atomically
@@ -119,6 +124,12 @@ def _io(network) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def merged_decoder_bytes(artifact, graph: GraphPlan) -> bytes:
+    """The decoder engine's ONNX model (no weights: they stay in the artifact's external data)."""
+    prefill, step = (onnx.load(artifact.graph_path(name), load_external_data=False) for name in graph.sources)
+    return merge_decoder(prefill, step).SerializeToString()
+
+
 def build_graph(
     trt: Trt,
     onnx_path: Path,
@@ -129,12 +140,14 @@ def build_graph(
     engine_path: Path,
     plugins: bool = False,
     timing_cache_path: Path | None = None,
+    model_bytes: bytes | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """Parse and build one graph into `engine_path`: (what to record, the updated timing cache or None).
     `plugins`: our plugins are registered with this TensorRT (plugins/tensorrt_plugins.py). `timing_cache_path`:
-    where `timing_cache` came from, named if this TensorRT cannot use it."""
+    where `timing_cache` came from, named if this TensorRT cannot use it. `model_bytes`: the model to parse in
+    place of the file's (the merged decoder), its external weights read from beside `onnx_path`."""
     module, logger = trt.module, trt.logger()
-    builder, network, errors = trt.parse(onnx_path, plugins=plugins)
+    builder, network, errors = trt.parse(onnx_path, plugins=plugins, model_bytes=model_bytes)
     if errors:
         rejected = f"{onnx_path}: TensorRT's parser ({trt.describe()}) rejected it:\n  "
         raise EngineBuildError(rejected + "\n  ".join(errors))
@@ -219,10 +232,14 @@ def build_engines(
         for graph in plan.graphs:
             progress.step(f"build {graph.name} ({trt.describe()}, {plan.precision})")
             file = f"{graph.name}{ENGINE_SUFFIX}"
-            info, timing_cache = build_graph(trt, artifact.folder / graph.onnx, graph, options, progress, timing_cache,
-                                             tmp / file, registered, options.timing_cache)  # fmt: skip
+            model_bytes = merged_decoder_bytes(artifact, graph) if len(graph.sources) > 1 else None
+            onnx_path = artifact.graph_path(graph.sources[-1])
+            info, timing_cache = build_graph(trt, onnx_path, graph, options, progress, timing_cache, tmp / file,
+                                             registered, options.timing_cache, model_bytes)  # fmt: skip
+            del model_bytes
             header = trt.check_plan(tmp / file)  # what a reader will check, checked once here
-            engines[graph.name] = {"file": file, "bytes": header["bytes"], **info, "header": header}
+            engines[graph.name] = {"file": file, "bytes": header["bytes"], "graphs": graph.sources, **info,
+                                   "header": header}  # fmt: skip
         progress.step("copy model files, write the manifest")
         # as data, each source inside the artifact and each destination inside the staging folder (containment.py)
         where = f"{artifact.folder / MANIFEST}: files"
@@ -248,7 +265,11 @@ def build_engines(
                 "artifact": str(artifact_dir),
                 "manifest_sha256": artifact.manifest["manifest_sha256"],
                 "config_digest": artifact.manifest["model"]["config_digest"],
-                "graphs": {g.name: artifact.manifest["files"][g.onnx]["sha256"] for g in plan.graphs},
+                "graphs": {
+                    name: artifact.manifest["files"][artifact.manifest["graphs"][name]["file"]]["sha256"]
+                    for g in plan.graphs
+                    for name in g.sources
+                },  # fmt: skip
             },
             "precision": plan.precision,
             # the graphs' weight quantization as read from their Q/DQ nodes ("int8", "int8-weight-only",

@@ -8,7 +8,8 @@ ENG/
                                       the artifact manifest; precision, weight quantization (`quantization`: the
                                       mode; `quantization_settings`: mode, block size, method) and KV cache
                                       dtype; the build limits and the memory plan (weights per engine as stored)
-  vision_encoder.engine  decoder_prefill.engine  decoder_step.engine
+  vision_encoder.engine  decoder.engine  one decoder engine for prefill and decode (the decoder held once);
+                                      `--plugins on` artifacts: decoder_prefill.engine, decoder_step.engine
   embed_tokens.safetensors, model/     copied from the artifact, so the folder runs on its own
 ```
 Opening checks the manifest's own digest and every file's size and sha256, then the installed TensorRT against
@@ -28,8 +29,16 @@ from reference_model.config import FusionConfig, load_config
 from reference_model.errors import FusionError
 
 FORMAT = "fusion-export-engines"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one decoder engine for prefill and decode (plan.decoder_engines 1), or the two of before
 ENGINE_SUFFIX = ".engine"
+# the engines of a folder, by how many engines hold the decoder (plan.decoder_engines)
+ENGINE_SETS = {1: ("vision_encoder", "decoder"), 2: GRAPHS}
+
+
+def engine_names(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The engines a folder's manifest must list: its plan says whether one engine or two hold the decoder."""
+    plan = manifest.get("plan")
+    return ENGINE_SETS.get(plan.get("decoder_engines") if isinstance(plan, dict) else None, ENGINE_SETS[1])
 
 
 class EngineError(FusionError):
@@ -52,6 +61,10 @@ class EngineFolder:
         return load_config(self.model_dir)
 
     @property
+    def engine_names(self) -> tuple[str, ...]:
+        return engine_names(self.manifest)
+
+    @property
     def limits(self) -> dict[str, int]:
         return self.manifest["plan"]["limits"]
 
@@ -72,13 +85,13 @@ def open_engines(folder: str | Path, verify_hashes: bool = True) -> EngineFolder
     path = folder / ENGINE_MANIFEST
     missing = [k for k in ("tensorrt", "source", "engines", "plan", "files", "embeddings") if k not in manifest]
     engines = manifest.get("engines") if isinstance(manifest.get("engines"), dict) else {}
-    missing += [f"engines.{g}" for g in GRAPHS if not isinstance(engines.get(g), dict)]
+    missing += [f"engines.{g}" for g in engine_names(manifest) if not isinstance(engines.get(g), dict)]
     if not isinstance(manifest.get("embeddings"), dict):
         missing.append("embeddings.file")
     if missing:
         raise EngineError(f"{path}: malformed manifest, missing {', '.join(missing)}")
     check_listing(folder, manifest["files"], ENGINE_MANIFEST, EngineError)
-    named = {f"engines.{g}.file": manifest["engines"][g].get("file") for g in GRAPHS}
+    named = {f"engines.{g}.file": manifest["engines"][g].get("file") for g in engine_names(manifest)}
     check_named(path, manifest["files"], {**named, "embeddings.file": manifest["embeddings"].get("file")}, EngineError)
     problems = verify_files(folder, manifest["files"], verify_hashes)
     if problems:
@@ -97,7 +110,7 @@ def check_runtime(engines: EngineFolder, trt) -> None:
             f"{engines.folder}: built with {built['flavour']} {built['version']}, this machine has "
             f"{trt.describe()}; TensorRT engines load only in the version that built them; {hint}"
         )
-    for name in GRAPHS:
+    for name in engines.engine_names:
         path = engines.engine_path(name)
         header = trt.check_plan(path)
         wanted = built.get("compute_capabilities") or []
@@ -110,11 +123,12 @@ def check_built_from(engines: EngineFolder, artifact) -> None:
     """Engines built from another export (or from graphs changed since) are refused: the graphs' sha256 recorded
     at build time must match the artifact's."""
     recorded = engines.manifest["source"]["graphs"]
+    built_into = {source: g["name"] for g in engines.manifest["plan"]["graphs"] for source in g.get("sources", [])}
     for name in GRAPHS:
         onnx = artifact.manifest["graphs"][name]["file"]
         now = artifact.manifest["files"][onnx]["sha256"]
         if recorded.get(name) != now:
             raise EngineError(
-                f"{engines.engine_path(name)}: built from a different {onnx} than {artifact.folder}'s; "
-                f"{engines.rebuild_hint()}"
+                f"{engines.engine_path(built_into.get(name, name))}: built from a different {onnx} than "
+                f"{artifact.folder}'s; {engines.rebuild_hint()}"
             )

@@ -106,10 +106,12 @@ class Trt:
     def builds_without_gpu(self) -> bool:
         return self.flavour is TrtFlavour.tensorrt_rtx
 
-    def parse(self, onnx_path, plugins: bool = False) -> tuple[Any, Any, list[str]]:
+    def parse(self, onnx_path, plugins: bool = False, model_bytes: bytes | None = None) -> tuple[Any, Any, list[str]]:
         """Parse an ONNX file with this TensorRT's own parser: (builder, network, errors); errors [] when it parses.
-        External weights are read from beside the file. `plugins`: our plugins are registered, so plugin nodes
-        become plugin layers, not their local functions (10.15+ parsers prefer a local function unless
+        External weights are read from beside the file. `model_bytes`: a model to parse in place of the file's, its
+        external weights read from beside `onnx_path` (`IParser.parse(model, path)`: the path is "Only required if
+        the model has externally stored weights", the parser's Python docs). `plugins`: our plugins are registered,
+        so plugin nodes become plugin layers, not their local functions (10.15+ parsers prefer a local function unless
         ENABLE_PLUGIN_OVERRIDE is set; 10.7-10.14 prefer the plugin anyway), ahead-of-time implementations first."""
         module, logger = self.module, self.logger()
         logger.messages.clear()
@@ -129,7 +131,8 @@ class Trt:
         override = getattr(getattr(module, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
         if plugins and override is not None:
             parser.set_flag(override)
-        if parser.parse_from_file(str(onnx_path.resolve())):
+        path = str(onnx_path.resolve())
+        if parser.parse(model_bytes, path) if model_bytes is not None else parser.parse_from_file(path):
             return builder, network, []
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         return builder, network, [f"{e.node_name() or '?'} ({e.node_operator() or '?'}): {e.desc()}" for e in errors]

@@ -1,5 +1,10 @@
-"""What `fusion-export build` will build, computed without TensorRT: one optimization profile per graph, the
+"""What `fusion-export build` will build, computed without TensorRT: one optimization profile per engine, the
 device memory the engines will need, the largest context that fits a device, and the equivalent command lines.
+
+Two engines: the vision encoder, and one decoder for prefill and decode (`decoder`), built from the graph
+fusion_export/decoder_merge.py makes of the artifact's prefill and step graphs, so the decoder's weights are held
+once. Artifacts exported with `--plugins on` keep two decoder engines (`decoder_prefill`, `decoder_step`, each
+holding the decoder): their InteractionAttention plugin takes a fixed number of latent rows.
 
 Profiles come from the artifact manifest (which dims are symbolic) and the build limits:
 
@@ -9,21 +14,28 @@ Profiles come from the artifact manifest (which dims are symbolic) and the build
 | `instruct_len` | vision encoder | 1 | min(32, max) | `max_question_tokens` |
 | `seq` | prefill | image tokens + latents + 1 | min(typical prompt, max) | `max_prompt` (capacity - 1) |
 | `new_tokens` | step | 1 | 1 | `max_step_tokens` |
-| `capacity` | prefill, step (when not fixed at export) | C | C | C |
+| `tokens` | decoder (both phases) | 1 | 1 | max(`max_prompt`, `max_step_tokens`) |
+| `latents`, `context` | decoder | 0 (a decode step) | 0 | query_len, (s*w)^2 (a prefill) |
+| `capacity` | decoder graphs (when not fixed at export) | C | C | C |
+
+The decoder engine's one profile spans both phases; its opt point is a decode step, the shape a request runs most
+often: enterprise TensorRT tunes kernels for the opt point, TensorRT-RTX compiles kernels specialized to each shape
+it meets at run time (`DynamicShapesKernelSpecializationStrategy`, lazy by default). One profile, not one per
+phase: TensorRT-RTX 1.7.1 holds part of the weights again per profile (docs/tensorrt.md section 4.1).
 
 The KV capacity C is fixed per engine (min = opt = max): the runtime allocates the cache once, so decode steps
 never reallocate and can be captured in a CUDA graph.
 
 Memory, estimated per request shape (an engine's real scratch size is only known after deserializing it, on the
-target): engine weights (the prefill engine holds the decoder and the interaction layers, the step engine the
-decoder again: TensorRT engines do not share weights), the KV cache at capacity C, the largest of the three
-engines' activations (the runtime gives all three contexts one scratch buffer: they never run at once), and a
-fixed runtime overhead.
+target): engine weights (each engine holds every weight its network reads: the decoder engine the decoder and the
+interaction layers once; two decoder engines the decoder twice), the KV cache at capacity C, the largest engine's
+activations (they never run at once), and a fixed runtime overhead.
 
-Weights are counted from each graph's own initializers as stored (read from the protos, no weights loaded): INT4
-packed two per byte with its block scales, INT8 one byte with its column scales, float in its own type; the
-interaction layers are what the prefill graph holds beyond the step graph. So a quantized artifact is planned
-from what it holds, and the plan names what it planned for (activations, weight quantization, KV cache dtype).
+Weights are counted from the graphs' own initializers as stored (read from the protos, no weights loaded; the
+decoder engine's are the union of its two graphs'): INT4 packed two per byte with its block scales, INT8 one byte
+with its column scales, float in its own type; the interaction layers are what the prefill graph holds beyond the
+step graph. So a quantized artifact is planned from what it holds, and the plan names what it planned for
+(activations, weight quantization, KV cache dtype).
 """
 
 from __future__ import annotations
@@ -37,7 +49,9 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from fusion_export.decoder_merge import merged_inputs
 from fusion_export.graph_inputs import past_names
+from fusion_export.plugin_ops.onnx_forms import INTERACTION_ATTENTION
 from fusion_export.precision import Precision
 from reference_model.errors import FusionError
 
@@ -107,12 +121,16 @@ class BuildLimits:
     max_context: int | None = None  # KV capacity of dynamic-capacity graphs; fixed graphs keep theirs
 
 
+DECODER = "decoder"  # the one decoder engine's name (and its file's stem)
+
+
 @dataclass
 class GraphPlan:
-    name: str
-    onnx: str  # file name in the artifact
+    name: str  # the engine's
+    onnx: str  # the artifact graph's file; the decoder engine: its two graphs' files joined by " + "
     profile: dict[str, dict[str, list[int]]]  # input -> {"min", "opt", "max"} shapes (inputs with symbolic dims)
     activation_bytes: int  # estimated scratch at the profile's max
+    sources: list[str] = field(default_factory=list)  # artifact graphs it is built from (the decoder: two, merged)
 
 
 @dataclass
@@ -134,11 +152,12 @@ class BuildPlan:
     # the manifest records them}; None: float weights) and the KV cache's type
     quantization: dict[str, Any] | None = None
     kv_cache_dtype: str = ""  # int8, fp16 or fp32
-    weights: dict[str, EngineWeights] = field(default_factory=dict)  # per engine, as its graph stores them
-    # bytes of the weights both decoder engines hold (each engine its own copy until they share one), and of the
-    # prefill engine's own beyond them (the interaction layers)
-    decoder_in_both_engines: int = 0
-    prefill_only: int = 0
+    weights: dict[str, EngineWeights] = field(default_factory=dict)  # per engine, as its graphs store them
+    # the weights both phases read (the decoder), those only a prefill reads (the interaction layers), and how many
+    # engines hold the decoder: 1, or 2 for `--plugins on` artifacts (a prefill and a step engine)
+    decoder_weights: int = 0
+    interaction_weights: int = 0
+    decoder_engines: int = 1
     device: dict[str, Any] | None = None  # the device budget checked against, when one was given
     largest_context: int | None = None  # the largest capacity that fits the device
     notes: list[str] = field(default_factory=list)
@@ -204,6 +223,7 @@ def _activations(config, precision: str, batch: int, prompt: int, question: int,
         "vision_encoder": vision,
         "decoder_prefill": decoder(prompt, prompt),
         "decoder_step": decoder(step, capacity),
+        DECODER: decoder(max(prompt, step), capacity),  # a prefill through it attends over the whole buffer
     }
 
 
@@ -236,15 +256,23 @@ def _engine_weights(tensors: dict[str, onnx.TensorProto]) -> EngineWeights:
     return EngineWeights(sum(by_dtype.values()), dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])))
 
 
-def _weight_bytes(artifact) -> tuple[dict[str, EngineWeights], int, int]:
-    """Per engine, the weights its graph holds; the bytes of those both decoder engines hold (the same names:
-    one tensor in the artifact, a copy in each engine), and the prefill engine's beyond them (interaction layers)."""
+def _weight_bytes(artifact, one_decoder: bool) -> tuple[dict[str, EngineWeights], int, int]:
+    """Per engine, the weights its graphs hold (the decoder engine: the union of its two graphs'); the bytes of those
+    both decoder graphs read (the same names: one tensor in the artifact), and the prefill's beyond them."""
     graphs = {name: graph_weights(artifact.graph_path(name))
               for name in ("vision_encoder", "decoder_prefill", "decoder_step")}  # fmt: skip
-    weights = {name: _engine_weights(tensors) for name, tensors in graphs.items()}
     prefill, step = graphs["decoder_prefill"], graphs["decoder_step"]
     shared = sum(stored_bytes(t) for name, t in prefill.items() if name in step)
-    return weights, shared, weights["decoder_prefill"].bytes - shared
+    interaction = sum(stored_bytes(t) for name, t in prefill.items() if name not in step)
+    if one_decoder:
+        graphs = {"vision_encoder": graphs["vision_encoder"], DECODER: {**step, **prefill}}
+    return {name: _engine_weights(tensors) for name, tensors in graphs.items()}, shared, interaction
+
+
+def one_decoder_engine(artifact) -> bool:
+    """Whether the decoder builds as one engine: every artifact but one whose prefill graph holds the
+    InteractionAttention plugin (it takes a fixed number of latent rows, fusion_export/decoder_merge.py)."""
+    return INTERACTION_ATTENTION not in artifact.manifest["export"].get("plugins", [])
 
 
 def _quantization(artifact) -> dict[str, Any] | None:
@@ -313,13 +341,20 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
     }
     activations = _activations(config, artifact.precision.value, B, max_prompt, max_question,
                                limits.max_step_tokens, capacity)  # fmt: skip
-    graphs = [
-        GraphPlan(name, artifact.manifest["graphs"][name]["file"],
-                  _profile(artifact.manifest["graphs"][name]["inputs"], ranges), activations[name])
-        for name in ("vision_encoder", "decoder_prefill", "decoder_step")
-    ]  # fmt: skip
-
-    engine_weights, in_both, prefill_only = _weight_bytes(artifact)
+    one_decoder = one_decoder_engine(artifact)
+    graphs = [_graph_plan(artifact, "vision_encoder", ranges, activations)]
+    if one_decoder:
+        side, window = math.isqrt(artifact.query_len), config.interaction.window_size
+        ranges.update(tokens=(1, 1, max(max_prompt, limits.max_step_tokens)),
+                      latents=(0, 0, artifact.query_len), context=(0, 0, (side * window) ** 2))  # fmt: skip
+        io = artifact.manifest["graphs"]
+        inputs = merged_inputs(io["decoder_prefill"]["inputs"], io["decoder_step"]["inputs"])
+        sources = ["decoder_prefill", "decoder_step"]
+        graphs.append(GraphPlan(DECODER, " + ".join(io[g]["file"] for g in sources), _profile(inputs, ranges),
+                                activations[DECODER], sources))  # fmt: skip
+    else:
+        graphs += [_graph_plan(artifact, name, ranges, activations) for name in ("decoder_prefill", "decoder_step")]
+    engine_weights, decoder_weights, interaction_weights = _weight_bytes(artifact, one_decoder)
     weights = sum(w.bytes for w in engine_weights.values())
     kv_dtype, kv_value_bytes = _kv_cache(artifact)
     kv_per_column = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_value_bytes * B
@@ -329,7 +364,7 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
         memory = {
             "weights": weights,
             "kv_cache": kv_per_column * cap,
-            "activations": max(acts.values()),
+            "activations": max(acts[g.name] for g in graphs),
             "overhead": RUNTIME_OVERHEAD_BYTES,
         }
         memory["total"] = sum(memory.values())
@@ -354,8 +389,9 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
         quantization=_quantization(artifact),
         kv_cache_dtype=kv_dtype,
         weights=engine_weights,
-        decoder_in_both_engines=in_both,
-        prefill_only=prefill_only,
+        decoder_weights=decoder_weights,
+        interaction_weights=interaction_weights,
+        decoder_engines=1 if one_decoder else 2,
         notes=notes,
     )
     if device is not None:
@@ -378,6 +414,11 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
                 f"leaves {budget / GB:.2f} GB; {advice}"
             )
     return plan
+
+
+def _graph_plan(artifact, name: str, ranges, activations) -> GraphPlan:
+    entry = artifact.manifest["graphs"][name]
+    return GraphPlan(name, entry["file"], _profile(entry["inputs"], ranges), activations[name], [name])
 
 
 def _largest_context(need, budget: int, lo: int, hi: int) -> int | None:
@@ -427,6 +468,10 @@ def command_lines(
 
     lines = []
     for graph in plan.graphs:
+        if len(graph.sources) > 1:  # no file in the artifact holds it: trtexec reads one ONNX file
+            lines.append(f"# {graph.name}: {graph.onnx} merged in memory (fusion_export/decoder_merge.py), so only "
+                         "`fusion-export build` builds it")  # fmt: skip
+            continue
         parts = [tool, f"--onnx={artifact_dir}/{graph.onnx}", f"--saveEngine={engine_dir}/{graph.name}.engine"]
         if strongly_typed:
             parts.append("--stronglyTyped")

@@ -6,7 +6,9 @@ and enqueues the engine on a stream (`IExecutionContext.set_input_shape`, `set_t
 `execute_async_v3(stream_handle)`; TensorRT's NvInferRuntime.h: addresses 256-byte aligned, which torch's
 allocator guarantees, and never the default stream). Model knowledge stays in `TrtSession`, which prepares inputs
 with `fusion_export.graph_inputs` exactly as ONNX Runtime does:
-- engines deserialized once per backend, one execution context each;
+- engines deserialized once per backend, one execution context each: the vision encoder's, and the decoder's, one
+  engine for prefill and decode (its one profile spans both: a prefill binds the prompt as `seq` new tokens at
+  column 0, a step binds no latents, engines/feeds.py); `--plugins on` folders keep a prefill and a step engine;
 - the KV cache preallocated at the engines' fixed capacity, one torch tensor per layer bound as both `past_*`
   input and `present_*` output (TensorRT's KV-cache update writes in place; `ICudaEngine.get_aliased_input_tensor`);
 - the decode step captured in a CUDA graph after one eager run, as trtexec's --useCudaGraph does
@@ -26,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusion_export.file_names import GRAPHS
 from fusion_export.graph_inputs import LOGITS, VISION_OUTPUTS, past_names, present_names
 from fusion_export.precision import Precision
 from reference_model.errors import FusionError
@@ -35,11 +36,19 @@ from reference_model.input_files import read_tensor
 from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
-from ..feeds import cache_as_float, prefill_inputs, step_inputs, vision_inputs
+from ..feeds import (
+    cache_as_float,
+    decoder_prefill_inputs,
+    decoder_step_inputs,
+    prefill_inputs,
+    step_inputs,
+    vision_inputs,
+)
 from ..plugins.kernel_table import LOCAL_FUNCTION
 from ..plugins.tensorrt_plugins import register_plugins
 from .engine_manifest import EngineError, EngineFolder, check_runtime, open_engines
 from .flavours import Trt, TrtFlavour, load_trt
+from .plan import DECODER
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
                  "INT32": torch.int32, "BOOL": torch.bool, "INT8": torch.int8}  # fmt: skip
@@ -83,12 +92,18 @@ class EngineSession:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
         self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
+        self.empty: torch.Tensor | None = None  # an address for empty inputs (a decode step's latents)
 
     def set_inputs(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
                 raise GenerationError(f"{self.path}: input {name} of shape {list(tensor.shape)} is outside the profile")
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            address = tensor.data_ptr()
+            if tensor.numel() == 0:  # torch gives an empty tensor no address: bind a real, aligned one, never read
+                if self.empty is None:
+                    self.empty = torch.zeros(256, dtype=torch.uint8, device=tensor.device)
+                address = self.empty.data_ptr()
+            self.context.set_tensor_address(name, address)
 
     def output_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.context.get_tensor_shape(name))
@@ -113,6 +128,9 @@ class TrtModel:
         self.config = engines.config
         self.model_dir = engines.model_dir
         self.precision = Precision(engines.manifest["precision"])
+        # the decoder's engines for a prefill and a step: one engine for both, or two (`--plugins on` folders)
+        one = DECODER in engines.engine_names
+        self.prefill_engine, self.step_engine = (DECODER, DECODER) if one else ("decoder_prefill", "decoder_step")
         self.quantization = engines.manifest.get("quantization")
         scales = engines.manifest.get("kv_int8_scales")  # an INT8 KV cache's (key, value) scales per layer
         self.kv_int8_scales = None if scales is None else [(float(k), float(v)) for k, v in scales]
@@ -145,7 +163,7 @@ class TrtModel:
             register_plugins(self.trt, plugins)  # the plugin creators must be registered before deserializing
         self.sessions: dict[str, EngineSession] = {}
         with torch.cuda.device(self.device):
-            for name in GRAPHS:
+            for name in self.engines.engine_names:
                 path = self.engines.engine_path(name)
                 plan = path.read_bytes()
                 verdict = self.trt.engine_validity(plan)
@@ -187,7 +205,7 @@ class TrtSession:
         self.model, self.batch, self.device = model, batch, model.device
         self.batch_size = batch.layout.batch_size
         self.state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
-        dtype = model.sessions["decoder_step"].dtypes["past_key_values.0.key"]
+        dtype = model.sessions[model.step_engine].dtypes["past_key_values.0.key"]
         shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
         self.cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2 * d.num_layers)]
         self.kv = {
@@ -233,7 +251,10 @@ class TrtSession:
             self.vision = VisionOutputs(*(torch.from_numpy(x) for x in host))
             require_finite("vision encoder", **vars(self.vision))
             arrays = prefill_inputs(self.batch, model.embed_table, *host, rope)
-            prefill = self._run("decoder_prefill", self._device(arrays, model.sessions["decoder_prefill"]))
+            if model.prefill_engine == DECODER:
+                arrays = decoder_prefill_inputs(arrays, self.state.capacity)
+            engine = model.prefill_engine
+            prefill = self._run(engine, self._device(arrays, model.sessions[engine]))
             logits = prefill[LOGITS].float().cpu()
             clock.lap("decoder_prefill")
             self.stage_seconds = clock.seconds
@@ -243,7 +264,9 @@ class TrtSession:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         model = self.model
         arrays = step_inputs(tokens, self.state, model.embed_table, model.config.decoder.rope)
-        session = model.sessions["decoder_step"]
+        if model.step_engine == DECODER:
+            arrays = decoder_step_inputs(arrays, model.config.decoder.hidden_size, model.embed_table.dtype)
+        session = model.sessions[model.step_engine]
         with torch.cuda.stream(model.stream):
             if self.graph is not None:  # replay: new values into the captured buffers, then the graph
                 for name, array in arrays.items():
@@ -252,7 +275,7 @@ class TrtSession:
                 logits = self.graph_outputs[LOGITS]
             else:
                 inputs = self._device(arrays, session)
-                outputs = self._run("decoder_step", inputs)
+                outputs = self._run(model.step_engine, inputs)
                 logits = outputs[LOGITS]
                 self.steps_run += 1
                 if self.use_cuda_graph and self.steps_run == 1:
@@ -268,7 +291,7 @@ class TrtSession:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self.model.stream):
-                self.model.sessions["decoder_step"].execute(self.model.stream)
+                self.model.sessions[self.model.step_engine].execute(self.model.stream)
         except (RuntimeError, GenerationError) as e:
             self.use_cuda_graph = False
             warnings.warn(f"decode step not captured in a CUDA graph ({e}); running it eagerly", stacklevel=2)

@@ -458,7 +458,30 @@ def check_graphs(paths: dict[str, Path], target: TrtTarget) -> CompatReport:
         f, o = check_graph(path, target, name)
         findings.extend(f)
         ops[name] = o
+    if {"decoder_prefill", "decoder_step"} <= paths.keys():
+        findings.extend(check_decoder_merge(paths["decoder_prefill"], paths["decoder_step"]))
     return CompatReport(target=target.value, findings=findings, ops=ops)
+
+
+def check_decoder_merge(prefill: Path, step: Path) -> list[Finding]:
+    """The build makes one decoder engine of the two decoder graphs (fusion_export/decoder_merge.py): they must merge.
+    The merged graph holds their nodes, checked above, and binds empty tensors at a decode step, which TensorRT
+    supports on every target (its developer guide, "Working with Empty Tensors"; an empty binding still needs an
+    address, engines/tensorrt/runtime.py). `--plugins on` graphs keep two decoder engines: said as a warning."""
+    from ..decoder_merge import MergeError, merge_decoder
+    from ..plugin_ops.onnx_forms import DOMAIN, INTERACTION_ATTENTION
+
+    p, s = (onnx.load(path, load_external_data=False) for path in (prefill, step))
+    if any(n.domain == DOMAIN and n.op_type == INTERACTION_ATTENTION for n in p.graph.node):
+        return [Finding("decoder_prefill", "warning", "InteractionAttention",
+                        "--plugins on: the plugin takes a fixed number of latent rows, so the build makes a prefill "
+                        "and a step engine, each holding the decoder's weights")]  # fmt: skip
+    try:
+        merge_decoder(p, s)
+    except MergeError as e:
+        return [Finding("decoder_prefill", "error", "decoder",
+                        f"the prefill and step graphs do not merge into one decoder graph: {e}")]  # fmt: skip
+    return []
 
 
 def save_report(report: CompatReport, path: Path) -> None:

@@ -76,6 +76,15 @@ def size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def held(plan) -> str:
+    """How the engines hold the decoder, in words."""
+    if plan.decoder_engines == 1:
+        return (f"the decoder's {size(plan.decoder_weights)} once, in one engine for prefill and decode, with the "
+                f"interaction layers' {size(plan.interaction_weights)}")  # fmt: skip
+    return (f"the decoder's {size(plan.decoder_weights)} twice: --plugins on keeps a prefill and a step engine, each "
+            f"holding it; the prefill's interaction layers {size(plan.interaction_weights)}")  # fmt: skip
+
+
 def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, dict]]) -> str:
     """The plan, then per tool (name, needs --stronglyTyped, extra command_lines arguments) its command lines."""
     from engines.tensorrt.plan import GB, command_lines
@@ -96,9 +105,8 @@ def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, 
             lines.append(f"  {name:<26} min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
     m = plan.memory
     lines.append(
-        f"device memory ~{m['total'] / GB:.2f} GB: weights {size(m['weights'])} (the decoder's "
-        f"{size(plan.decoder_in_both_engines)} twice: the prefill and step engines each hold it; the prefill's "
-        f"interaction layers {size(plan.prefill_only)}), KV cache {m['kv_cache'] / GB:.2f}, activations "
+        f"device memory ~{m['total'] / GB:.2f} GB: weights {size(m['weights'])} ({held(plan)}), KV cache "
+        f"{m['kv_cache'] / GB:.2f}, activations "
         f"{m['activations'] / GB:.2f}, runtime {m['overhead'] / GB:.2f}"
     )
     if plan.device is not None:
