@@ -138,6 +138,44 @@ def merged_inputs(prefill: list[dict], step: list[dict]) -> list[dict]:
     return out
 
 
+def _find_layer(p: _Graph, s: _Graph, scope: str, layer: str, p_inputs) -> tuple[str, str, str, list]:
+    """Interaction layer `scope`'s input and output in the prefill graph, the step graph's hidden state at the same
+    place, and the prefill nodes that compute the layer."""
+    h_in = _one(p.handed(lambda x: x.startswith(DECODER_SCOPE), lambda x: x == scope), f"{layer}'s input")
+    h_out = _one(p.handed(lambda x: x == scope, _is_decoder), f"{layer}'s output")
+    after = _scope(p.producer[h_in])  # "model.layers.i"
+    following = {_scope(c) for c in p.consumers[h_out] if _is_decoder(_scope(c))}
+    # the step graph's value between the same decoder layers, read by the same kinds of nodes as the layer's output
+    wanted = _op_types(p.consumers[h_out])
+    candidates = [v for v in s.handed(lambda x: x == after, lambda x: x in following)
+                  if _op_types(s.consumers[v]) == wanted]  # fmt: skip
+    hidden = _one(candidates, f"the step graph's hidden state after {after}")
+    nodes = _island(p, h_out, h_in, layer)
+    reads = {n for node in nodes for n in node.input if n and n not in p.producer and n != h_in}
+    foreign = sorted(n for n in reads if n in p_inputs and n not in INTERACTION_INPUTS + SAME_AT_PREFILL)
+    if foreign:
+        raise MergeError(f"{layer} reads the prefill input(s) {foreign}, which the step graph gives other meaning")
+    return h_in, h_out, hidden, nodes
+
+
+def _carry_initializers(names: list[str], p_inits: dict, s: _Graph, added: dict[str, str]) -> dict[str, str]:
+    """The prefill initializers an inlined layer reads, by their merged names: a tensor the step graph holds byte
+    for byte is shared; another is added, renamed `prefill/<name>` where the step graph has that name already."""
+    s_inits = {t.name: t for t in s.graph.initializer}
+    for name in names:
+        if name in added:
+            continue
+        same = name in s_inits and s_inits[name].SerializeToString() == p_inits[name].SerializeToString()
+        free = name not in s_inits and name not in s.producer
+        added[name] = name if same or free else f"prefill/{name}"
+        if not same:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(p_inits[name])
+            tensor.name = added[name]
+            s.graph.initializer.append(tensor)
+    return {name: added[name] for name in names}
+
+
 def merge_decoder(prefill: onnx.ModelProto, step: onnx.ModelProto) -> onnx.ModelProto:
     """The one decoder model (the inputs are not modified). External weights stay where the graphs point."""
     merged = onnx.ModelProto()
@@ -148,7 +186,6 @@ def merge_decoder(prefill: onnx.ModelProto, step: onnx.ModelProto) -> onnx.Model
     if p_out != [(o.name, o.type.tensor_type.elem_type) for o in graph.output]:
         raise MergeError("decoder_prefill and decoder_step return different outputs")
 
-    s_inits = {t.name: t for t in graph.initializer}
     p_inits = {t.name: t for t in prefill.graph.initializer}
     p_inputs = {i.name: i for i in prefill.graph.input}
     added: dict[str, str] = {}  # prefill initializer -> its name in the merged graph
@@ -164,50 +201,26 @@ def merge_decoder(prefill: onnx.ModelProto, step: onnx.ModelProto) -> onnx.Model
         raise MergeError("the prefill graph's nodes carry no interaction-layer scopes (re-export with this version)")
     for scope in layers:
         k = scope.rsplit(".", 1)[1]
-        layer = f"interaction layer {k}"
-        h_in = _one(p.handed(lambda x: x.startswith(DECODER_SCOPE), lambda x, sc=scope: x == sc), f"{layer}'s input")
-        h_out = _one(p.handed(lambda x, sc=scope: x == sc, _is_decoder), f"{layer}'s output")
-        after = _scope(p.producer[h_in])  # "model.layers.i"
-        nxt = {_scope(c) for c in p.consumers[h_out] if _is_decoder(_scope(c))}
-        # the step graph's hidden state between the same decoder layers, consumed as the prefill's output is
-        wanted = _op_types(p.consumers[h_out])
-        candidates = [v for v in s.handed(lambda x, a=after: x == a, lambda x, n=nxt: x in n)
-                      if _op_types(s.consumers[v]) == wanted]  # fmt: skip
-        hidden = _one(candidates, f"the step graph's hidden state after {after}")
-        nodes = _island(p, h_out, h_in, layer)
-        reads = {n for node in nodes for n in node.input if n and n not in p.producer and n != h_in}
-        foreign = sorted(n for n in reads if n in p_inputs and n not in INTERACTION_INPUTS + SAME_AT_PREFILL)
-        if foreign:
-            raise MergeError(f"{layer} reads the prefill input(s) {foreign}, which the step graph gives other meaning")
-
+        h_in, h_out, hidden, nodes = _find_layer(p, s, scope, f"interaction layer {k}", p_inputs)
         prefix = f"interaction.{k}"
         names = {out: f"{prefix}/{out}" for node in nodes for out in node.output if out}
         names[h_in] = hidden
-        for name in sorted(reads & p_inits.keys()):
-            if name not in added:
-                same = name in s_inits and s_inits[name].SerializeToString() == p_inits[name].SerializeToString()
-                free = name not in s_inits and name not in s.producer  # no step value of that name
-                added[name] = name if same or free else f"prefill/{name}"
-                if not same:
-                    tensor = onnx.TensorProto()
-                    tensor.CopyFrom(p_inits[name])
-                    tensor.name = added[name]
-                    graph.initializer.append(tensor)
-            names[name] = added[name]
-        branch_nodes = []
+        reads = {n for node in nodes for n in node.input if n in p_inits}
+        names.update(_carry_initializers(sorted(reads), p_inits, s, added))
+        inlined = []
         for node in nodes:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.name = f"{prefix}/{node.name}"
             copy.input[:] = [names.get(n, n) for n in node.input]
             copy.output[:] = [names.get(n, n) for n in node.output]
-            branch_nodes.append(copy)
-        for consumer in s.consumers[hidden]:
+            inlined.append(copy)
+        for consumer in s.consumers[hidden]:  # the next decoder layer now reads the interaction layer's output
             consumer.input[:] = [names[h_out] if n == hidden else n for n in consumer.input]
         position = list(graph.node).index(s.producer[hidden]) + 1
         nodes_now = list(graph.node)
         del graph.node[:]
-        graph.node.extend(nodes_now[:position] + branch_nodes + nodes_now[position:])
+        graph.node.extend(nodes_now[:position] + inlined + nodes_now[position:])
         s = _Graph(graph)
 
     # inputs: as merged_inputs lists them

@@ -193,3 +193,4 @@ def test_engine_folder_records_int4(int4_artifact, tmp_path):
     manifest = json.loads((result.folder / "engines.json").read_text())
     assert manifest["quantization"] == "int4-weight-only"
     assert all(e["layers"] > 100 for e in result.engines.values())
+    assert manifest["engines"]["decoder"]["graphs"] == ["decoder_prefill", "decoder_step"]  # INT4 decoder held once

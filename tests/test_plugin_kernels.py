@@ -208,6 +208,9 @@ def test_export_with_plugins_matches_reference_and_builds(export_demo, demo_chec
     built = build_engines(art, tmp_path / "eng", BuildOptions(), verbose=False)
     engines = json.loads((built.folder / "engines.json").read_text())
     assert engines["plugins"] == plugins and list(engines["plugin_implementation"]) == plugins
+    # the InteractionAttention plugin takes a fixed number of latent rows: a prefill and a step engine
+    assert sorted(engines["engines"]) == ["decoder_prefill", "decoder_step", "vision_encoder"]
+    assert engines["plan"]["decoder_engines"] == 2
     assert set(engines["plugin_implementation"].values()) == {IMPLEMENTATION}
     trt = load_trt("tensorrt-rtx")  # the engines hold plugin layers, not the local functions' decompositions
     for graph, count in (("vision_encoder", len(pools)), ("decoder_step", layers), ("decoder_prefill", len(windows))):

@@ -118,6 +118,7 @@ def test_int8_graphs_pass_check_trt_and_build_with_tensorrt_rtx(quantized, targe
         manifest = json.loads((result.folder / "engines.json").read_text())
         assert manifest["quantization"] == mode
         assert all(e["layers"] > 300 for e in result.engines.values())
+        assert sorted(result.engines) == ["decoder", "vision_encoder"]  # Q/DQ nodes merge with their layers
 
 
 def test_fp16_through_quantize_reexports(export_demo, demo_checkpoint, tmp_path):
