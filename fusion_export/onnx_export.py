@@ -108,11 +108,8 @@ def attention_region(metadata: dict[str, str]) -> str | None:
     projections. Kept in the graph so a runtime finds each layer's attention as one region
     (engines/onnxruntime/attention.py) without matching op patterns."""
     target = re.search(r"target=torch\.ops\.[\w]+\.(\w+)\.", metadata.get("pkg.torch.onnx.fx_node", ""))
-    try:
-        scopes = ast.literal_eval(metadata.get("pkg.torch.onnx.name_scopes", ""))
-    except (ValueError, SyntaxError):
-        return None
-    if target is None or not isinstance(scopes, list) or len(scopes) < 2:
+    scopes = _name_scopes(metadata)
+    if target is None or scopes is None or len(scopes) < 2:
         return None
     if target.group(1) in REGION_OPS:
         return f"{scopes[-2]}/{target.group(1)}"
@@ -121,13 +118,16 @@ def attention_region(metadata: dict[str, str]) -> str | None:
 
 def layer_scope(metadata: dict[str, str]) -> str | None:
     """The outermost decoder layer, interaction layer or final norm module whose forward made the node, or None."""
+    return next((s for s in _name_scopes(metadata) or [] if isinstance(s, str) and _SCOPE.fullmatch(s)), None)
+
+
+def _name_scopes(metadata: dict[str, str]) -> list | None:
+    """The module scopes the exporter records for a node (outermost first), or None where it records none."""
     try:
         scopes = ast.literal_eval(metadata.get("pkg.torch.onnx.name_scopes", ""))
     except (ValueError, SyntaxError):
         return None
-    if not isinstance(scopes, list):
-        return None
-    return next((s for s in scopes if isinstance(s, str) and _SCOPE.fullmatch(s)), None)
+    return scopes if isinstance(scopes, list) else None
 
 
 def _attach_plugin_functions(model: ir.Model, opset: int) -> None:
