@@ -177,9 +177,13 @@ class BackendContender:
         return {"fp32": 4, "fp16": 2, "bf16": 2}[self.precision_name()]
 
     def weight_bytes(self) -> float | None:
-        """Quantized graphs: the bytes of the step graph's own weights (INT8 layers, float LM head...)."""
+        """Quantized weights: the bytes a decode step reads as stored (INT8 layers, float LM head...): the engine
+        folder's count (the build plan's, from the graphs it was built from), else the step graph's own."""
         if self.backend.quantization is None:
             return None
+        recorded = getattr(self.backend, "step_weight_bytes", None)  # engine folders carry no graphs
+        if recorded is not None:
+            return recorded
         from .roofline import graph_weight_bytes
 
         return graph_weight_bytes(self.backend.artifact.graph_path("decoder_step"))

@@ -212,6 +212,9 @@ def test_int8_cache_builds_with_tensorrt_rtx(kv_int8, tmp_path, form):
         assert {t["dtype"] for t in caches} == {"INT8"}
     if form == "plugins":
         assert manifest["plugin_implementation"]["DecodeAttention"].startswith("IPluginV3")
+    # INT8 writes are ScatterND in every form, never TensorRT's KV-cache update layer: two buffers take turns
+    assert (manifest["plan"]["kv_in_place"], manifest["plan"]["kv_buffers"]) == (False, 2)
+    assert all(e["kv_updated_in_place"] == [] for e in manifest["engines"].values())
 
 
 def _one_write(op_type: str, opset: int) -> onnx.ModelProto:

@@ -14,9 +14,14 @@ import time
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 
+from benchmarks.harness import BackendContender, BenchSettings
+from benchmarks.roofline import graph_weight_bytes
 from engines.tensorrt.build import BuildOptions, build_engines
+from engines.tensorrt.engine_manifest import open_engines
+from engines.tensorrt.runtime import TrtModel
 from fusion_export.manifest import ArtifactError, open_artifact, save_manifest
 from fusion_export.trt_rules.operator_check import check_graphs
 from fusion_export.trt_rules.targets import TrtTarget
@@ -119,6 +124,17 @@ def test_int8_graphs_pass_check_trt_and_build_with_tensorrt_rtx(quantized, targe
         assert manifest["quantization"] == mode
         assert all(e["layers"] > 300 for e in result.engines.values())
         assert sorted(result.engines) == ["decoder", "vision_encoder"]  # Q/DQ nodes merge with their layers
+        # the bench's roofline counts a decode step's quantized weights from the engine folder's plan (it holds
+        # no graphs): within 1% of the step graph's own count (the plan counts the weights both graphs share)
+        contender = BackendContender(mode, TrtModel(open_engines(result.folder)), BenchSettings())
+        assert contender.weight_bytes() == manifest["plan"]["decoder_weights"]
+        assert contender.weight_bytes() == pytest.approx(graph_weight_bytes(paths["decoder_step"]), rel=0.01)
+        assert not contender.backend.attends_to_valid_columns  # no DecodeAttention plugin: the whole buffer
+    if target == "trt-10.3" and not torch.cuda.is_available():  # `bench --engines` gets as far as the GPU
+        result = run_main("bench", "--engines", str(tmp_path / "eng-int8"), "--no-reference", "--iters", "1",
+                          "--warmup", "0", "--new-tokens", "4")  # fmt: skip
+        assert result.returncode == 2 and "TensorRT engines run on an NVIDIA GPU and this machine has none" in \
+            result.stderr, result.stderr  # fmt: skip
 
 
 def test_fp16_through_quantize_reexports(export_demo, demo_checkpoint, tmp_path):

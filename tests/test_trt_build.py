@@ -98,6 +98,34 @@ def test_every_flavour_builds(built, export_demo, target, precision, max_context
     assert decoder["profile"]["inputs_embeds"]["max"][1] == 1023 and decoder["profile"]["vision_pos"]["max"] == [1, 16]
 
 
+@pytest.mark.parametrize("target,precision,max_context", FLAVOURS)
+def test_kv_buffers_follow_what_tensorrt_made_of_the_writes(built, target, precision, max_context):
+    """Which flavours get one KV buffer per tensor and which two (engines/tensorrt/kv_buffers.py): the trt-10.15
+    graphs' TensorScatter becomes TensorRT's KV-cache update layer, which writes its cache input in place (the
+    runtime binds one buffer, as `get_aliased_input_tensor` will say); the trt-10.3 graphs' ScatterElements is an
+    ordinary layer (two buffers that take turns). The parsed network says so, the plan counted so from the ONNX
+    ops, and its KV figure is exactly what the runtime's KvBuffers allocates at the profile's largest batch."""
+    import torch
+
+    from engines.tensorrt.kv_buffers import KvBuffers
+    from fusion_export.graph_inputs import past_names, present_names
+
+    manifest = open_engines(built(target, precision, max_context)).manifest
+    plan, decoder = manifest["plan"], manifest["engines"]["decoder"]
+    cache = decoder["profile"]["past_key_values.0.key"]["max"]  # the cache's shape at the profile's max
+    in_place = target == "trt-10.15"
+    assert decoder["kv_updated_in_place"] == (sorted(past_names(6)) if in_place else [])
+    assert manifest["engines"]["vision_encoder"]["kv_updated_in_place"] == []
+    assert (plan["kv_in_place"], plan["kv_buffers"]) == ((True, 1) if in_place else (False, 2))
+    assert plan["kv_write_ops"] == (["TensorScatter"] if in_place else ["ScatterElements", "ScatterND"])
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    buffers = KvBuffers(list(zip(past_names(6), present_names(6))),
+                        lambda past, present: past in decoder["kv_updated_in_place"],
+                        lambda: torch.empty(cache, dtype=dtype, device="meta"))  # fmt: skip
+    assert cache[0] == plan["limits"]["max_batch"] and buffers.nbytes == plan["memory"]["kv_cache"]
+    assert buffers.turns == (1 if in_place else 2)
+
+
 def test_oracle_checkpoint_builds(export_oracle, tmp_path):
     result = build_engines(export_oracle(16), tmp_path / "eng", BuildOptions(), verbose=False)
     assert {name: e["layers"] > 300 for name, e in result.engines.items()} == dict.fromkeys(ENGINE_SETS[1], True)

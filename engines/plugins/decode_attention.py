@@ -29,7 +29,8 @@ BLOCK_N = 32  # columns per block: the online softmax's unit of work
 
 
 def check_inputs(q, k, v, start, end, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """Shapes, dtypes and ranges, named; the kernel reads no memory outside what they allow."""
+    """Shapes, dtypes and scales, named: host-side facts only, so this runs inside a TensorRT enqueue under CUDA
+    graph capture, where reading a device value (a sync) would abort the capture."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise FusionError(f"decode attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
                           "q [B, heads, T, D] and k, v [B, kv_heads, C, D]")  # fmt: skip
@@ -43,9 +44,13 @@ def check_inputs(q, k, v, start, end, k_scale: float = 1.0, v_scale: float = 1.0
     check_kv_scales("decode attention", k.dtype == torch.int8, k_scale, v_scale, "an int8 cache")
     if start.shape != (B,) or end.shape != (B,):
         raise FusionError(f"decode attention: start {tuple(start.shape)} and end {tuple(end.shape)} must be [{B}]")
+
+
+def check_ranges(start, end, T: int, capacity: int) -> None:
+    """The rows' column ranges, which the kernel trusts: a device read (a host sync), so direct calls only."""
     s, e = start.long(), end.long()
-    if bool(((s < 0) | (e > k.shape[2]) | (e - T < s)).any()):
-        raise FusionError(f"decode attention: need 0 <= start <= end - T and end <= {k.shape[2]}; got start "
+    if bool(((s < 0) | (e > capacity) | (e - T < s)).any()):
+        raise FusionError(f"decode attention: need 0 <= start <= end - T and end <= {capacity}; got start "
                           f"{s.tolist()}, end {e.tolist()}, T {T}")  # fmt: skip
 
 
@@ -111,10 +116,14 @@ def decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     out: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); `out`: a contiguous buffer of q's
-    shape and dtype to write (a TensorRT plugin's output), else a new one."""
+    shape and dtype to write (a TensorRT plugin's output), else a new one. `check_values=False`: the plugins'
+    enqueue, where start and end come from the graph and only host-side checks may run (check_inputs)."""
     check_inputs(q, k, v, start, end, k_scale, v_scale)
+    if check_values:
+        check_ranges(start, end, q.shape[2], k.shape[2])
     require_kernel_device(q, "decode attention")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     start, end = start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()

@@ -41,10 +41,13 @@ def load_plugin_api(trt: Any) -> tuple[Any | None, str]:
         return None, f"{name} does not import in {trt.describe()} ({type(e).__name__}: {e})"
 
 
-def register_plugins(trt: Any, ops: Iterable[str]) -> dict[str, str]:
+def register_plugins(trt: Any, ops: Iterable[str], parsing: bool = True) -> dict[str, str]:
     """Register the plugins `ops` names; per op, how engines will run it: "tensorrt.plugin aot (sm_XY)",
     "tensorrt.plugin jit", TensorRT-RTX's "IPluginV3 (Python, Triton JIT)" (rtx_plugins.py), or
-    "local function: <why no plugin>". Registering twice in a process is a no-op."""
+    "local function: <why no plugin>". Registering twice in a process is a no-op. `parsing`: for a build, whose
+    parser must also be able to import the plugins (TensorRT-RTX's library link, rtx_plugins.py); False when
+    loading engines, which need only the creators in the registry before deserializing: nothing is linked or
+    written then, so a read-only install loads them."""
     ops = sorted(ops)
     if not ops:
         return {}
@@ -55,7 +58,7 @@ def register_plugins(trt: Any, ops: Iterable[str]) -> dict[str, str]:
     if trtp is None and trt.module.__name__.startswith("tensorrt_rtx"):
         from . import rtx_plugins  # its IPluginV3 classes stand in for the missing tensorrt_rtx.plugin
 
-        blocked = rtx_plugins.parser_can_import_plugins()
+        blocked = rtx_plugins.parser_can_import_plugins() if parsing else ""
         if not blocked:
             return rtx_plugins.register(trt.module, ops)
         why = f"{why}; IPluginV3: {blocked}"

@@ -13,6 +13,7 @@ only when every engine and the manifest are written.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import onnx
 from fusion_export.containment import contained_path, copy_data, copy_listed, staged_path
 from fusion_export.decoder_merge import merge_decoder
 from fusion_export.file_names import EMBEDDINGS_FILE
+from fusion_export.graph_inputs import past_names
 from fusion_export.manifest import MANIFEST, file_entries, open_artifact, save_manifest, tool_versions
 from fusion_export.output_files import check_timing_cache_file, write_atomically
 from fusion_export.progress import Progress
@@ -32,6 +34,7 @@ from reference_model.staging import staging_folder
 
 from ..plugins.kernel_table import LOCAL_FUNCTION
 from ..plugins.tensorrt_plugins import register_plugins
+from .device_memory import kv_buffers
 from .engine_manifest import ENGINE_MANIFEST, ENGINE_SUFFIX, FORMAT, FORMAT_VERSION
 from .flavours import Trt, TrtFlavour, load_trt
 from .plan import BuildLimits, BuildPlan, DeviceMemory, GraphPlan, check_flavour_flags, plan_build
@@ -60,10 +63,24 @@ class BuildResult:
     trt: str
 
 
-def default_timing_cache(trt: Trt) -> Path:
-    """One timing cache per TensorRT version, shared by every build on this machine."""
+def build_gpu() -> str:
+    """The GPU a TensorRT build times its tactics on, as a file-name part: compute capability and name, e.g.
+    "sm87-orin" or "sm90-nvidia-h100-80gb-hbm3" ("no-gpu" where torch sees none)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no-gpu"
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    name = re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-")
+    return f"sm{props.major}{props.minor}-{name}"
+
+
+def default_timing_cache(trt: Trt, gpu: str | None = None) -> Path:
+    """One timing cache per TensorRT version and GPU, shared by every build on this machine: its timings are
+    measured on one device, and set_timing_cache refuses a cache whose "CUDA device property" differs (docs/tensorrt.md
+    section 4), so each GPU keeps its own."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusion-export"
-    return root / f"timing-{trt.flavour}-{trt.version}.cache"
+    return root / f"timing-{trt.flavour}-{trt.version}-{gpu or build_gpu()}.cache"
 
 
 def _read_timing_cache(path: Path, explicit: bool) -> bytes | None:
@@ -130,6 +147,30 @@ def merged_decoder_bytes(artifact, graph: GraphPlan) -> bytes:
     return merge_decoder(prefill, step).SerializeToString()
 
 
+def use_timing_cache(trt: Trt, config: Any, timing_cache: bytes | None, explicit: Path | None) -> None:
+    """Give the builder `timing_cache` (or a fresh one). `set_timing_cache(cache, ignore_mismatch=False)` returns
+    False for a cache made on another GPU or TensorRT version and leaves the config without one (docs/tensorrt.md
+    section 4): --timing-cache (`explicit`) is then refused, naming it; the default cache restarts, said so."""
+    if timing_cache:
+        cache = config.create_timing_cache(timing_cache)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        if explicit is not None:
+            raise EngineBuildError(
+                f"--timing-cache {explicit}: {trt.describe()} cannot use it (made by another TensorRT version or "
+                "GPU, or not a timing cache); remove it or give another path"
+            )
+        print("note: the default timing cache does not fit this TensorRT or GPU; starting anew", file=sys.stderr)
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise EngineBuildError(f"{trt.describe()} refused an empty timing cache")
+
+
+def timing_cache_bytes(config: Any) -> bytes | None:
+    """The builder's timing cache after a build, or None where it holds none (nothing is saved then)."""
+    cache = config.get_timing_cache()
+    return None if cache is None else bytes(memoryview(cache.serialize()))
+
+
 def build_graph(
     trt: Trt,
     onnx_path: Path,
@@ -157,6 +198,7 @@ def build_graph(
 
     config = builder.create_builder_config()
     config.builder_optimization_level = options.optimization_level
+    trt.require_user_allocation(config)  # TensorRT-RTX: decode steps can be captured in a CUDA graph
     if options.workspace_gb:
         config.set_memory_pool_limit(module.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
     if options.compute_capabilities:
@@ -165,22 +207,8 @@ def build_graph(
     if trt.has_progress_monitor:
         monitor = _progress_monitor(trt, progress, graph.name)
         config.progress_monitor = monitor  # kept alive by `monitor` until the build returns
-    cache = None
     if trt.has_timing_cache:
-        cache = config.create_timing_cache(timing_cache) if timing_cache else None
-        # set_timing_cache says False for a cache from another GPU (ignore_mismatch=False), which would then be
-        # replaced by a fresh one: --timing-cache is refused instead, the default cache restarts (said so)
-        if timing_cache and (cache is None or not config.set_timing_cache(cache, ignore_mismatch=False)):
-            if timing_cache_path is not None:
-                raise EngineBuildError(
-                    f"--timing-cache {timing_cache_path}: {trt.describe()} cannot use it (made by another TensorRT "
-                    "version or GPU, or not a timing cache); remove it or give another path"
-                )
-            print("note: the default timing cache does not fit this TensorRT or GPU; starting anew", file=sys.stderr)
-            cache = None
-        if cache is None:
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
+        use_timing_cache(trt, config, timing_cache, timing_cache_path)
     profile = builder.create_optimization_profile()
     for name, shapes in graph.profile.items():
         profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
@@ -196,13 +224,42 @@ def build_graph(
     info = {
         "layers": network.num_layers,
         "attention_layers_decomposable": len(attention),
+        "plugin_layers": trt.plugin_layers(network),  # per plugin op: layers the engine runs as that plugin
+        "kv_updated_in_place": trt.kv_updates_in_place(network),  # cache inputs its output aliases (kv_buffers.py)
         "build_s": round(seconds, 2),
         "io": _io(network),
         "profile": graph.profile,
     }
-    updated = bytes(memoryview(config.get_timing_cache().serialize())) if cache is not None else None
+    updated = timing_cache_bytes(config) if trt.has_timing_cache else None
     del monitor, network, builder  # the parsed weights go before the next graph is parsed
     return info, updated
+
+
+def _as_built(implementation: dict[str, str], engines: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """How each plugin op runs in the built engines: its registered implementation where some engine holds its
+    plugin layers, else the local function the parser inlined (counted after parsing, Trt.plugin_layers)."""
+    built = {op for info in engines.values() for op in info["plugin_layers"]}
+    return {op: how if op in built or how.startswith(LOCAL_FUNCTION) else
+            f"{LOCAL_FUNCTION}: the parser inlined it although a plugin was registered"
+            for op, how in implementation.items()}  # fmt: skip
+
+
+def _check_kv_plan(plan: BuildPlan, engines: dict[str, dict[str, Any]], num_layers: int) -> None:
+    """The plan counted the KV cache by the ONNX ops that write it (one buffer per tensor for TensorScatter, two
+    otherwise); the parsed networks say what TensorRT made of them. Where they disagree, the plan's figure is
+    corrected to what the runtime will allocate (it follows the engine), and said so."""
+    caches = set(past_names(num_layers))
+    decoders = [info for info in engines.values() if caches & {t["name"] for t in info["io"]["inputs"]}]
+    in_place = all(set(info["kv_updated_in_place"]) == caches for info in decoders)
+    if in_place == plan.kv_in_place:
+        return
+    buffers = kv_buffers(in_place)
+    print(f"note: TensorRT {'updates' if in_place else 'does not update'} the KV cache in place here (the plan "
+          f"assumed otherwise from the {', '.join(plan.kv_write_ops)} writes): planned with {buffers} buffer(s) "
+          "per cache tensor", file=sys.stderr)  # fmt: skip
+    kv = plan.memory["kv_cache"] // plan.kv_buffers * buffers
+    plan.memory["total"] += kv - plan.memory["kv_cache"]
+    plan.memory["kv_cache"], plan.kv_in_place, plan.kv_buffers = kv, in_place, buffers
 
 
 def build_engines(
@@ -218,8 +275,10 @@ def build_engines(
         check_timing_cache_file(options.timing_cache, "--timing-cache", [artifact_dir], out_dir)
     artifact = open_artifact(artifact_dir)
     plan = plan_build(artifact, options.limits, options.device_memory)
-    cache_path = options.timing_cache or default_timing_cache(trt)
-    timing_cache = _read_timing_cache(cache_path, options.timing_cache is not None) if trt.has_timing_cache else None
+    cache_path, timing_cache = None, None
+    if trt.has_timing_cache:
+        cache_path = options.timing_cache or default_timing_cache(trt)
+        timing_cache = _read_timing_cache(cache_path, options.timing_cache is not None)
 
     plugin_ops = artifact.manifest["export"].get("plugins", [])
     plugin_implementation = register_plugins(trt, plugin_ops)
@@ -240,6 +299,8 @@ def build_engines(
             header = trt.check_plan(tmp / file)  # what a reader will check, checked once here
             engines[graph.name] = {"file": file, "bytes": header["bytes"], "graphs": graph.sources, **info,
                                    "header": header}  # fmt: skip
+        plugin_implementation = _as_built(plugin_implementation, engines)
+        _check_kv_plan(plan, engines, artifact.config.decoder.num_layers)
         progress.step("copy model files, write the manifest")
         # as data, each source inside the artifact and each destination inside the staging folder (containment.py)
         where = f"{artifact.folder / MANIFEST}: files"
@@ -289,7 +350,8 @@ def build_engines(
             "files": file_entries(tmp, manifest_name=ENGINE_MANIFEST),
         }
         save_manifest(tmp, manifest, ENGINE_MANIFEST)
-        if timing_cache is not None:  # before publishing: a --timing-cache that cannot be written fails the build
+        if cache_path is not None and timing_cache is not None:
+            # before publishing: a --timing-cache that cannot be written fails the build
             _save_timing_cache(cache_path, timing_cache, options.timing_cache is not None)
     elapsed = progress.done()
     if verbose:

@@ -156,6 +156,36 @@ class Trt:
                 found.setdefault(layer.attention.name, layer.attention)
         return list(found.values())
 
+    def plugin_layers(self, network: Any) -> dict[str, int]:
+        """The parsed network's IPluginV3 layers per plugin name: what the engine will really run as a plugin. A
+        parser may still inline a plugin node's local function with a creator registered (10.6-10.9 parsers, or
+        no ENABLE_PLUGIN_OVERRIDE), so this, not the registration, says what was built."""
+        trt, counts = self.module, {}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type == trt.LayerType.PLUGIN_V3:
+                layer.__class__ = trt.IPluginV3Layer
+                name = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE).plugin_name
+                counts[name] = counts.get(name, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def kv_updates_in_place(self, network: Any) -> list[str]:
+        """The network inputs its KV-cache update layers write in place (TensorScatter -> IKVCacheUpdateLayer,
+        10.15+): "the output performs in-place updates on the cache tensor, so they must share the same device
+        memory address" (NvInfer.h). [] where the cache is written by ordinary layers (ScatterElements, ScatterND)."""
+        kind = getattr(self.module.LayerType, "KV_CACHE_UPDATE", None)
+        layers = (network.get_layer(i) for i in range(network.num_layers))
+        return sorted(layer.get_input(0).name for layer in layers
+                      if layer.type == kind and layer.get_input(0).is_network_input)  # fmt: skip
+
+    def require_user_allocation(self, config: Any) -> None:
+        """TensorRT-RTX: build engines whose contexts never allocate at run time, the condition it documents for
+        capturing their enqueue in a CUDA graph (`BuilderFlag.REQUIRE_USER_ALLOCATION`, RTX 1.2+: "ensures that
+        inference will support graph capture"). Enterprise TensorRT has no such flag and needs none."""
+        flag = getattr(self.module.BuilderFlag, "REQUIRE_USER_ALLOCATION", None)
+        if self.flavour is TrtFlavour.tensorrt_rtx and flag is not None:
+            config.set_flag(flag)
+
     def compute_capabilities(self) -> list[str]:
         """Names accepted by --compute-capability (TensorRT-RTX); [] where the builder targets its own GPU."""
         enum = getattr(self.module, "ComputeCapability", None)
@@ -220,7 +250,20 @@ class Trt:
             f.write(memoryview(plan))  # no bytes() copy of a multi-GB plan
         return True
 
-    def engine_validity(self, plan: bytes) -> tuple[str, list[str]] | None:
+    def create_context(self, engine: Any) -> Any:
+        """An execution context that allocates no scratch memory of its own (`USER_MANAGED`, TensorRT 10.0+, 11 and
+        RTX): the runtime gives every context one shared block (`set_context_memory`). The default, STATIC, would
+        allocate "the maximum size across all profiles" per context (NvInferRuntime.h)."""
+        return engine.create_execution_context(self.module.ExecutionContextAllocationStrategy.USER_MANAGED)
+
+    @staticmethod
+    def set_context_memory(context: Any, address: int, size: int) -> None:
+        """`IExecutionContext.set_device_memory(memory, size)` (setDeviceMemoryV2, 10.1+; 10.3 on JetPack 6 has it):
+        "256-byte aligned device memory", at least the engine's `device_memory_size_v2`; not to be used "for a
+        parallel execution context" while an enqueue runs: ours run one at a time on one stream."""
+        context.set_device_memory(address, size)
+
+    def engine_validity(self, plan: Any) -> tuple[str, list[str]] | None:
         """The runtime's own validity verdict, where the flavour has the query (TensorRT-RTX): ("VALID" |
         "SUBOPTIMAL" | "INVALID", diagnostics). Needs a GPU to say VALID; None where the query is missing."""
         runtime = self.module.Runtime(self.logger())

@@ -27,9 +27,11 @@ The KV capacity C is fixed per engine (min = opt = max): the runtime allocates t
 never reallocate and can be captured in a CUDA graph.
 
 Memory, estimated per request shape (an engine's real scratch size is only known after deserializing it, on the
-target): engine weights (each engine holds every weight its network reads: the decoder engine the decoder and the
-interaction layers once; two decoder engines the decoder twice), the KV cache at capacity C, the largest engine's
-activations (they never run at once), and a fixed runtime overhead.
+target), counted by the runtime's own allocation rules (device_memory.py): engine weights (each engine holds every
+weight its network reads: the decoder engine the decoder and the interaction layers once; two decoder engines the
+decoder twice), the KV cache at capacity C (one buffer per tensor where the engines update it in place, TensorScatter
+graphs; two that take turns otherwise), one scratch block the contexts share (the largest engine's activations: they
+never run at once), and a fixed runtime overhead.
 
 Weights are counted from the graphs' own initializers as stored (read from the protos, no weights loaded; the
 decoder engine's are the union of its two graphs'): INT4 packed two per byte with its block scales, INT8 one byte
@@ -50,10 +52,12 @@ import onnx
 import onnx_ir as ir
 
 from fusion_export.decoder_merge import merged_inputs
-from fusion_export.graph_inputs import past_names
+from fusion_export.graph_inputs import past_names, present_names
 from fusion_export.plugin_ops.onnx_forms import INTERACTION_ATTENTION
 from fusion_export.precision import Precision
 from reference_model.errors import FusionError
+
+from .device_memory import kv_buffers, shared_scratch_bytes, writes_in_place
 
 GB = 1e9
 RUNTIME_OVERHEAD_BYTES = int(1.0 * GB)  # CUDA context, TensorRT runtime, cuBLAS/cuDNN handles (an assumption)
@@ -158,6 +162,11 @@ class BuildPlan:
     decoder_weights: int = 0
     interaction_weights: int = 0
     decoder_engines: int = 1
+    # the engines update the KV cache in place (TensorRT's KV-cache update layer: one buffer per tensor), or not (two
+    # buffers that take turns, engines/tensorrt/kv_buffers.py); the ONNX ops that write it
+    kv_in_place: bool = False
+    kv_buffers: int = 2
+    kv_write_ops: list[str] = field(default_factory=list)
     device: dict[str, Any] | None = None  # the device budget checked against, when one was given
     largest_context: int | None = None  # the largest capacity that fits the device
     notes: list[str] = field(default_factory=list)
@@ -235,6 +244,13 @@ def stored_bytes(tensor: onnx.TensorProto) -> int:
     except (TypeError, ValueError):
         raise FusionError(f"weight {tensor.name!r}: ONNX type {tensor.data_type} has no fixed size") from None
     return (math.prod(tensor.dims) * bits + 7) // 8
+
+
+def kv_write_ops(path: Path, num_layers: int) -> set[str]:
+    """The op types of the nodes that produce a graph's `present_*` outputs (its KV-cache writes)."""
+    presents = set(present_names(num_layers))
+    graph = onnx.load(path, load_external_data=False).graph
+    return {node.op_type for node in graph.node if presents.intersection(node.output)}
 
 
 def graph_weights(path: Path) -> dict[str, onnx.TensorProto]:
@@ -357,14 +373,18 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
     engine_weights, decoder_weights, interaction_weights = _weight_bytes(artifact, one_decoder)
     weights = sum(w.bytes for w in engine_weights.values())
     kv_dtype, kv_value_bytes = _kv_cache(artifact)
-    kv_per_column = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_value_bytes * B
+    write_ops = sorted({op for name in ("decoder_prefill", "decoder_step")
+                        for op in kv_write_ops(artifact.graph_path(name), d.num_layers)})  # fmt: skip
+    in_place = writes_in_place(write_ops, kv_dtype)
+    buffers = kv_buffers(in_place)
+    kv_per_column = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_value_bytes * B * buffers
 
     def total(cap: int, prompt: int) -> dict[str, int]:
         acts = _activations(config, artifact.precision.value, B, prompt, max_question, limits.max_step_tokens, cap)
         memory = {
             "weights": weights,
             "kv_cache": kv_per_column * cap,
-            "activations": max(acts[g.name] for g in graphs),
+            "activations": shared_scratch_bytes(acts[g.name] for g in graphs),  # one block the contexts share
             "overhead": RUNTIME_OVERHEAD_BYTES,
         }
         memory["total"] = sum(memory.values())
@@ -392,6 +412,9 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
         decoder_weights=decoder_weights,
         interaction_weights=interaction_weights,
         decoder_engines=1 if one_decoder else 2,
+        kv_in_place=in_place,
+        kv_buffers=buffers,
+        kv_write_ops=write_ops,
         notes=notes,
     )
     if device is not None:

@@ -1,27 +1,31 @@
 """The `tensorrt` backend: an engine folder behind the same `DecoderSession` as every other backend.
 
-Thin on purpose, in the manner of TensorRT-LLM's generic engine session (`tensorrt_llm/runtime/session.py`): an
-`EngineSession` knows nothing about FUSION; it sets named input shapes, binds named torch CUDA tensors by address
-and enqueues the engine on a stream (`IExecutionContext.set_input_shape`, `set_tensor_address`,
-`execute_async_v3(stream_handle)`; TensorRT's NvInferRuntime.h: addresses 256-byte aligned, which torch's
-allocator guarantees, and never the default stream). Model knowledge stays in `TrtSession`, which prepares inputs
-with `fusion_export.graph_inputs` exactly as ONNX Runtime does:
-- engines deserialized once per backend, one execution context each: the vision encoder's, and the decoder's, one
-  engine for prefill and decode (its one profile spans both: a prefill binds the prompt as `seq` new tokens at
-  column 0, a step binds no latents, engines/feeds.py); `--plugins on` folders keep a prefill and a step engine;
-- the KV cache preallocated at the engines' fixed capacity, one torch tensor per layer bound as both `past_*`
-  input and `present_*` output (TensorRT's KV-cache update writes in place; `ICudaEngine.get_aliased_input_tensor`);
-- the decode step captured in a CUDA graph after one eager run, as trtexec's --useCudaGraph does
-  (sampleInference.cpp: "execute the enqueue function at least once before starting CUDA graph capture"),
-  replayed with new inputs copied into the captured buffers; if capture is refused, steps run eagerly.
+Model knowledge lives here; the engines are driven through `EngineSession` (engine_session.py), which knows nothing
+about FUSION. Inputs are prepared with `fusion_export.graph_inputs` exactly as for ONNX Runtime. What each step
+follows in TensorRT's documentation is quoted in docs/tensorrt.md section 7.1:
+- engines deserialized once per backend from memory-mapped plans, one execution context each: the vision encoder's,
+  and the decoder's, one engine for prefill and decode (its one profile spans both: a prefill binds the prompt as
+  `seq` new tokens at column 0, a step binds no latents, engines/feeds.py); `--plugins on` folders keep a prefill
+  and a step engine; their plugin creators registered before deserializing, whatever the parser needed at build;
+- one scratch block shared by the contexts (USER_MANAGED; they run one at a time on one stream), sized by the same
+  rule the build planner counts by (device_memory.shared_scratch_bytes);
+- the KV cache preallocated at the engines' fixed capacity on the engines' stream (so its zero-fill is ordered
+  before their first read): one buffer per cache tensor where the engine aliases `present` to `past` (TensorRT's
+  KV-cache update layer, `ICudaEngine.get_aliased_input_tensor`), two that take turns otherwise (kv_buffers.py);
+- the decode step captured in a CUDA graph after one eager run of the same bindings, as trtexec's --useCudaGraph
+  does (sampleInference.cpp: "execute the enqueue function at least once before starting CUDA graph capture";
+  capture mode thread-local, as there), one graph per set of KV bindings (two where buffers take turns), replayed
+  with new inputs copied into the captured buffers; where TensorRT says a context cannot be captured
+  (`is_stream_capturable`, TensorRT-RTX) or the capture fails, steps run eagerly.
 
-Everything that needs no GPU (folder and TensorRT checks, request limits, input preparation) runs on open or
-session creation and is tested on CPU machines; what needs one is what TensorRT itself executes.
+Everything that needs no GPU (folder and TensorRT checks, request limits, input preparation, KV bindings) runs on
+open or session creation and is tested on CPU machines; what needs one is what TensorRT itself executes.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 from fusion_export.graph_inputs import LOGITS, VISION_OUTPUTS, past_names, present_names
+from fusion_export.plugin_ops.onnx_forms import DECODE_ATTENTION
 from fusion_export.precision import Precision
 from reference_model.errors import FusionError
 from reference_model.generation import DecodeState, GenerationError, StageClock, require_finite
@@ -47,11 +52,10 @@ from ..feeds import (
 from ..plugins.kernel_table import LOCAL_FUNCTION
 from ..plugins.tensorrt_plugins import register_plugins
 from .engine_manifest import EngineError, EngineFolder, check_runtime, open_engines
-from .flavours import Trt, TrtFlavour, load_trt
+from .engine_session import EngineSession, read_plan, share_scratch
+from .flavours import TrtFlavour, load_trt
+from .kv_buffers import KvBuffers
 from .plan import DECODER
-
-_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
-                 "INT32": torch.int32, "BOOL": torch.bool, "INT8": torch.int8}  # fmt: skip
 
 
 def check_request(limits: dict[str, int], batch: PreparedBatch, max_new_tokens: int) -> None:
@@ -76,47 +80,6 @@ def check_request(limits: dict[str, int], batch: PreparedBatch, max_new_tokens: 
         )
 
 
-class EngineSession:
-    """One deserialized engine and its execution context: named torch CUDA tensors in and out."""
-
-    def __init__(self, trt: Trt, plan: bytes, path: Path):
-        self.path = path
-        runtime = trt.module.Runtime(trt.logger())
-        self.engine = runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            messages = "; ".join(trt.logger().errors()[-3:])
-            raise EngineError(f"{path}: {trt.describe()} could not deserialize it ({messages})")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = trt.module.TensorIOMode.INPUT
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
-        self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
-        self.empty: torch.Tensor | None = None  # an address for empty inputs (a decode step's latents)
-
-    def set_inputs(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise GenerationError(f"{self.path}: input {name} of shape {list(tensor.shape)} is outside the profile")
-            address = tensor.data_ptr()
-            if tensor.numel() == 0:  # torch gives an empty tensor no address: bind a real, aligned one, never read
-                if self.empty is None:
-                    self.empty = torch.zeros(256, dtype=torch.uint8, device=tensor.device)
-                address = self.empty.data_ptr()
-            self.context.set_tensor_address(name, address)
-
-    def output_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.context.get_tensor_shape(name))
-
-    def bind_outputs(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-
-    def execute(self, stream: torch.cuda.Stream) -> None:
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise GenerationError(f"{self.path}: TensorRT refused to enqueue the engine")
-
-
 class TrtModel:
     """An engine folder (the `tensorrt` backend). Opening checks the folder; the engines are deserialized on the
     GPU by the first session."""
@@ -125,17 +88,24 @@ class TrtModel:
 
     def __init__(self, engines: EngineFolder, device: str | None = None):
         self.engines = engines
+        manifest = engines.manifest
         self.config = engines.config
         self.model_dir = engines.model_dir
-        self.precision = Precision(engines.manifest["precision"])
+        self.precision = Precision(manifest["precision"])
         # the decoder's engines for a prefill and a step: one engine for both, or two (`--plugins on` folders)
         one = DECODER in engines.engine_names
         self.prefill_engine, self.step_engine = (DECODER, DECODER) if one else ("decoder_prefill", "decoder_step")
-        self.quantization = engines.manifest.get("quantization")
-        scales = engines.manifest.get("kv_int8_scales")  # an INT8 KV cache's (key, value) scales per layer
+        self.quantization = manifest.get("quantization")
+        scales = manifest.get("kv_int8_scales")  # an INT8 KV cache's (key, value) scales per layer
         self.kv_int8_scales = None if scales is None else [(float(k), float(v)) for k, v in scales]
-        self.attends_to_valid_columns = False  # the engines attend over the whole buffer under a mask
-        self.query_len = int(engines.manifest["query_len"])
+        # a step engine running DecodeAttention as a plugin reads only each row's written columns; otherwise its
+        # attention reads the whole buffer under a mask (what the bench's roofline counts)
+        step_plugins = manifest["engines"][self.step_engine].get("plugin_layers", {})
+        self.attends_to_valid_columns = step_plugins.get(DECODE_ATTENTION, 0) > 0
+        # the weights a decode step reads as stored, counted by the build plan from the graphs (engine folders
+        # carry no graphs to count them from)
+        self.step_weight_bytes = manifest["plan"].get("decoder_weights") or None
+        self.query_len = int(manifest["query_len"])
         self.limits = engines.limits
         self.max_context = self.limits["max_context"]
         self.device_name = device or "cuda:0"
@@ -158,27 +128,38 @@ class TrtModel:
         self.trt = load_trt(flavour)
         check_runtime(self.engines, self.trt)
         self._check_gpu()
-        plugins = self.engines.manifest.get("plugin_implementation", {})
-        if any(not how.startswith(LOCAL_FUNCTION) for how in plugins.values()):
-            register_plugins(self.trt, plugins)  # the plugin creators must be registered before deserializing
+        self._register_plugins()
         self.sessions: dict[str, EngineSession] = {}
         with torch.cuda.device(self.device):
             for name in self.engines.engine_names:
                 path = self.engines.engine_path(name)
-                plan = path.read_bytes()
-                verdict = self.trt.engine_validity(plan)
-                if verdict is not None and verdict[0] == "INVALID":
-                    raise EngineError(f"{path}: invalid on this GPU ({', '.join(verdict[1]) or 'no diagnostics'}); "
-                                      f"{self.engines.rebuild_hint()}")  # fmt: skip
-                if verdict is not None and verdict[0] == "SUBOPTIMAL":
-                    warnings.warn(f"{path}: runs, but was not built for this GPU ({verdict[1]})", stacklevel=2)
-                self.sessions[name] = EngineSession(self.trt, plan, path)
+                runtime, engine = read_plan(self.trt, path, self.engines.rebuild_hint())
+                self.sessions[name] = EngineSession(self.trt, runtime, engine, path)
             self.stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self.stream):
+                device = self.device
+                allocate = lambda n: torch.empty(n, dtype=torch.uint8, device=device)  # noqa: E731
+                self.scratch = share_scratch(self.sessions.values(), allocate)
         entry = self.engines.manifest["embeddings"]
         # a regular file; a corrupt header or a missing tensor is named, not a traceback
         self.embed_table = read_tensor(self.engines.folder / entry["file"], entry["tensor"], framework="np")
         self._loaded = True
         return self
+
+    def _register_plugins(self) -> None:
+        """The creators of the plugins the engines hold, in the registry before any plan is deserialized ("used
+        to find plugin implementations during engine deserialization", NvInferRuntimeCommon.h), without the
+        parser's needs (`parsing=False`): a read-only install loads them."""
+        built = self.engines.manifest.get("plugin_implementation", {})
+        needed = sorted(op for op, how in built.items() if not how.startswith(LOCAL_FUNCTION))
+        if not needed:
+            return
+        here = register_plugins(self.trt, needed, parsing=False)
+        missing = {op: how for op, how in here.items() if how.startswith(LOCAL_FUNCTION)}
+        if missing:
+            why = next(iter(missing.values()))
+            raise EngineError(f"{self.engines.folder}: the engines run plugins {sorted(missing)} and this "
+                              f"{self.trt.describe()} cannot register them ({why})")  # fmt: skip
 
     def _check_gpu(self) -> None:
         major, minor = torch.cuda.get_device_capability(self.device)
@@ -190,9 +171,23 @@ class TrtModel:
                 f"{self.engines.rebuild_hint()}"
             )
 
+    def kv_in_place(self, past: str, present: str) -> bool:
+        """Every decoder engine aliases `present` to `past` (one buffer); otherwise two take turns."""
+        engines = {self.prefill_engine, self.step_engine}
+        return all(self.sessions[name].aliased(present, past) for name in engines)
+
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> TrtSession:
         check_request(self.limits, batch, max_new_tokens)  # before any GPU work
         return TrtSession(self.load(), batch, max_new_tokens)
+
+
+@dataclass
+class CapturedStep:
+    """A decode step captured in a CUDA graph, with the buffers its replays read and write."""
+
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
 
 
 class TrtSession:
@@ -207,14 +202,12 @@ class TrtSession:
         self.state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
         dtype = model.sessions[model.step_engine].dtypes["past_key_values.0.key"]
         shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
-        self.cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2 * d.num_layers)]
-        self.kv = {
-            **dict(zip(past_names(d.num_layers), self.cache)),
-            **dict(zip(present_names(d.num_layers), self.cache)),
-        }
+        names = list(zip(past_names(d.num_layers), present_names(d.num_layers)))
+        with torch.cuda.stream(model.stream):  # zero-filled where the engines will read it: ordered before them
+            self.kv = KvBuffers(names, model.kv_in_place, lambda: torch.zeros(shape, dtype=dtype, device=self.device))
         self.vision: VisionOutputs | None = None
-        self.use_cuda_graph, self.graph, self.graph_inputs = cuda_graph, None, None
-        self.steps_run = 0
+        self.use_cuda_graph = cuda_graph
+        self.captured: dict[int, CapturedStep] = {}  # per KV turn (kv_buffers.py)
 
     def _device(self, arrays: dict[str, np.ndarray], session: EngineSession) -> dict[str, torch.Tensor]:
         return {
@@ -223,15 +216,19 @@ class TrtSession:
         }
 
     def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bind and enqueue one engine on the engines' stream (the caller's `torch.cuda.stream` block)."""
         session = self.model.sessions[name]
-        session.set_inputs({**inputs, **{k: v for k, v in self.kv.items() if k in session.inputs}})
+        kv = self.kv.bindings() if name != "vision_encoder" else {}
+        session.set_inputs({**inputs, **{k: v for k, v in kv.items() if k in session.inputs}})
         outputs = {
             out: torch.empty(session.output_shape(out), dtype=session.dtypes[out], device=self.device)
             for out in session.outputs
-            if out not in self.kv
+            if out not in kv
         }
-        session.bind_outputs({**outputs, **{k: v for k, v in self.kv.items() if k in session.outputs}})
+        session.bind_outputs({**outputs, **{k: v for k, v in kv.items() if k in session.outputs}})
         session.execute(self.model.stream)
+        if kv:
+            self.kv.advance()
         return outputs
 
     def synchronize(self) -> None:
@@ -267,40 +264,52 @@ class TrtSession:
         if model.step_engine == DECODER:
             arrays = decoder_step_inputs(arrays, model.config.decoder.hidden_size, model.embed_table.dtype)
         session = model.sessions[model.step_engine]
+        turn = self.kv.turn
         with torch.cuda.stream(model.stream):
-            if self.graph is not None:  # replay: new values into the captured buffers, then the graph
+            captured = self.captured.get(turn)
+            if captured is not None:  # replay: new values into the captured buffers, then the graph
                 for name, array in arrays.items():
-                    self.graph_inputs[name].copy_(torch.from_numpy(array), non_blocking=True)
-                self.graph.replay()
-                logits = self.graph_outputs[LOGITS]
+                    captured.inputs[name].copy_(torch.from_numpy(array), non_blocking=True)
+                captured.graph.replay()
+                self.kv.advance()
+                logits = captured.outputs[LOGITS]
             else:
                 inputs = self._device(arrays, session)
                 outputs = self._run(model.step_engine, inputs)
                 logits = outputs[LOGITS]
-                self.steps_run += 1
-                if self.use_cuda_graph and self.steps_run == 1:
-                    self._capture(inputs, outputs)
+                if self.use_cuda_graph:
+                    self._capture(turn, inputs, outputs)
             logits = logits.float().cpu()
         require_finite("decoder step", logits=logits)
         return logits
 
-    def _capture(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """Capture the step (shapes and addresses now fixed) in a CUDA graph; fall back to eager steps if the
-        engine holds operations a capture does not permit (enqueue returns False, or the capture fails)."""
-        self.model.stream.synchronize()
+    def _capture(self, turn: int, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Capture the step just run eagerly (its shapes and addresses, the KV bindings of `turn`) in a CUDA graph
+        that replays the next steps of that turn. The capture is thread-local, as trtexec's (another thread's CUDA
+        calls neither break it nor are broken); if TensorRT says the context cannot be captured (TensorRT-RTX's
+        is_stream_capturable), its enqueue returns False, or the capture fails, steps run eagerly."""
+        model = self.model
+        session = model.sessions[model.step_engine]
+        model.stream.synchronize()
+        if not session.capturable(model.stream):
+            self._no_graph("TensorRT reports the context cannot be captured on this stream")
+            return
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.model.stream):
-                self.model.sessions[self.model.step_engine].execute(self.model.stream)
+            with torch.cuda.graph(graph, stream=model.stream, capture_error_mode="thread_local"):
+                session.execute(model.stream)
         except (RuntimeError, GenerationError) as e:
-            self.use_cuda_graph = False
-            warnings.warn(f"decode step not captured in a CUDA graph ({e}); running it eagerly", stacklevel=2)
+            self._no_graph(str(e))
             return
-        self.graph, self.graph_inputs, self.graph_outputs = graph, inputs, outputs
+        self.captured[turn] = CapturedStep(graph, inputs, outputs)
+
+    def _no_graph(self, why: str) -> None:
+        self.use_cuda_graph = False
+        warnings.warn(f"decode step not captured in a CUDA graph ({why}); running it eagerly", stacklevel=3)
 
     def cache_arrays(self) -> list[np.ndarray]:
         self.synchronize()
-        return cache_as_float([t.float().cpu().numpy() for t in self.cache], self.model.kv_int8_scales)
+        return cache_as_float([t.float().cpu().numpy() for t in self.kv.current()], self.model.kv_int8_scales)
 
 
 def open_backend(path: Path, options: Any) -> TrtModel:

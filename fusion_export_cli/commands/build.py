@@ -106,8 +106,8 @@ def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, 
     m = plan.memory
     lines.append(
         f"device memory ~{m['total'] / GB:.2f} GB: weights {size(m['weights'])} ({held(plan)}), KV cache "
-        f"{m['kv_cache'] / GB:.2f}, activations "
-        f"{m['activations'] / GB:.2f}, runtime {m['overhead'] / GB:.2f}"
+        f"{m['kv_cache'] / GB:.2f} ({kv_layout(plan)}), activations "
+        f"{m['activations'] / GB:.2f} (one block the engines share), runtime {m['overhead'] / GB:.2f}"
     )
     if plan.device is not None:
         lines.append(f"device: {plan.device['note']}; largest KV capacity that fits: {plan.largest_context}")
@@ -119,6 +119,14 @@ def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, 
         "builder (`fusion-export build`) can do)"
     )
     return "\n".join(lines)
+
+
+def kv_layout(plan) -> str:
+    """How the runtime will hold the KV cache, in words (engines/tensorrt/kv_buffers.py)."""
+    ops = "/".join(plan.kv_write_ops)
+    if plan.kv_in_place:
+        return f"updated in place: {ops} becomes TensorRT's KV-cache update layer"
+    return f"two buffers per tensor taking turns: {ops} writes a new tensor, which TensorRT does not alias"
 
 
 def dry_run_flavour(args: argparse.Namespace) -> str | None:
