@@ -14,24 +14,26 @@ less than 1.3x the artifact's decoder weights file, where a prefill and a step e
 Then the device-memory plans of issues 25 and 26: the fp16 artifact quantized to INT4 (`quantize --precision int4
 --method rtn --block-size 128`: round to nearest, so no full-size calibration run; the LM head and the vision tower
 INT8 by default) and, with FUSION_SLOW_INT8=1 (about 19 more minutes), to INT8 weight-only; `build --dry-run
---device-memory orin-nano-8 --max-context 2048` must fit the INT4 engines and print the KV capacity they leave,
+--device-memory orin-nano-8 --max-context 1792` must fit the INT4 engines and print the KV capacity they leave,
 and must refuse the fp16 ones with their number; the plans for orin-nano-8, orin-nx-16 and agx-orin-64 are
 printed per precision.
 The export targets trt-10.15 at opset 21: INT4 blocks need DequantizeLinear's block_size (opset 21; trt-10.3's
 parser stops at opset 20), and below opset 24 the KV capacity stays chosen at build, so the plans range over it.
+Below opset 24 the cache is written by ScatterElements, which TensorRT does not update in place: the runtime holds
+two KV buffers that take turns (issue 27, engines/tensorrt/kv_buffers.py), and the plans count both.
 Every plan and figure is printed before any check fails.
 
 Needs ~21 GB of free disk (checkpoint + artifact; the checkpoint goes before the ~3 GB INT4 artifact is written)
 under FUSION_SLOW_TMP (default: pytest's tmp dir); everything is removed afterwards unless FUSION_SLOW_KEEP=1
 (then ~24 GB, ~29 GB with FUSION_SLOW_INT8). Figures are printed at the end (`-s`). Measured on a 2-core, 24 GB
 CPU machine (`FUSION_SLOW_INT8=1 FUSION_SLOW_TMP=/tmp/slow pytest -m slow -s tests/test_fullsize_export.py`,
-30.6 min): checkpoint 72 s; export 2.5 min, peak RSS 10.7 GiB; artifact 10.19 GB (decoder.onnx.data 9.14 GB,
-stored once); TensorRT-RTX build 1.2 min, peak RSS 21.8 GiB (vision encoder 3,897 layers 0.86 GB, one decoder
-engine 4,373 layers 9.17 GB: 1.00x the decoder weights file; before issue 26 a prefill engine of 9.17 GB and a
-step engine of 7.45 GB); reference (fp32 compute) 124 s, peak RSS 15.0 GiB; ONNX Runtime 114 s, peak RSS 22.9 GiB
-(prefill of 870 positions 61 s, 10.5 s per step: fp16 weights are cast per call on CPU); max rel error per stage
-3.9e-4 .. 6.9e-4, cosines 1.000000 (6 decimals), top-1 agreement 4/4, greedy agreement length 4; quantize INT4
-2.2 min (peak RSS 12.6 GiB, 3.04 GB), INT8 weight-only 18.6 min (8.8 GiB, 5.31 GB).
+39.7 min on 2026-12-07, other work on the machine at times): checkpoint 96 s; export 4.0 min, peak RSS 10.7 GiB;
+artifact 10.19 GB (decoder.onnx.data 9.14 GB, stored once); TensorRT-RTX build 1.5 min, peak RSS 21.3 GiB (vision
+encoder 3,897 layers 0.86 GB, one decoder engine 4,373 layers 9.17 GB: 1.00x the decoder weights file; before issue
+26 a prefill engine of 9.17 GB and a step engine of 7.45 GB); reference (fp32 compute) 213 s, peak RSS 14.6 GiB;
+ONNX Runtime 194 s, peak RSS 22.8 GiB (prefill of 870 positions 117 s, 15.9 s per step: fp16 weights are cast per
+call on CPU); max rel error per stage 3.9e-4 .. 6.9e-4, cosines 1.000000 (6 decimals), top-1 agreement 4/4, greedy
+agreement length 4; quantize INT4 2.9 min (peak RSS 12.6 GiB, 3.04 GB), INT8 weight-only 22.0 min (8.8 GiB, 5.31 GB).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ QUANTIZED = {
     "int8-weight-only": ["--precision", "int8", "--weight-only"],
 }
 DEVICES = ("orin-nano-8", "orin-nx-16", "agx-orin-64")
-NANO_CONTEXT = 2048  # the KV capacity the INT4 plan must fit an Orin Nano 8 GB at
+NANO_CONTEXT = 1792  # the KV capacity the INT4 plan must fit an Orin Nano 8 GB at (two KV buffers, issue 27)
 
 REQUEST = """
 import sys, torch
@@ -248,9 +250,10 @@ def plan_devices(art: Path, quantized: dict[str, Path], work: Path) -> list[str]
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         notes.append(f"quantize {mode}: {seconds / 60:.1f} min, peak RSS {peak:.1f} GiB, artifact {size / GB:.2f} GB")
 
-    # through the CLI as a user runs it (every file's sha256 checked): with the decoder held once (issue 26), INT4
-    # must fit an Orin Nano 8 GB at a 2048-column context (the prompt's 795 and over a thousand new tokens; the
-    # default 4096 needs 7.94 GB of its 6.00) and an Orin NX 16 GB at the default, where fp16 fits neither
+    # through the CLI as a user runs it (every file's sha256 checked): with the decoder held once (issue 26) and its
+    # KV cache in two buffers (issue 27), INT4 must fit an Orin Nano 8 GB at a 1792-column context (the prompt's 795
+    # and about a thousand new tokens; the default 4096 needs 9.55 GB of its 6.00) and an Orin NX 16 GB at the
+    # default, where fp16 fits neither
     dry_run = [*CLI, "build", "--dry-run", "--device-memory"]
     int4 = str(quantized["int4-weight-only"])
     nano = ["orin-nano-8", "--max-context", str(NANO_CONTEXT), int4]
