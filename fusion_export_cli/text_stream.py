@@ -1,30 +1,27 @@
-"""Print generated text as tokens arrive, holding back incomplete UTF-8 sequences."""
+"""Print generated text as tokens arrive, holding back incomplete UTF-8 sequences (engines.pipeline.TextPieces)."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any, TextIO
 
+from engines.pipeline import TextPieces
+
 
 class TextStreamer:
     """on_token callback for `generate` that prints one batch row's text (default row 0)."""
 
     def __init__(self, tokenizer: Any, out: TextIO = sys.stdout, row: int = 0):
-        self.tokenizer, self.out, self.row = tokenizer, out, row
-        self.ids: list[int] = []
-        self.printed = 0
+        self.pieces, self.out, self.row = TextPieces(tokenizer), out, row
 
     def __call__(self, row: int, token_id: int) -> None:
         if row != self.row:
             return
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return
-        self.out.write(text[self.printed :])
-        self.out.flush()
-        self.printed = len(text)
+        piece = self.pieces.add(token_id)
+        if piece:
+            self.out.write(piece)
+            self.out.flush()
 
     @property
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.pieces.text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -153,44 +153,59 @@ class GenerationOutput:
 
 def generate(
     session: DecoderSession,
-    config: GenerationConfig,
+    config: GenerationConfig | Sequence[GenerationConfig],
     on_token: Callable[[int, int], None] | None = None,
     keep_logits: bool = False,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> GenerationOutput:
-    """Run prefill then decode steps until every row stopped or max_new_tokens; on_token(row, id) streams."""
-    sampler = TokenSampler(config)
+    """Run prefill then decode steps until every row stopped; on_token(row, id) streams. `config`: one for every
+    row, or one per row (its own max_new_tokens, sampling and seed: each row samples from its own generator, so a
+    row's tokens are those it gets alone). `cancelled(row)`: asked after each token; a row it says True for ends
+    there ("cancelled"), and the loop ends once no row is left."""
     B = session.batch_size
-    stop = torch.tensor(config.stop_token_ids, dtype=torch.int64)
-    filler = int(stop[0]) if len(stop) else 0  # fed to finished rows; their outputs are discarded
+    configs = [config] * B if isinstance(config, GenerationConfig) else list(config)
+    if len(configs) != B:
+        raise GenerationError(f"{len(configs)} generation configs for a batch of {B}")
+    samplers = [TokenSampler(c) for c in configs]
+    stops = [set(c.stop_token_ids) for c in configs]
+    filler = next((c.stop_token_ids[0] for c in configs if c.stop_token_ids), 0)  # fed to finished rows
     tokens_out: list[list[int]] = [[] for _ in range(B)]
-    finished = torch.zeros(B, dtype=torch.bool)
+    reasons: list[str | None] = [None] * B
     kept: list[torch.Tensor] = []
+    longest = max(c.max_new_tokens for c in configs)
 
     session.synchronize()
     t0 = time.perf_counter()
     logits = session.prefill()
     session.synchronize()  # a GPU backend's timer must not stop before its queue has drained
     t_prefill = time.perf_counter() - t0
-    for step in range(config.max_new_tokens):
+    for step in range(longest):
         if keep_logits:
             kept.append(logits.detach().to("cpu", torch.float32))
-        tokens = sampler(logits)
+        tokens = torch.cat([sampler(logits[b : b + 1]) for b, sampler in enumerate(samplers)])
         for b in range(B):
-            if not finished[b]:
-                tokens_out[b].append(int(tokens[b]))
-                if on_token is not None:
-                    on_token(b, int(tokens[b]))
-        finished |= torch.isin(tokens, stop)
-        if bool(finished.all()) or step == config.max_new_tokens - 1:
+            if reasons[b] is not None:
+                continue
+            token = int(tokens[b])
+            tokens_out[b].append(token)
+            if on_token is not None:
+                on_token(b, token)
+            if token in stops[b]:
+                reasons[b] = "stop"
+            elif cancelled is not None and cancelled(b):
+                reasons[b] = "cancelled"
+            elif len(tokens_out[b]) == configs[b].max_new_tokens:
+                reasons[b] = "length"
+        if all(r is not None for r in reasons) or step == longest - 1:
             break
-        logits = session.step(torch.where(finished, filler, tokens))
+        fed = [filler if reasons[b] is not None else int(tokens[b]) for b in range(B)]
+        logits = session.step(torch.tensor(fed, dtype=torch.int64))
     session.synchronize()
     elapsed = time.perf_counter() - t0
     n_steps = max(len(t) for t in tokens_out)
-    reasons = ["stop" if t and t[-1] in config.stop_token_ids else "length" for t in tokens_out]
     return GenerationOutput(
         token_ids=tokens_out,
-        finish_reasons=reasons,
+        finish_reasons=[r or "length" for r in reasons],
         step_logits=torch.stack(kept, dim=1) if keep_logits else None,
         timings={
             "prefill_s": t_prefill,

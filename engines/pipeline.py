@@ -1,0 +1,222 @@
+"""The Python API: open any folder the CLI opens (a checkpoint, an artifact, an engine folder), load it once, answer
+many requests about images.
+
+    from engines.pipeline import Pipeline
+
+    fusion = Pipeline.open("art")                      # or a checkpoint folder, or an engine folder
+    answer = fusion.generate("photo.jpg", "What is in front of the house?", max_new_tokens=64)
+    print(answer.text, answer.finish_reason, answer.timings)
+    for piece in fusion.stream("photo.jpg", "Describe it."):
+        print(piece, end="", flush=True)
+
+Everything goes through the backend seam (engines/backends.py) and the generation loop every command uses
+(`reference_model.generation.generate`): the same prompt, batching, sampling and stop rules as `fusion-export
+generate`, so a request and seed give the same tokens here, there and from the server (`fusion-export serve`).
+Requests are checked (question, image size, positions, the folder's limits) before any compute.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from reference_model.errors import FusionError
+from reference_model.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS
+
+from .backends import BackendKind, BackendOptions, backend_query_len, kind_of_folder, open_backend
+
+ImageInput = str | Path | bytes | Image.Image | np.ndarray  # a file, its bytes, a PIL image, an H x W (x 3) array
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen; the CLI's flags of the same names."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (the model ended its turn) or "length" (max_new_tokens)
+    prompt_positions: int  # the prompt's length in positions (image tokens and latents included)
+    timings: dict[str, float] = field(default_factory=dict)  # prefill_s, decode_s, decode_tokens_per_s, stages
+
+
+def as_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image | str | Path:
+    """What make_request reads: paths as they are (opened and size-checked there), bytes decoded by Pillow, arrays
+    as 8-bit images (H x W grey or H x W x 3 RGB)."""
+    from reference_model.image_preprocessing import ImageError, open_image
+
+    if isinstance(image, (str, Path, Image.Image)):
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return open_image(_Named(bytes(image)), max_pixels)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+            raise ImageError(f"image array of shape {image.shape} and dtype {image.dtype}: expected uint8, H x W or "
+                             "H x W x 3 (RGB)")  # fmt: skip
+        return Image.fromarray(image)
+    raise ImageError(f"image of type {type(image).__name__}: give a path, bytes, a PIL image or a uint8 array")
+
+
+class _Named(io.BytesIO):
+    """Image bytes that say what they are in an error message."""
+
+    def __str__(self) -> str:
+        return f"image bytes ({len(self.getbuffer())} bytes)"
+
+
+class Pipeline:
+    """One loaded folder behind the backend seam; answers requests one batch at a time (not thread-safe: the server
+    serializes its calls through one worker)."""
+
+    def __init__(self, backend: Any, query_len: int | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        from reference_model.prompt import load_tokenizer, stop_token_ids
+
+        self.backend = backend
+        self.config = backend.config
+        self.query_len = backend_query_len(backend, query_len)
+        self.tokenizer = load_tokenizer(backend.model_dir)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.config.eos_token_id)
+        self.max_image_pixels = max_image_pixels
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | Path,
+        backend: BackendKind | str | None = None,
+        options: BackendOptions | None = None,
+        query_len: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        load: bool = True,
+    ) -> Pipeline:
+        """A checkpoint (PyTorch reference), an artifact (ONNX Runtime) or an engine folder (TensorRT); the backend
+        from the folder unless named. `load`: read the weights or engines now (else on the first request)."""
+        kind = backend or kind_of_folder(folder)
+        if kind is None:
+            raise FusionError(f"{folder}: not a checkpoint (config.json), an artifact (manifest.json) or an engine "
+                              "folder (engines.json)")  # fmt: skip
+        pipeline = cls(open_backend(kind, folder, options), query_len, max_image_pixels)
+        if load:
+            pipeline.backend.load()
+        return pipeline
+
+    @property
+    def max_batch(self) -> int:
+        """Rows one batch may hold: an engine folder's profile limit, else unbounded (say so with a large number)."""
+        limits = getattr(self.backend, "limits", None)
+        return int(limits["max_batch"]) if limits else 64
+
+    def describe(self) -> str:
+        return self.backend.describe()
+
+    def prepare(self, image: ImageInput, question: str) -> Any:
+        """One request checked and tokenized (question first, so an oversized one costs no image work)."""
+        from reference_model import make_request
+
+        return make_request(as_image(image, self.max_image_pixels), question, self.tokenizer, self.config,
+                            self.max_image_pixels)  # fmt: skip
+
+    def generate(self, image: ImageInput, question: str, **sampling: Any) -> Answer:
+        """One answer; `sampling`: max_new_tokens, temperature, top_p, seed (Sampling)."""
+        return self.generate_batch([(image, question)], Sampling(**sampling))[0]
+
+    def generate_batch(self, requests: Sequence[tuple[ImageInput, str]], sampling: Sampling | None = None,
+                       on_token=None) -> list[Answer]:  # fmt: skip
+        """Several (image, question) pairs in one batch (left-padded, as every backend takes them); on_token(row,
+        token_id) as each token is chosen."""
+        from reference_model import generate, prepare_batch
+        from reference_model.generation import check_positions
+
+        sampling = sampling or Sampling()
+        if not requests:
+            return []
+        if len(requests) > self.max_batch:
+            raise FusionError(f"{len(requests)} requests in one batch; this folder takes at most {self.max_batch}")
+        gen = self.generation_config(sampling)
+        batch = prepare_batch([self.prepare(image, q) for image, q in requests], self.config, self.query_len)
+        check_positions(batch.layout, gen.max_new_tokens, self.config.decoder.rope.max_position_embeddings)
+        session = self.backend.session(batch, gen.max_new_tokens)
+        out = generate(session, gen, on_token=on_token)
+        timings = {**out.timings, **getattr(session, "stage_seconds", {})}
+        return [
+            Answer(self.decode(ids), ids, reason, int(batch.layout.lengths[row]), timings)
+            for row, (ids, reason) in enumerate(zip(out.token_ids, out.finish_reasons))
+        ]
+
+    def generation_config(self, sampling: Sampling) -> Any:
+        """The generation loop's settings for `sampling`, with this model's end-of-turn tokens."""
+        from reference_model import GenerationConfig
+
+        s = sampling
+        return GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                seed=s.seed, stop_token_ids=self.stop_token_ids)  # fmt: skip
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of generated tokens (special tokens, the end of turn among them, left out), as the CLI prints."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def stream(self, image: ImageInput, question: str, **sampling: Any) -> Iterator[str]:
+        """The answer as text pieces while it is generated (a generator; the request runs on a worker thread and
+        is checked before the first piece)."""
+        request = (image, question)
+        settings = Sampling(**sampling)
+        pieces: queue.Queue = queue.Queue()
+        text = TextPieces(self.tokenizer)
+        done = object()
+
+        def work() -> None:
+            try:
+                self.generate_batch([request], settings, on_token=lambda row, token: pieces.put(text.add(token)))
+                pieces.put(text.rest())
+                pieces.put(done)
+            except BaseException as e:  # handed to the caller's thread
+                pieces.put(e)
+
+        worker = threading.Thread(target=work, name="fusion-stream", daemon=True)
+        worker.start()
+        while (item := pieces.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            if item:
+                yield item
+        worker.join()
+
+
+class TextPieces:
+    """Token ids -> the text they add, decoding the whole answer so far (a multi-byte character split over tokens
+    appears once complete, never as a replacement character). The CLI streams through it too."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.text
+        if text.endswith("\ufffd"):  # an incomplete character: wait for the rest
+            return ""
+        piece, self.sent = text[self.sent :], len(text)
+        return piece
+
+    def rest(self) -> str:
+        """At the end: what is still held back (an incomplete character stays as the decoder renders it)."""
+        text = self.text
+        piece, self.sent = text[self.sent :], len(text)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
