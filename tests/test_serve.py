@@ -265,3 +265,23 @@ def test_readme_examples_run(demo_checkpoint, server):
     code = code.replace('model="tiny-random-fusion"', 'model="fusion-demo"')
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_load_and_soak_script_runs(export_demo, tmp_path):
+    """benchmarks/serve_load.py from outside a real server process: a short load run (its report's shape), and a
+    short soak whose bad requests are all 4xx and good ones never 5xx."""
+    import json
+
+    from benchmarks.serve_load import main
+
+    art = str(export_demo("trt-10.3"))
+    assert main([art, "--out", str(tmp_path / "load.json"), "--clients", "1,2", "--requests", "1",
+                 "--new-tokens", "4"]) == 0  # fmt: skip
+    load = json.loads((tmp_path / "load.json").read_text())
+    assert [r["clients"] for r in load["runs"]] == [1, 2] and load["runs"][1]["generated_tokens"] > 0
+    assert load["server_exit"] == 0
+    assert main([art, "--out", str(tmp_path / "soak.json"), "--soak", "--soak-requests", "16", "--soak-clients", "4",
+                 "--new-tokens", "4"]) == 0  # fmt: skip
+    soak = json.loads((tmp_path / "soak.json").read_text())["soak"]
+    assert soak["good_5xx"] == 0 and soak["bad_not_4xx"] == 0 and soak["rss_end"] > 0
+    assert sum(sum(by_status.values()) for by_status in soak["statuses"].values()) == 16
