@@ -11,7 +11,7 @@ from engines.pipeline import TextPieces
 class TextStreamer:
     """on_token callback for `generate` that prints one batch row's text (default row 0)."""
 
-    def __init__(self, tokenizer: Any, out: TextIO = sys.stdout, row: int = 0):
+    def __init__(self, tokenizer: Any, out: TextIO | None = None, row: int = 0):
         self.pieces, self.out, self.row = TextPieces(tokenizer), out, row
 
     def __call__(self, row: int, token_id: int) -> None:
@@ -19,8 +19,9 @@ class TextStreamer:
             return
         piece = self.pieces.add(token_id)
         if piece:
-            self.out.write(piece)
-            self.out.flush()
+            out = self.out or sys.stdout  # looked up now: a default bound at import would miss a redirection
+            out.write(piece)
+            out.flush()
 
     @property
     def text(self) -> str:
