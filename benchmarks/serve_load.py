@@ -87,6 +87,20 @@ class Server:
         return self.process.wait(60)
 
 
+def _metrics(server: Server) -> dict[str, float]:
+    """The server's counters (Prometheus text format), by sample name."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/metrics") as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
 def load(server: Server, clients: list[int], requests: int, new_tokens: int) -> dict:
     url, runs = _image_url(), {}
 
@@ -101,17 +115,25 @@ def load(server: Server, clients: list[int], requests: int, new_tokens: int) -> 
 
     one_client(0)  # warm-up: the first request pays for lazy initialisation
     for n in clients:
+        before = _metrics(server)
         started = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
             results = [x for per_client in pool.map(one_client, range(n)) for x in per_client]
         seconds = time.perf_counter() - started
+        after = _metrics(server)
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
         tokens = sum(t for _, t in results)
         median = statistics.median(s for s, _ in results)
         runs[n] = {"clients": n, "requests": len(results), "seconds": seconds, "generated_tokens": tokens,
-                   "tokens_per_s": tokens / seconds, "latency_s_median": median}  # fmt: skip
-    base = runs[clients[0]]["tokens_per_s"]
+                   "tokens_per_s": tokens / seconds, "latency_s_median": median,
+                   # decode steps alone (the server's counters): what batching shares
+                   "decode_tokens_per_s": delta["fusion_decode_tokens_total"] / delta["fusion_decode_seconds_total"],
+                   "batches": delta.setdefault("batches", delta["fusion_batch_rows_count"]),
+                   "mean_rows_per_batch": delta["fusion_batch_rows_sum"] / delta["batches"]}  # fmt: skip
+    base, decode_base = runs[clients[0]]["tokens_per_s"], runs[clients[0]]["decode_tokens_per_s"]
     for run in runs.values():
         run["ratio_to_first"] = run["tokens_per_s"] / base
+        run["decode_ratio_to_first"] = run["decode_tokens_per_s"] / decode_base
     return {"runs": list(runs.values())}
 
 

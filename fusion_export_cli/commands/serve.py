@@ -47,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=_positive, default=30_000_000, metavar="N")
     p.add_argument("--max-queue", type=_positive, default=16, metavar="N", help="requests waiting before 429")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S")
+    p.add_argument("--batch-window-ms", type=float, default=50.0, metavar="MS",
+                   help="how long a batch waits for more requests after its first (default 50)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S")
     add_query_len_option(p, note="; exported graphs fix their own")
     p.set_defaults(run=run)
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                     image_folder=args.allow_images_from)  # fmt: skip
     settings = ServerSettings(model_id=args.model_id or folder.resolve().name, limits=limits, api_key=key,
                               max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                              request_timeout_s=args.request_timeout)  # fmt: skip
+                              request_timeout_s=args.request_timeout,
+                              batch_window_s=args.batch_window_ms / 1000)  # fmt: skip
     app = create_app(pipeline, settings)
     print(f"serving {pipeline.describe()} as {settings.model_id!r} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)  # fmt: skip

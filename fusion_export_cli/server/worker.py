@@ -47,8 +47,11 @@ class Job:
 
 
 class Worker:
-    def __init__(self, pipeline: Pipeline, max_queue: int, metrics: Any):
+    def __init__(self, pipeline: Pipeline, max_queue: int, metrics: Any, batch_window_s: float = 0.05):
+        """`batch_window_s`: how long a batch waits for more requests after its first (clients that each send
+        their next request as their last is answered arrive a few ms apart; without the wait they would run alone)."""
         self.pipeline, self.max_queue, self.metrics = pipeline, max_queue, metrics
+        self.batch_window_s = batch_window_s
         self.queue: queue.Queue = queue.Queue()
         self.waiting = 0  # jobs queued, not yet in a batch
         self.lock = threading.Lock()
@@ -74,9 +77,10 @@ class Worker:
     def _take(self) -> list[Job] | None:
         first = self.queue.get()
         batch = [first]
-        while first is not _STOP and len(batch) < self.pipeline.max_batch:
+        deadline = time.perf_counter() + self.batch_window_s
+        while batch[-1] is not _STOP and len(batch) < self.pipeline.max_batch:
             try:
-                batch.append(self.queue.get_nowait())
+                batch.append(self.queue.get(timeout=max(0.0, deadline - time.perf_counter())))
             except queue.Empty:
                 break
         stop = _STOP in batch
@@ -140,6 +144,9 @@ class Worker:
         seconds = time.perf_counter() - started
         generated = sum(len(ids) for ids in out.token_ids)
         self.metrics.tokens.inc(generated)
+        self.metrics.batch_rows.observe(len(jobs))
+        self.metrics.decode_tokens.inc(sum(max(0, len(ids) - 1) for ids in out.token_ids))
+        self.metrics.decode_seconds.inc(out.timings["decode_s"])
         if seconds > 0:
             self.metrics.tokens_per_s.observe(generated / seconds)
         for row, job in enumerate(jobs):
