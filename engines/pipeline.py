@@ -138,8 +138,7 @@ class Pipeline:
                        on_token=None) -> list[Answer]:  # fmt: skip
         """Several (image, question) pairs in one batch (left-padded, as every backend takes them); on_token(row,
         token_id) as each token is chosen."""
-        from reference_model import generate, prepare_batch
-        from reference_model.generation import check_positions
+        from reference_model import generate
 
         sampling = sampling or Sampling()
         if not requests:
@@ -147,15 +146,23 @@ class Pipeline:
         if len(requests) > self.max_batch:
             raise FusionError(f"{len(requests)} requests in one batch; this folder takes at most {self.max_batch}")
         gen = self.generation_config(sampling)
-        batch = prepare_batch([self.prepare(image, q) for image, q in requests], self.config, self.query_len)
-        check_positions(batch.layout, gen.max_new_tokens, self.config.decoder.rope.max_position_embeddings)
-        session = self.backend.session(batch, gen.max_new_tokens)
+        batch, session = self.open_session([self.prepare(image, q) for image, q in requests], gen.max_new_tokens)
         out = generate(session, gen, on_token=on_token)
         timings = {**out.timings, **getattr(session, "stage_seconds", {})}
         return [
             Answer(self.decode(ids), ids, reason, int(batch.layout.lengths[row]), timings)
             for row, (ids, reason) in enumerate(zip(out.token_ids, out.finish_reasons))
         ]
+
+    def open_session(self, prepared: Sequence[Any], max_new_tokens: int) -> tuple[Any, Any]:
+        """(the left-padded batch, the backend's session for it) of prepared requests; positions and the folder's
+        limits checked before any compute."""
+        from reference_model import prepare_batch
+        from reference_model.generation import check_positions
+
+        batch = prepare_batch(list(prepared), self.config, self.query_len)
+        check_positions(batch.layout, max_new_tokens, self.config.decoder.rope.max_position_embeddings)
+        return batch, self.backend.session(batch, max_new_tokens)
 
     def generation_config(self, sampling: Sampling) -> Any:
         """The generation loop's settings for `sampling`, with this model's end-of-turn tokens."""

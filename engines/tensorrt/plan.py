@@ -246,17 +246,20 @@ def stored_bytes(tensor: onnx.TensorProto) -> int:
     return (math.prod(tensor.dims) * bits + 7) // 8
 
 
-def kv_write_ops(path: Path, num_layers: int) -> set[str]:
+def graph_protos(artifact) -> dict[str, onnx.GraphProto]:
+    """The artifact's three graphs, read once for the plan: their protos alone (dims and types, not the weights)."""
+    return {name: onnx.load(artifact.graph_path(name), load_external_data=False).graph
+            for name in ("vision_encoder", "decoder_prefill", "decoder_step")}  # fmt: skip
+
+
+def kv_write_ops(graph: onnx.GraphProto, num_layers: int) -> set[str]:
     """The op types of the nodes that produce a graph's `present_*` outputs (its KV-cache writes)."""
     presents = set(present_names(num_layers))
-    graph = onnx.load(path, load_external_data=False).graph
     return {node.op_type for node in graph.node if presents.intersection(node.output)}
 
 
-def graph_weights(path: Path) -> dict[str, onnx.TensorProto]:
-    """Every constant tensor of a graph by name (initializers and Constant nodes' values), read from its proto
-    alone: their dims and types, not their data."""
-    graph = onnx.load(path, load_external_data=False).graph
+def graph_weights(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor of a graph by name (initializers and Constant nodes' values)."""
     tensors = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -272,11 +275,10 @@ def _engine_weights(tensors: dict[str, onnx.TensorProto]) -> EngineWeights:
     return EngineWeights(sum(by_dtype.values()), dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])))
 
 
-def _weight_bytes(artifact, one_decoder: bool) -> tuple[dict[str, EngineWeights], int, int]:
+def _weight_bytes(protos: dict[str, onnx.GraphProto], one_decoder: bool) -> tuple[dict[str, EngineWeights], int, int]:
     """Per engine, the weights its graphs hold (the decoder engine: the union of its two graphs'); the bytes of those
     both decoder graphs read (the same names: one tensor in the artifact), and the prefill's beyond them."""
-    graphs = {name: graph_weights(artifact.graph_path(name))
-              for name in ("vision_encoder", "decoder_prefill", "decoder_step")}  # fmt: skip
+    graphs = {name: graph_weights(graph) for name, graph in protos.items()}
     prefill, step = graphs["decoder_prefill"], graphs["decoder_step"]
     shared = sum(stored_bytes(t) for name, t in prefill.items() if name in step)
     interaction = sum(stored_bytes(t) for name, t in prefill.items() if name not in step)
@@ -370,11 +372,13 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
                                 activations[DECODER], sources))  # fmt: skip
     else:
         graphs += [_graph_plan(artifact, name, ranges, activations) for name in ("decoder_prefill", "decoder_step")]
-    engine_weights, decoder_weights, interaction_weights = _weight_bytes(artifact, one_decoder)
+    protos = graph_protos(artifact)
+    engine_weights, decoder_weights, interaction_weights = _weight_bytes(protos, one_decoder)
     weights = sum(w.bytes for w in engine_weights.values())
     kv_dtype, kv_value_bytes = _kv_cache(artifact)
     write_ops = sorted({op for name in ("decoder_prefill", "decoder_step")
-                        for op in kv_write_ops(artifact.graph_path(name), d.num_layers)})  # fmt: skip
+                        for op in kv_write_ops(protos[name], d.num_layers)})  # fmt: skip
+    del protos
     in_place = writes_in_place(write_ops, kv_dtype)
     buffers = kv_buffers(in_place)
     kv_per_column = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_value_bytes * B * buffers

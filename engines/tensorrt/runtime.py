@@ -218,7 +218,7 @@ class TrtSession:
     def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Bind and enqueue one engine on the engines' stream (the caller's `torch.cuda.stream` block)."""
         session = self.model.sessions[name]
-        kv = self.kv.bindings() if name != "vision_encoder" else {}
+        kv = self.kv.bindings() if self.kv.buffers.keys() & set(session.inputs) else {}  # the decoder's engines
         session.set_inputs({**inputs, **{k: v for k, v in kv.items() if k in session.inputs}})
         outputs = {
             out: torch.empty(session.output_shape(out), dtype=session.dtypes[out], device=self.device)

@@ -101,18 +101,14 @@ class Worker:
                 self._batch(jobs)
 
     def _batch(self, jobs: list[Job]) -> None:
-        from reference_model import generate, prepare_batch
-        from reference_model.generation import check_positions
+        from reference_model import generate
 
         p = self.pipeline
         texts = [TextPieces(p.tokenizer) for _ in jobs]
         scanners = [StopScanner(j.chat.stops) for j in jobs]
         try:
-            batch = prepare_batch([j.request for j in jobs], p.config, p.query_len)
             configs = [p.generation_config(j.chat.sampling) for j in jobs]
-            longest = max(c.max_new_tokens for c in configs)
-            check_positions(batch.layout, longest, p.config.decoder.rope.max_position_embeddings)
-            session = p.backend.session(batch, longest)
+            batch, session = p.open_session([j.request for j in jobs], max(c.max_new_tokens for c in configs))
         except FusionError as e:  # a limit of this folder (prompt, KV capacity): the request's fault
             for job in jobs:
                 job.emit(Event("error", error=ApiError(400, str(e), code="request_too_large")))
