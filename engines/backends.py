@@ -48,6 +48,7 @@ class BackendOptions:
     ort_int8_kernels: str | None = None  # onnxruntime on CPU, W8A8 artifacts: auto | on | off (OrtModel)
     ort_attention: str | None = None  # onnxruntime on CPU: fused | graph (OrtModel)
     ort_accuracy_level: int | None = None  # onnxruntime on CPU, INT4/INT8 weight-only: 1 | 4 (default; OrtModel)
+    ort_prefill_arena: bool | None = None  # onnxruntime on CPU: False = vision and prefill without an arena (serve)
 
 
 class Backend(Protocol):
@@ -66,6 +67,10 @@ class Backend(Protocol):
     def load(self) -> Backend: ...  # weights or engines, once (the first session does it otherwise)
 
     def session(self, batch: Any, max_new_tokens: int) -> Any: ...
+
+    # a conversation's later turn: a session that continues `turn` (reference_model.conversation.TurnState, which
+    # the first session's `kept_cache(row, length)` filled) with each chunk's prefill, then decode steps
+    def follow_up(self, turn: Any, chunks: list[list[int]], max_new_tokens: int) -> Any: ...
 
 
 def open_backend(kind: BackendKind | str, path: str | Path, options: BackendOptions | None = None) -> Backend:

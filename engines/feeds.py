@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from reference_model.conversation import ChunkLayout
 from reference_model.generation import DecodeState
 from reference_model.rope import decode_cos_sin, rope_cos_sin
 from reference_model.sequence import PreparedBatch
@@ -114,6 +115,32 @@ def step_inputs(tokens: torch.Tensor, state: DecodeState, embed_table: np.ndarra
         "rope_cos": cos,
         "rope_sin": sin,
         "write_indices": np.full((batch,), state.length - 1, dtype=np.int64),
+    }
+
+
+def follow_up_inputs(
+    chunk: ChunkLayout,
+    embed_table: np.ndarray,
+    init_latents: np.ndarray,
+    global_ctx: np.ndarray,
+    rope,
+    key_valid: torch.Tensor,
+) -> dict[str, np.ndarray]:
+    """The one decoder graph's feeds for a conversation's later turn (fusion_export/decoder_merge.py): the chunk is
+    a step of its tokens written after the kept columns (`key_valid`: every valid column, the chunk's included),
+    its block's latents and query given to the interaction layers (reference_model/conversation.py)."""
+    embeds = embed_table[chunk.text_ids.numpy()]
+    np.put_along_axis(embeds, chunk.vision_pos.numpy()[:, :, None], init_latents.astype(embeds.dtype), axis=1)
+    cos, sin = _rope(chunk.position_ids, rope)
+    return {
+        "inputs_embeds": embeds,
+        "attention_mask": key_valid.numpy().astype(np.int64),
+        "rope_cos": cos,
+        "rope_sin": sin,
+        "write_indices": np.array([chunk.start], dtype=np.int64),
+        "vision_pos": chunk.vision_pos.numpy(),
+        "instruct_pos": chunk.instruct_pos.numpy(),
+        "global_ctx": global_ctx,
     }
 
 

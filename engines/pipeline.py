@@ -164,6 +164,23 @@ class Pipeline:
         check_positions(batch.layout, max_new_tokens, self.config.decoder.rope.max_position_embeddings)
         return batch, self.backend.session(batch, max_new_tokens)
 
+    def follow_up_chunk(self, unwritten: list[int], stopped: bool, answer: list[int], question: str) -> list[int]:
+        """A conversation's later turn's ids (reference_model/conversation.py `follow_up_chunk`), after an answer
+        of which `unwritten` are generated ids not in the cache and `answer` ids given as text."""
+        from reference_model.conversation import follow_up_chunk
+        from reference_model.prompt import END_OF_TURN, follow_up_ids, instruct_ids
+        from reference_model.sequence import check_question_length
+
+        check_question_length(len(instruct_ids(question, self.tokenizer)), self.config, "a follow-up question")
+        end = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        return follow_up_chunk([*unwritten, *answer], stopped, end, follow_up_ids(question, self.tokenizer))
+
+    def answer_ids(self, text: str) -> list[int]:
+        """An earlier answer given as text (a chat client's history), tokenized as plain text."""
+        from reference_model.prompt import answer_ids
+
+        return answer_ids(text, self.tokenizer)
+
     def generation_config(self, sampling: Sampling) -> Any:
         """The generation loop's settings for `sampling`, with this model's end-of-turn tokens."""
         from reference_model import GenerationConfig
@@ -175,6 +192,25 @@ class Pipeline:
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated tokens (special tokens, the end of turn among them, left out), as the CLI prints."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def conversation(self, image: ImageInput, history: Sequence[tuple[str, str | list[int]]] = ()) -> Conversation:
+        """A conversation about one image: `ask` a question, then follow-up questions; each later turn prefills only
+        its own tokens on top of what the turns before computed (docs/semantics.md section 8.1). `history`: earlier
+        (question, answer) turns, as a chat client sends them (Conversation)."""
+        return Conversation(self, image, history)
+
+    def check_turns(self, history: Sequence[tuple[str, str]], question: str) -> None:
+        """A conversation's texts checked before any compute: every question (as the first question, or as a
+        later one), every answer."""
+        from reference_model.prompt import encode_question
+        from reference_model.sequence import check_question_length
+
+        questions = [q for q, _ in history] + [question]
+        check_question_length(len(encode_question(questions[0], self.tokenizer).instructs), self.config)
+        for later in questions[1:]:
+            self.follow_up_chunk([], True, [], later)
+        for _, answer in history:
+            self.answer_ids(answer)
 
     def stream(self, image: ImageInput, question: str, **sampling: Any) -> Iterator[str]:
         """The answer as text pieces while it is generated (a generator; the request runs on a worker thread and
@@ -227,3 +263,59 @@ class TextPieces:
     @property
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+class Conversation:
+    """Turns about one image. The first question is answered as `generate` answers it; each later one continues the
+    kept state (the first turn's vision encoding, every turn's KV columns): its answer equals that of the whole
+    conversation computed at once (reference_model/conversation.py), and its prefill costs its own tokens.
+
+        chat = fusion.conversation("photo.jpg")
+        print(chat.ask("What is in front of the house?").text)
+        print(chat.ask("And what colour is it?").text)    # the image is not encoded again
+
+    `history`: earlier turns as (question, answer) pairs, as a chat client sends them; they are prefilled with the
+    first question asked. An answer is text (tokenized as plain text) or the token ids generated for it (each
+    followed by an end of turn unless they end with one): with those, the turn equals the conversation asked here
+    turn by turn.
+    """
+
+    def __init__(self, pipeline: Pipeline, image: ImageInput, history: Sequence[tuple[str, str | list[int]]] = ()):
+        self.pipeline, self.image = pipeline, image
+        self.history = list(history)  # (question, answer) of every turn so far
+        self.state: Any = None  # TurnState after the last turn asked here (None: nothing computed yet)
+
+    def ask(self, question: str, sampling: Sampling | None = None, on_token=None, cancelled=None,
+            **settings: Any) -> Answer:  # fmt: skip
+        """One turn; `sampling` or its fields as keywords (Sampling); on_token(row, id) and cancelled(row) as for
+        `reference_model.generate` (row 0)."""
+        from reference_model import generate
+        from reference_model.conversation import turn_state
+
+        p = self.pipeline
+        gen = p.generation_config(sampling or Sampling(**settings))
+        if self.state is None and not self.history:
+            batch, session = p.open_session([p.prepare(self.image, question)], gen.max_new_tokens)
+            positions = int(batch.layout.lengths[0])
+        else:
+            kept = self.state
+            if kept is None:  # the history's turn 1 alone, then each later turn's chunk with this one
+                _, first = p.open_session([p.prepare(self.image, self.history[0][0])], 1)
+                first.prefill()
+                kept = turn_state(first, 0, [], stopped=False)
+                later = [q for q, _ in self.history[1:]] + [question]
+                answers = [p.answer_ids(a) if isinstance(a, str) else list(a) for _, a in self.history]
+                ended = [bool(a) and a[-1] in p.stop_token_ids for a in answers]  # generated ids that stopped
+                chunks = [p.follow_up_chunk([], e, a, q) for a, e, q in zip(answers, ended, later)]
+            else:
+                chunks = [p.follow_up_chunk(kept.pending, kept.stopped, [], question)]
+            session = p.backend.follow_up(kept, chunks, gen.max_new_tokens)
+            positions = None
+        out = generate(session, gen, on_token=on_token, cancelled=cancelled)
+        ids, reason = out.token_ids[0], out.finish_reasons[0]
+        timings = {**out.timings, **getattr(session, "stage_seconds", {})}
+        answer = Answer(p.decode(ids), ids, reason, positions or session.state.prompt_positions, timings)
+        # a cancelled turn leaves nothing to continue; the history still says what was asked and answered
+        self.state = turn_state(session, 0, ids, reason == "stop") if reason != "cancelled" else None
+        self.history.append((question, answer.text))
+        return answer

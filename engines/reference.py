@@ -44,6 +44,12 @@ class ReferenceBackend:
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> ReferenceSession:
         return ReferenceSession(self.model, batch, max_new_tokens)
 
+    def follow_up(self, turn, chunks: list[list[int]], max_new_tokens: int):
+        """A conversation's later turn on top of `turn` (reference_model/conversation.py)."""
+        from reference_model.conversation import ReferenceFollowUp
+
+        return ReferenceFollowUp(self.model, turn, chunks, max_new_tokens)
+
 
 def open_backend(path: Path, options) -> ReferenceBackend:
     return ReferenceBackend(path, options.dtype or "fp32", options.device or "cpu")

@@ -244,6 +244,39 @@ class DecodeState:
         self.key_valid[:, : layout.seq_len] = layout.attention_mask
         self.positions = layout.position_ids[:, -1].clone()  # each row's last RoPE position
         self.length = layout.seq_len  # columns written once the prefill ran
+        self.prefilled = layout.seq_len  # columns the prefill writes; decode steps follow
+
+    @classmethod
+    def resumed(cls, key_valid: torch.Tensor, position: int, columns: int, max_new_tokens: int, max_positions: int,
+                capacity: int | None = None) -> DecodeState:  # fmt: skip
+        """One row that continues kept columns (`key_valid`, its last RoPE position) with a prefill of `columns`
+        more (a conversation's later turn, reference_model/conversation.py); `length` moves as they are written
+        (`extend`)."""
+        kept = int(key_valid.shape[0])
+        needed = kept + columns + max_new_tokens
+        if position + 1 + columns + max_new_tokens > max_positions:
+            raise GenerationError(f"the conversation ({position + 1 + columns} positions) + max_new_tokens "
+                                  f"({max_new_tokens}) exceeds the model's {max_positions} positions")  # fmt: skip
+        if capacity is not None and needed > capacity:
+            raise GenerationError(
+                f"the conversation needs {needed} KV-cache columns (kept {kept} + this turn {columns} + "
+                f"max_new_tokens {max_new_tokens}); these graphs hold {capacity} (export --max-context)"
+            )
+        state = cls.__new__(cls)
+        state.capacity = capacity or needed
+        state.key_valid = torch.zeros(1, state.capacity, dtype=torch.bool)
+        state.key_valid[0, :kept] = key_valid
+        state.positions = torch.tensor([position], dtype=torch.int64)
+        state.length = state.prefilled = kept
+        return state
+
+    def extend(self, n: int) -> None:
+        """A prefill chunk of n columns written after the others (a resumed state)."""
+        self.key_valid[:, self.length : self.length + n] = True
+        self.length += n
+        self.positions += n
+        self.prefilled = self.length
+        self.prompt_positions = int(self.positions[0]) + 1  # the conversation's positions (columns: + padding)
 
     def advance(self) -> torch.Tensor:
         """Allocate the next column (`length - 1` afterwards) and return its RoPE positions (B, 1)."""
@@ -310,6 +343,11 @@ class ReferenceSession:
         self.stage_seconds = clock.seconds
         require_finite("decoder prefill", logits=logits)
         return logits
+
+    def kept_cache(self, row: int, length: int) -> list[torch.Tensor]:
+        """One row's first `length` KV columns as stored, layer by layer (key, value): what a conversation keeps."""
+        pairs = zip(self.cache.keys, self.cache.values)
+        return [t[row : row + 1, :, :length].clone() for kv in pairs for t in kv]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Context-Aware Recursive Alignment: the interaction layer run after selected decoder layers at prefill.
 
-q    = h[instruct_pos] repeated s^2 times            (B, s^2, D)
+q    = h[instruct_pos] repeated s^2 times            (B, s^2, D)   (a conversation: block k's, turn k's query)
 v    = h[vision_pos]                                 (B, s^2, D)
 p    = proj_in(concat(q, v))
 attn = o_proj(MHA(LN(p) Wq, LN(win) Wk, LN(win) Wv))  one query per latent over its w^2 window, 16 heads
@@ -61,12 +61,14 @@ class InteractionLayer(nn.Module):
     def forward(
         self, h: torch.Tensor, vision_pos: torch.Tensor, instruct_pos: torch.Tensor, windows: torch.Tensor
     ) -> torch.Tensor:
-        """h (B, S, D); vision_pos (B, n) and instruct_pos (B, 1) int64; windows (B, n, w2, D) -> updated h."""
+        """h (B, S, D); vision_pos (B, n) and instruct_pos (B, m) int64 (m blocks of n/m latents, block k queried
+        by instruct_pos[:, k]); windows (B, n, w2, D) -> updated h."""
         B, n = vision_pos.shape
-        D = h.shape[-1]
+        D, m = h.shape[-1], instruct_pos.shape[1]
         latent_index = vision_pos[:, :, None].expand(B, n, D)
         v = torch.gather(h, 1, latent_index)  # (B, n, D)
-        q = torch.gather(h, 1, instruct_pos[:, :, None].expand(B, 1, D)).expand(B, n, D)
+        q = torch.gather(h, 1, instruct_pos[:, :, None].expand(B, m, D))  # (B, m, D)
+        q = q.expand(B, n, D) if m == 1 else q.repeat_interleave(n // m, dim=1)
         p = self.proj_in(torch.cat((q, v), dim=-1))
         a = self.norm(self.cross_attn(p, self.proj_context(windows)) + p)
         return h.scatter(1, latent_index, self.proj_out(a) + v)

@@ -27,9 +27,9 @@ class VisionOutputs:
 
 @dataclass
 class InteractionInputs:
-    vision_pos: torch.Tensor  # (B, s^2) int64 columns of the latents
-    instruct_pos: torch.Tensor  # (B, 1) int64 column of the last prompt token
-    windows: torch.Tensor  # (B, s^2, w^2, D) each latent's slice of global_ctx
+    vision_pos: torch.Tensor  # (B, n s^2) int64 columns of the latents: n blocks (one per turn)
+    instruct_pos: torch.Tensor  # (B, n) int64 column of each block's query: its turn's last prompt token
+    windows: torch.Tensor  # (B, n s^2, w^2, D) each latent's slice of global_ctx (every block the same)
 
 
 class FusionModel(nn.Module):
@@ -98,8 +98,11 @@ class FusionModel(nn.Module):
     def interaction_inputs(
         self, global_ctx: torch.Tensor, vision_pos: torch.Tensor, instruct_pos: torch.Tensor
     ) -> InteractionInputs:
-        side = math.isqrt(vision_pos.shape[1])
+        blocks = instruct_pos.shape[1]
+        side = math.isqrt(vision_pos.shape[1] // blocks)
         windows = context_windows(global_ctx, side, self.config.interaction.window_size)
+        if blocks > 1:  # a conversation: each turn's block reads the same windows
+            windows = windows.repeat(1, blocks, 1, 1)
         return InteractionInputs(vision_pos=vision_pos, instruct_pos=instruct_pos, windows=windows)
 
     def decode(

@@ -48,11 +48,21 @@ class RequestError(FusionError):
     """A request cannot be turned into a FUSION input sequence."""
 
 
-def _template(mark: Callable[[str], str] = lambda token: token) -> tuple[str, str]:
-    """The prompt before and after the question; `mark` rewrites the template's own control tokens."""
+def _template(mark: Callable[[str], str] = lambda token: token, follow_up: bool = False) -> tuple[str, str]:
+    """The prompt before and after the question; `mark` rewrites the template's own control tokens. A follow-up
+    question (a later turn of a conversation, docs/semantics.md section 8.1) starts at the previous answer's end of
+    turn: upstream's phi_3 template gives it a latent placeholder of its own and no newline before the question."""
+    after = f"{mark(END_OF_TURN)}\n{mark(ASSISTANT_TURN)}\n"
+    if follow_up:
+        return f"{mark(END_OF_TURN)}\n{mark(USER_TURN)}\n{mark(VISION_START)}{LATENT_TOKEN}{mark(VISION_END)}", after
     images = f"{mark(VISION_START)}{LATENT_TOKEN}{mark(VISION_END)}{mark(VISION_START)}{IMAGE_TOKEN}{mark(VISION_END)}"
     before = f"{mark(SYSTEM_TURN)}\n{SYSTEM_MESSAGE}{mark(END_OF_TURN)}\n{mark(USER_TURN)}\n{images}\n"
-    return before, f"{mark(END_OF_TURN)}\n{mark(ASSISTANT_TURN)}\n"
+    return before, after
+
+
+def _last_piece(before: str) -> str:
+    """The template's text between its last placeholder and the question: the start of the piece that holds it."""
+    return before.rsplit(IMAGE_TOKEN, 1)[-1].rsplit(LATENT_TOKEN, 1)[-1]
 
 
 def build_prompt(question: str) -> str:
@@ -66,7 +76,8 @@ def _question_of(prompt: str) -> str | None:
     before, after = _template()
     if len(prompt) < len(before) + len(after) or not (prompt.startswith(before) and prompt.endswith(after)):
         return None
-    return prompt[len(before) : len(prompt) - len(after)]
+    question = prompt[len(before) : len(prompt) - len(after)]
+    return None if any(m in question for m in (IMAGE_TOKEN, LATENT_TOKEN)) else question  # a conversation's text
 
 
 def check_question(question: str) -> str:
@@ -131,20 +142,37 @@ def tokenize_prompt(prompt: str, tokenizer: Any) -> list[int]:
     return _upstream_ids(prompt, lambda piece: list(tokenizer(piece).input_ids), tokenizer.bos_token_id)
 
 
-def prompt_ids(question: str, tokenizer: Any) -> list[int]:
+def prompt_ids(question: str, tokenizer: Any, follow_up: bool = False) -> list[int]:
     """The prompt's ids: upstream's exactly when nothing in the question tokenizes to an added token, else with
-    the question's text encoded as plain text in its real context (`_PlainText`)."""
+    the question's text encoded as plain text in its real context (`_PlainText`). `follow_up`: the ids of a later
+    turn (`follow_up_ids`), BOS and the leading end of turn included."""
     check_question(question)
-    before, after = _template()
-    last = before.rsplit(IMAGE_TOKEN, 1)[1] + question + after  # the piece that holds the question
+    before, after = _template(follow_up=follow_up)
+    last = _last_piece(before) + question + after  # the piece that holds the question
     span = (len(last) - len(after) - len(question), len(last) - len(after))
 
     def tokenize(piece: str) -> list[int]:
         batch = tokenizer(piece)
         typed = _typed_tokens(tokenizer, batch, piece, span) if piece == last else []
-        return _plain_text(tokenizer, typed).prompt_piece(question, typed) if typed else list(batch.input_ids)
+        if not typed:
+            return list(batch.input_ids)
+        return _plain_text(tokenizer, typed).prompt_piece(question, typed, follow_up)
 
     return _upstream_ids(before + question + after, tokenize, tokenizer.bos_token_id)
+
+
+def follow_up_ids(question: str, tokenizer: Any) -> list[int]:
+    """A later turn's ids, to follow the previous answer's end of turn (`<|end|>`, the answer's own last token
+    when it stopped): `\n<|user|>\n<vision_start>`, the turn's latent placeholder (-300), then
+    `<vision_end>{question}<|end|>\n<|assistant|>\n`, each piece tokenized on its own as upstream cuts the whole
+    conversation's text (an added token ends the text before it, so the pieces tokenize as they do in context).
+    The question is plain text, as in `prompt_ids`."""
+    ids = prompt_ids(question, tokenizer, follow_up=True)
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    start = 1 if ids and ids[0] == tokenizer.bos_token_id and ids[0] != end else 0
+    if ids[start] != end:
+        raise TokenizerError(f"the tokenizer does not encode {END_OF_TURN} as one token; conversations need it")
+    return ids[start + 1 :]
 
 
 def instruct_ids(question: str, tokenizer: Any) -> list[int]:
@@ -156,6 +184,18 @@ def instruct_ids(question: str, tokenizer: Any) -> list[int]:
     batch = tokenizer(text)
     typed = _typed_tokens(tokenizer, batch, text, (0, len(text)))
     return _plain_text(tokenizer, typed).encode(text, typed) if typed else list(batch.input_ids)
+
+
+def answer_ids(text: str, tokenizer: Any) -> list[int]:
+    """An earlier answer given as text (a chat client's history), tokenized on its own without BOS, as plain
+    text: a client cannot forge template tokens through an answer either."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"the answer is not valid text (undecodable character at position {e.start})") from None
+    batch = tokenizer(text, add_special_tokens=False)
+    typed = _typed_tokens(tokenizer, batch, text, (0, len(text)))
+    return _plain_text(tokenizer, typed).encode(text, typed, special=False) if typed else list(batch.input_ids)
 
 
 def _added_tokens(tokenizer: Any) -> dict[int, str]:
@@ -252,19 +292,21 @@ class _PlainText:
                 return "which this tokenizer cannot encode as plain text exactly"
         return None
 
-    def prompt_piece(self, question: str, typed: list[str]) -> list[int]:
-        """The ids of the prompt's last piece (`<vision_end>\\n{question}<|end|>\\n<|assistant|>\\n`)."""
-        before, after = _template(lambda token: self.marks.get(token, token))
-        head = before.rsplit(IMAGE_TOKEN, 1)[1]
+    def prompt_piece(self, question: str, typed: list[str], follow_up: bool = False) -> list[int]:
+        """The ids of the prompt's last piece (`<vision_end>\\n{question}<|end|>\\n<|assistant|>\\n`; a follow-up's
+        without the newline)."""
+        before, after = _template(lambda token: self.marks.get(token, token), follow_up)
+        head = _last_piece(before)
         return self.encode(head + question + after, typed, (len(head), len(head) + len(question)))
 
-    def encode(self, text: str, typed: list[str], span: tuple[int, int] | None = None) -> list[int]:
+    def encode(self, text: str, typed: list[str], span: tuple[int, int] | None = None, special: bool = True
+               ) -> list[int]:  # fmt: skip
         """`text` tokenized as the tokenizer would with no added tokens; the question is `text[span]` (all of it
-        by default), stand-ins only outside it."""
+        by default), stand-ins only outside it; `special`: with the tokens the post-processor adds (BOS)."""
         start, end = span or (0, len(text))
         if STAND_IN_MARK in text[start:end]:  # it could spell a stand-in, which becomes a template token
             raise _refusal(typed, f"and U+{ord(STAND_IN_MARK):04X}, a noncharacter its plain-text encoding reserves")
-        encoding = self.backend.encode(text)
+        encoding = self.backend.encode(text, add_special_tokens=special)
         leaked = _controls_in(encoding, text, (0, len(text)), self.controls, self.unk)
         if leaked:
             raise _refusal(typed, f"and its text tokenizes to the control token {leaked[0]!r} even as plain text")

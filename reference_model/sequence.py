@@ -25,6 +25,9 @@ class Request:
     input_ids: list[int]  # prompt ids with exactly one -300 and one -200 placeholder
     instructs: list[int]  # the question's ids for the vision tower (no padding)
     pixel_values: torch.Tensor  # (5, 3, H, W) static_hd crops
+    # a conversation of several turns (docs/semantics.md 8.1): the index in input_ids of each turn's last prompt
+    # token, the query of that turn's latent block; () = one turn, the last id
+    turn_ends: tuple[int, ...] = ()
 
 
 def make_request(
@@ -38,7 +41,7 @@ def make_request(
     one image; the question's length is checked before the image is decoded, so an oversized request costs no
     image work."""
     ids = encode_question(question, tokenizer)
-    _check_question_length(len(ids.instructs), config)
+    check_question_length(len(ids.instructs), config)
     return Request(
         input_ids=ids.input_ids,
         instructs=ids.instructs,
@@ -46,7 +49,7 @@ def make_request(
     )
 
 
-def _check_question_length(n_tokens: int, config: FusionConfig, where: str = "the question") -> None:
+def check_question_length(n_tokens: int, config: FusionConfig, where: str = "the question") -> None:
     if n_tokens > config.max_question_tokens:
         raise RequestError(
             f"{where} is {n_tokens} tokens; this model reads questions of at most {config.max_question_tokens} "
@@ -75,7 +78,7 @@ def check_request(request: Request, config: FusionConfig) -> None:
     outside = [t for t in request.instructs if not 0 < t < vocab]
     if outside:
         raise RequestError(f"instructs: id {outside[0]} is outside 1..{vocab - 1} (0 is padding)")
-    _check_question_length(len(request.instructs), config, "instructs")
+    check_question_length(len(request.instructs), config, "instructs")
 
 
 @dataclass
@@ -86,8 +89,8 @@ class SequenceLayout:
     attention_mask: torch.Tensor  # (B, S) bool, False at left padding
     position_ids: torch.Tensor  # (B, S) int64 RoPE positions, 0 at padding
     image_columns: torch.Tensor  # (B, n_img) int64 columns of the image tokens
-    vision_pos: torch.Tensor  # (B, s^2) int64 columns of the latents
-    instruct_pos: torch.Tensor  # (B, 1) int64 column of the last prompt token
+    vision_pos: torch.Tensor  # (B, n s^2) int64 columns of the latents: n blocks, one per turn
+    instruct_pos: torch.Tensor  # (B, n) int64 column of each turn's last prompt token (one turn: the last column)
     lengths: torch.Tensor  # (B,) int64 unpadded length of each row
 
     @property
@@ -99,48 +102,62 @@ class SequenceLayout:
         return self.text_ids.shape[1]
 
 
-def build_layout(prompts: list[list[int]], num_image_tokens: int, query_len: int) -> SequenceLayout:
+def build_layout(
+    prompts: list[list[int]], num_image_tokens: int, query_len: int, turn_ends: list[tuple[int, ...]] | None = None
+) -> SequenceLayout:
+    """Place each prompt in a left-padded row. The first placeholder receives the image tokens, every later one a
+    block of query_len latents (one turn: the `<image>` placeholder; a conversation: one more `<latent_image>` per
+    later turn). `turn_ends`: per prompt, the index of each turn's last prompt token (Request.turn_ends)."""
     if not prompts:
         raise RequestError("a batch needs at least one request")
-    rows = []
-    for i, ids in enumerate(prompts):
-        slots = [j for j, t in enumerate(ids) if t < 0]
-        if sorted(ids[j] for j in slots) != sorted((IMAGE_TOKEN_ID, LATENT_TOKEN_ID)):
+    ends = [tuple(e) or (len(ids) - 1,) for ids, e in zip(prompts, turn_ends or [()] * len(prompts))]
+    for i, (ids, turn) in enumerate(zip(prompts, ends)):
+        found = [t for t in ids if t < 0]
+        wanted = [LATENT_TOKEN_ID] * len(turn) + [IMAGE_TOKEN_ID]
+        if sorted(found) != sorted(wanted):
             raise RequestError(
-                f"request {i}: input_ids must hold exactly one {LATENT_TOKEN_ID} (<latent_image>) and one "
-                f"{IMAGE_TOKEN_ID} (<image>) placeholder, found negative ids {[ids[j] for j in slots]}"
+                f"request {i}: input_ids must hold exactly one {LATENT_TOKEN_ID} (<latent_image>) placeholder per "
+                f"turn ({len(turn)} turn(s)) and one {IMAGE_TOKEN_ID} (<image>), found negative ids {found}"
             )
-        first, second = slots
-        pieces = (ids[:first], ids[first + 1 : second], ids[second + 1 :])
-        rows.append(pieces)
-    lengths = [len(a) + num_image_tokens + len(b) + query_len + len(c) for a, b, c in rows]
-    B, S = len(rows), max(lengths)
+        if list(turn) != sorted(set(turn)) or not all(0 <= e < len(ids) and ids[e] >= 0 for e in turn):
+            raise RequestError(f"request {i}: turn ends {list(turn)} must be increasing indices of text ids")
+    if len({len(turn) for turn in ends}) > 1:
+        raise RequestError("the requests of one batch must hold the same number of turns")
+    blocks = len(ends[0])
+    lengths = [len(ids) - (blocks + 1) + num_image_tokens + blocks * query_len for ids in prompts]
+    B, S = len(prompts), max(lengths)
     text_ids = torch.zeros(B, S, dtype=torch.int64)
     attention_mask = torch.zeros(B, S, dtype=torch.bool)
     position_ids = torch.zeros(B, S, dtype=torch.int64)
     image_columns = torch.zeros(B, num_image_tokens, dtype=torch.int64)
-    vision_pos = torch.zeros(B, query_len, dtype=torch.int64)
-    for b, ((a, mid, c), length) in enumerate(zip(rows, lengths)):
+    vision_pos = torch.zeros(B, blocks * query_len, dtype=torch.int64)
+    instruct_pos = torch.zeros(B, blocks, dtype=torch.int64)
+    for b, (ids, length) in enumerate(zip(prompts, lengths)):
         start = S - length
         attention_mask[b, start:] = True
         position_ids[b, start:] = torch.arange(length)
-        col = start
-        text_ids[b, col : col + len(a)] = torch.tensor(a, dtype=torch.int64)
-        col += len(a)
-        image_columns[b] = torch.arange(col, col + num_image_tokens)
-        col += num_image_tokens
-        text_ids[b, col : col + len(mid)] = torch.tensor(mid, dtype=torch.int64)
-        col += len(mid)
-        vision_pos[b] = torch.arange(col, col + query_len)
-        col += query_len
-        text_ids[b, col:] = torch.tensor(c, dtype=torch.int64)
+        col, block, columns = start, -1, []  # columns: each text id's column; block -1: no placeholder yet
+        for t in ids:
+            if t >= 0:
+                text_ids[b, col] = t
+                columns.append(col)
+                col += 1
+                continue
+            columns.append(-1)
+            if block < 0:  # the first placeholder: the image tokens
+                image_columns[b] = torch.arange(col, col + num_image_tokens)
+                block, col = 0, col + num_image_tokens
+            else:
+                vision_pos[b, block * query_len : (block + 1) * query_len] = torch.arange(col, col + query_len)
+                block, col = block + 1, col + query_len
+        instruct_pos[b] = torch.tensor([columns[e] for e in ends[b]], dtype=torch.int64)
     return SequenceLayout(
         text_ids=text_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         image_columns=image_columns,
         vision_pos=vision_pos,
-        instruct_pos=torch.full((B, 1), S - 1, dtype=torch.int64),
+        instruct_pos=instruct_pos,
         lengths=torch.tensor(lengths, dtype=torch.int64),
     )
 
@@ -173,7 +190,8 @@ def prepare_batch(requests: list[Request], config: FusionConfig, query_len: int)
             check_request(request, config)
         except RequestError as e:
             raise RequestError(f"request {i}: {e}" if len(requests) > 1 else str(e)) from None
-    layout = build_layout([r.input_ids for r in requests], config.vision.num_patches, query_len)
+    turn_ends = [r.turn_ends for r in requests]
+    layout = build_layout([r.input_ids for r in requests], config.vision.num_patches, query_len, turn_ends)
     positions = config.decoder.rope.max_position_embeddings
     if int(layout.lengths.max()) > positions:
         raise RequestError(
@@ -188,9 +206,11 @@ def prepare_batch(requests: list[Request], config: FusionConfig, query_len: int)
 
 
 def assemble_embeddings(layout: SequenceLayout, text_embeds: torch.Tensor, vision: VisionOutputs) -> torch.Tensor:
-    """Insert image tokens and init latents into the embedded text (B, S, D)."""
+    """Insert image tokens and init latents into the embedded text (B, S, D); every turn's block starts from the
+    same init latents."""
     D = text_embeds.shape[-1]
     image_index = layout.image_columns.to(text_embeds.device)[:, :, None].expand(-1, -1, D)
     latent_index = layout.vision_pos.to(text_embeds.device)[:, :, None].expand(-1, -1, D)
     embeds = text_embeds.scatter(1, image_index, vision.image_tokens.to(text_embeds.dtype))
-    return embeds.scatter(1, latent_index, vision.init_latents.to(text_embeds.dtype))
+    latents = vision.init_latents.repeat(1, layout.instruct_pos.shape[1], 1)
+    return embeds.scatter(1, latent_index, latents.to(text_embeds.dtype))

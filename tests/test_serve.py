@@ -177,6 +177,50 @@ def test_bad_requests_are_4xx_naming_the_fault(server):
     assert 'fusion_requests_total{status="400"}' in metrics and "fusion_time_to_first_token_seconds_count" in metrics
 
 
+def test_conversations_continue_from_the_kept_turn(server, pipeline):
+    """A chat client's second and third turns (the whole history resent, as OpenAI clients do): the answers are the
+    Python API conversation's; the server continued its kept state (metrics), and a history it does not hold (an
+    edited answer) is recomputed from its text, as a Conversation given that history answers. Malformed
+    conversations are 4xx naming the fault."""
+    import httpx2 as httpx
+
+    base, _ = server
+    client = _client(base)
+    questions = [QUESTION, "And what colour is it?", "Why?"]
+    chat = pipeline.conversation(DEMO_IMAGE)
+    answers = [chat.ask(q, max_new_tokens=TOKENS) for q in questions]
+    expected = [a.text for a in answers]
+    messages, got = [], []
+    for k, question in enumerate(questions):
+        messages += _messages(question) if k == 0 else [{"role": "user", "content": question}]
+        reply = client.chat.completions.create(model="fusion-demo", messages=messages, max_tokens=TOKENS,
+                                               temperature=0)  # fmt: skip
+        got.append(reply.choices[0].message.content)
+        messages.append({"role": "assistant", "content": got[-1]})
+    assert got == expected
+    assert reply.usage.prompt_tokens == answers[2].prompt_positions  # the whole conversation's positions
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'fusion_conversation_turns_total{state="kept"} 2.0' in metrics
+    edited = [*messages[:1], {"role": "assistant", "content": "A house."}, {"role": "user", "content": questions[1]}]
+    reply = client.chat.completions.create(model="fusion-demo", messages=edited, max_tokens=TOKENS, temperature=0)
+    history = [(QUESTION, "A house.")]
+    assert reply.choices[0].message.content == pipeline.conversation(DEMO_IMAGE, history).ask(
+        questions[1], max_new_tokens=TOKENS).text  # fmt: skip
+    assert 'fusion_conversation_turns_total{state="recomputed"} 1.0' in httpx.get(f"{base}/metrics").text
+    second_image = {"type": "image_url", "image_url": {"url": DATA_URL}}
+    cases = [
+        ([{"role": "assistant", "content": "Hi."}, *_messages()], "alternates user and assistant"),
+        ([*_messages(), {"role": "assistant", "content": "A house."}], "alternates user and assistant"),
+        ([*_messages(), {"role": "assistant", "content": "A house."},
+          {"role": "user", "content": [second_image, {"type": "text", "text": "And this?"}]}], "the one image"),
+        ([*_messages(), {"role": "assistant", "content": "A house."}, {"role": "user", "content": " "}],
+         r"messages\[2\].content: no question text"),
+    ]  # fmt: skip
+    for conversation, words in cases:
+        with pytest.raises(openai.BadRequestError, match=words):
+            client.chat.completions.create(model="fusion-demo", messages=conversation, max_tokens=2)
+
+
 def test_serve_stops_on_sigterm_during_a_stream(export_demo, tmp_path):
     """A real `fusion-export serve` process: SIGTERM while a client streams ends the stream and the process, 0."""
     port = _free_port()
@@ -260,6 +304,7 @@ def test_readme_examples_run(demo_checkpoint, server):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (" length [" in result.stdout or " stop [" in result.stdout) and "s prefill" in result.stdout
+    assert "turn 2: " in result.stdout
     base, _ = server
     code = client.replace("http://127.0.0.1:8000/v1", f"{base}/v1").replace('"unused"', '"sesame"')
     code = code.replace('model="tiny-random-fusion"', 'model="fusion-demo"')

@@ -395,6 +395,22 @@ def test_trt_session_generates_the_reference_tokens(export_demo, demo_checkpoint
     assert cuda.replays == 9 - turns  # 9 steps after the prefill: the first of each turn eager, then replays
     assert model.sessions["decoder"].runs == 1 + 9  # the prefill, then every step exactly once
 
+    # a conversation's next turn for the left-padded row: its kept columns copied into the buffers, its chunk run
+    # through the decoder engine with the block's latents: the reference's follow-up tokens
+    from reference_model.conversation import ReferenceFollowUp, follow_up_chunk, turn_state
+    from reference_model.prompt import END_OF_TURN, follow_up_ids
+
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    reference_session = ReferenceSession(load_model(demo_checkpoint), batch, 10)
+    reference = generate(reference_session, config)
+    kept = {"engines": turn_state(session, 0, out.token_ids[0], False),
+            "reference": turn_state(reference_session, 0, reference.token_ids[0], False)}  # fmt: skip
+    assert kept["engines"].length == kept["reference"].length == batch.layout.seq_len + len(out.token_ids[0]) - 1
+    chunk = follow_up_chunk(kept["engines"].pending, False, end, follow_up_ids("And what colour is it?", tokenizer))
+    follow = generate(model.follow_up(kept["engines"], [chunk], 10), config)
+    expected = generate(ReferenceFollowUp(reference_session.model, kept["reference"], [chunk], 10), config)
+    assert follow.token_ids == expected.token_ids
+
     if turns == 2:  # the same bindings every run: the prefill's cache is never read back
         monkeypatch.setattr(KvBuffers, "advance", lambda self: None)
         broken = generate(model.session(batch, 10), config)

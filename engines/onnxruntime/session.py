@@ -31,6 +31,7 @@ from onnx.external_data_helper import ExternalDataInfo
 from fusion_export.graph_inputs import LOGITS, past_names, present_names
 from fusion_export.manifest import Artifact
 from fusion_export.precision import Precision
+from reference_model.conversation import TurnState, chunk_layouts, resumed_state
 from reference_model.errors import FusionError
 from reference_model.generation import DecodeState, GenerationError, StageClock, require_finite
 from reference_model.input_files import read_tensor
@@ -118,6 +119,7 @@ class OrtModel:
         attention: str = "fused",
         int8_kernels: str = "auto",
         accuracy_level: int = SPEED_LEVEL,
+        prefill_arena: bool = True,
     ):
         """weights (CPU): "shared" = the decoder sessions read one memory-mapped copy of the weights;
         "packed" = the step and the prefill each keep ONNX Runtime's prepacked copy (GEMM/GEMV-friendly
@@ -130,7 +132,9 @@ class OrtModel:
         instruction (`cpu_int8_dot`), off on x86 without one, whose u8s8 kernels saturate.
         accuracy_level (CPU, INT4 / INT8 weight-only layers as MatMulNBits): 1 = float32 compute on the dequantized
         weights (validation: TensorRT's W4A16 arithmetic); 4 = activations quantized to INT8 inside the kernel
-        (speed; ~0.6% relative error per layer). With int8 kernels off, INT8 layers run as float math either way."""
+        (speed; ~0.6% relative error per layer). With int8 kernels off, INT8 layers run as float math either way.
+        prefill_arena (CPU): the vision and prefill sessions keep ONNX Runtime's memory arena (faster prefill);
+        False returns their memory after each run (a long-running server: flat memory across batch shapes)."""
         if weights not in ("auto", "shared", "packed"):
             raise FusionError(f"--ort-weights {weights!r}: choose auto, shared or packed")
         if attention not in ("fused", "graph"):
@@ -140,7 +144,7 @@ class OrtModel:
         if accuracy_level not in ACCURACY_LEVELS:
             levels = ", ".join(f"{level} ({what})" for level, what in ACCURACY_LEVELS.items())
             raise FusionError(f"--ort-accuracy-level {accuracy_level!r}: choose {levels}")
-        self.accuracy_level = accuracy_level
+        self.accuracy_level, self.prefill_arena = accuracy_level, prefill_arena
         self.quantized_form = ""  # set by load(), with quantized_layers (graph -> QuantizedLayers)
         self.quantized_layers: dict[str, QuantizedLayers] = {}
         self.attention = attention
@@ -168,6 +172,7 @@ class OrtModel:
         saturates = self.on_cpu and self.quantization == "int8" and not cpu_int8_dot()
         self.int8_kernels = int8_kernels == "on" or (int8_kernels == "auto" and not saturates)
         self._loaded = False
+        self.follow_up_decoder = None  # the one decoder graph's session, made for a conversation's first follow-up
 
     def describe(self) -> str:
         layout = ("prepacked per session" if self.packed else "one shared copy") if self.on_cpu else "on the device"
@@ -245,6 +250,13 @@ class OrtModel:
             # ops per request, nothing gained) took the cores from the step session's pool: the first 3-5
             # decode steps ran 2-3x slower on 2 cores. Only the step session, many short ops, spins.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if self.on_cpu and not self.prefill_arena:
+                # The vision and prefill sessions run once per batch on that batch's shapes (rows, prompt lengths);
+                # their arenas keep every region they grew (doubling, ~1 GB at a time) and touched more of it as
+                # shapes moved around: a server soak's RSS grew 18-30% in 120-300 requests. Without the arena their
+                # buffers go back to malloc after each run (prefill +12% for a batch of 4, docs/serving.md); the
+                # step session, many short ops per token, keeps its arena.
+                opts.enable_cpu_mem_arena = False
         if not self.int8_kernels:
             opts.add_session_config_entry("session.disable_quant_qdq", "1")  # DQ -> float MatMul, unfused
         # ONNX Runtime's x86 CPU kernels have no fp16 MatMul: session set-up converts every fp16 weight to a
@@ -322,6 +334,10 @@ class OrtModel:
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
         return OrtSession(self, batch, max_new_tokens)
 
+    def follow_up(self, turn: TurnState, chunks: list[list[int]], max_new_tokens: int) -> OrtFollowUp:
+        """A conversation's later turn on top of `turn` (reference_model/conversation.py, follow_up.py)."""
+        return OrtFollowUp(self, turn, chunks, max_new_tokens)
+
 
 def open_backend(path: Path, options) -> OrtModel:
     """The `onnxruntime` backend over an artifact folder (engines/backends.py)."""
@@ -335,6 +351,7 @@ def open_backend(path: Path, options) -> OrtModel:
         options.ort_attention or "fused",
         options.ort_int8_kernels or "auto",
         SPEED_LEVEL if options.ort_accuracy_level is None else options.ort_accuracy_level,
+        options.ort_prefill_arena is not False,
     )
 
 
@@ -348,20 +365,26 @@ class OrtSession:
                 f"the artifact was exported for query_len {model.query_len}, the request asks for "
                 f"{batch.query_len}; re-export with --query-len {batch.query_len}"
             )
+        d = model.config.decoder
+        self.batch = batch
+        self._start(model, DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings,
+                                       model.max_context), max_new_tokens)  # fmt: skip
+
+    def _start(self, model: OrtModel, state: DecodeState, max_new_tokens: int, kept: list | None = None) -> None:
+        """The KV buffers and the step's feeds for `state`; `kept`: columns a conversation's earlier turns wrote."""
         import onnxruntime as ort
 
         d = model.config.decoder
-        self.state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
-        self.model, self.batch = model, batch
-        self.batch_size = batch.layout.batch_size
+        self.state, self.model = state, model
+        self.batch_size = state.key_valid.shape[0]
         shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
         device = "cpu" if model.on_cpu else "cuda"
         # Unwritten columns are masked but must not be NaN: zeros. np.zeros per buffer takes zero pages from the
         # OS, touched only where written or read; copying one zeroed array cost ~200 ms of TTFT at capacity 4096.
-        self.cache = [
-            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=model.cache_dtype), device)
-            for _ in range(2 * d.num_layers)
-        ]
+        buffers = [np.zeros(shape, dtype=model.cache_dtype) for _ in range(2 * d.num_layers)]
+        for buffer, columns in zip(buffers, kept or []):
+            buffer[:, :, : columns.shape[2]] = columns
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(buffer, device) for buffer in buffers]
         self.past_names, self.present_names = past_names(d.num_layers), present_names(d.num_layers)
         self.vision: VisionOutputs | None = None
         self.feeds = StepFeeds(self.state, model.embed_table, d.rope, max_new_tokens)
@@ -428,8 +451,40 @@ class OrtSession:
         require_finite("decoder step", logits=logits)
         return logits
 
+    def kept_cache(self, row: int, length: int) -> list[np.ndarray]:
+        """One row's first `length` KV columns as stored, layer by layer (key, value): what a conversation keeps."""
+        return [value.numpy()[row : row + 1, :, :length].copy() for value in self.cache]
+
     def cache_arrays(self) -> list[np.ndarray]:
         """The KV buffers (B, kv_heads, capacity, head_dim), layer by layer (key, value), as numpy copies of the
         values attention reads (an INT8 cache dequantized)."""
         copies = [value.numpy().copy() for value in self.cache]  # numpy() is a view of memory the session frees
         return cache_as_float(copies, self.model.kv_int8_scales)
+
+
+class OrtFollowUp(OrtSession):
+    """A later turn of a conversation (DecoderSession, batch of one): the kept columns, each chunk through the one
+    decoder graph (follow_up.py), then the step graph's decode steps."""
+
+    def __init__(self, model: OrtModel, turn: TurnState, chunks: list[list[int]], max_new_tokens: int):
+        model.load()
+        d = model.config.decoder
+        self.layouts = chunk_layouts(turn, chunks, model.config)
+        columns = sum(c.text_ids.shape[1] for c in self.layouts)
+        state = resumed_state(turn, columns, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
+        self.batch, self.max_new_tokens = None, max_new_tokens
+        self._start(model, state, max_new_tokens, kept=turn.cache)
+        self.vision = VisionOutputs(None, turn.init_latents, turn.global_ctx)
+
+    def prefill(self) -> torch.Tensor:
+        from .follow_up import run_chunks
+
+        clock = StageClock(self.synchronize)
+        clock.lap("vision_encoder")  # nothing: the first turn's encoding is kept
+        logits = run_chunks(self, self._run)
+        rope = self.model.config.decoder.rope  # the step's feeds start where the chunks left the state
+        self.feeds = StepFeeds(self.state, self.model.embed_table, rope, self.max_new_tokens)
+        clock.lap("decoder_prefill")
+        self.stage_seconds = clock.seconds
+        require_finite("decoder prefill", logits=logits)
+        return logits

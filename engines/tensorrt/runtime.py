@@ -17,6 +17,8 @@ follows in TensorRT's documentation is quoted in docs/tensorrt.md section 7.1:
   capture mode thread-local, as there), one graph per set of KV bindings (two where buffers take turns), replayed
   with new inputs copied into the captured buffers; where TensorRT says a context cannot be captured
   (`is_stream_capturable`, TensorRT-RTX) or the capture fails, steps run eagerly.
+- a conversation's later turn (`TrtFollowUp`): the kept KV columns copied into a new session's buffers, each chunk
+  run through the decoder engine as a prefill written after them (engines/feeds.py `follow_up_inputs`).
 
 Everything that needs no GPU (folder and TensorRT checks, request limits, input preparation, KV bindings) runs on
 open or session creation and is tested on CPU machines; what needs one is what TensorRT itself executes.
@@ -35,6 +37,7 @@ import torch
 from fusion_export.graph_inputs import LOGITS, VISION_OUTPUTS, past_names, present_names
 from fusion_export.plugin_ops.onnx_forms import DECODE_ATTENTION
 from fusion_export.precision import Precision
+from reference_model.conversation import TurnState, chunk_layouts, resumed_state
 from reference_model.errors import FusionError
 from reference_model.generation import DecodeState, GenerationError, StageClock, require_finite
 from reference_model.input_files import read_tensor
@@ -45,6 +48,7 @@ from ..feeds import (
     cache_as_float,
     decoder_prefill_inputs,
     decoder_step_inputs,
+    follow_up_inputs,
     prefill_inputs,
     step_inputs,
     vision_inputs,
@@ -180,6 +184,10 @@ class TrtModel:
         check_request(self.limits, batch, max_new_tokens)  # before any GPU work
         return TrtSession(self.load(), batch, max_new_tokens)
 
+    def follow_up(self, turn: TurnState, chunks: list[list[int]], max_new_tokens: int) -> TrtFollowUp:
+        """A conversation's later turn on top of `turn` (reference_model/conversation.py)."""
+        return TrtFollowUp(self, turn, chunks, max_new_tokens)
+
 
 @dataclass
 class CapturedStep:
@@ -197,9 +205,14 @@ class TrtSession:
         if batch.query_len != model.query_len:
             raise GenerationError(f"the engines were built for query_len {model.query_len}, not {batch.query_len}")
         d = model.config.decoder
-        self.model, self.batch, self.device = model, batch, model.device
-        self.batch_size = batch.layout.batch_size
-        self.state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
+        self.batch = batch
+        state = DecodeState(batch.layout, max_new_tokens, d.rope.max_position_embeddings, model.max_context)
+        self._allocate(model, state, batch.layout.batch_size, cuda_graph)
+
+    def _allocate(self, model: TrtModel, state: DecodeState, batch_size: int, cuda_graph: bool) -> None:
+        """The KV buffers of `state` (zeroed on the engines' stream) and the captured steps' table."""
+        d = model.config.decoder
+        self.model, self.device, self.state, self.batch_size = model, model.device, state, batch_size
         dtype = model.sessions[model.step_engine].dtypes["past_key_values.0.key"]
         shape = (self.batch_size, d.num_kv_heads, self.state.capacity, d.head_dim)
         names = list(zip(past_names(d.num_layers), present_names(d.num_layers)))
@@ -307,9 +320,60 @@ class TrtSession:
         self.use_cuda_graph = False
         warnings.warn(f"decode step not captured in a CUDA graph ({why}); running it eagerly", stacklevel=3)
 
+    def kept_cache(self, row: int, length: int) -> list[torch.Tensor]:
+        """One row's first `length` KV columns as stored (device tensors), layer by layer (key, value): what a
+        conversation keeps."""
+        with torch.cuda.stream(self.model.stream):
+            return [t[row : row + 1, :, :length].clone() for t in self.kv.current()]
+
     def cache_arrays(self) -> list[np.ndarray]:
         self.synchronize()
         return cache_as_float([t.float().cpu().numpy() for t in self.kv.current()], self.model.kv_int8_scales)
+
+
+class TrtFollowUp(TrtSession):
+    """A later turn of a conversation (DecoderSession, batch of one): the kept KV columns copied into the session's
+    buffers, then each chunk run through the one decoder engine as ONNX Runtime runs it through the merged graph
+    (engines/onnxruntime/follow_up.py): a step of the chunk's tokens written after the kept columns, its block's
+    latents and query given to the interaction layers. Its decode steps are any session's (captured, replayed)."""
+
+    def __init__(self, model: TrtModel, turn: TurnState, chunks: list[list[int]], max_new_tokens: int,
+                 cuda_graph: bool = True):  # fmt: skip
+        if model.prefill_engine != DECODER:
+            raise FusionError(f"{model.engines.folder}: a conversation's later turns run on the one decoder engine; "
+                              "this folder (--plugins on) holds a prefill and a step engine")  # fmt: skip
+        layouts = chunk_layouts(turn, chunks, model.config)
+        longest = max(c.text_ids.shape[1] for c in layouts)
+        if longest > model.limits["max_prompt"]:
+            raise GenerationError(f"the turn's prompt is {longest} tokens; these engines take at most "
+                                  f"{model.limits['max_prompt']} (rebuild with a larger --max-prompt)")  # fmt: skip
+        rope = model.config.decoder.rope
+        columns = sum(c.text_ids.shape[1] for c in layouts)
+        state = resumed_state(turn, columns, max_new_tokens, rope.max_position_embeddings, model.max_context)
+        self.layouts = layouts
+        self._allocate(model.load(), state, 1, cuda_graph)
+        with torch.cuda.stream(model.stream):  # ordered before the engines read them
+            for buffer, kept in zip(self.kv.current(), turn.cache):
+                buffer[:, :, : turn.length].copy_(kept, non_blocking=True)
+        self.vision = VisionOutputs(None, turn.init_latents, turn.global_ctx)
+
+    def prefill(self) -> torch.Tensor:
+        model = self.model
+        rope = model.config.decoder.rope
+        clock = StageClock(self.synchronize)
+        clock.lap("vision_encoder")  # nothing: the first turn's encoding is kept
+        latents, context = (np.asarray(x) for x in (self.vision.init_latents, self.vision.global_ctx))
+        session = model.sessions[DECODER]
+        with torch.cuda.stream(model.stream):
+            for chunk in self.layouts:
+                self.state.extend(chunk.text_ids.shape[1])
+                arrays = follow_up_inputs(chunk, model.embed_table, latents, context, rope, self.state.key_valid)
+                outputs = self._run(DECODER, self._device(arrays, session))
+            logits = outputs[LOGITS].float().cpu()
+        clock.lap("decoder_prefill")
+        self.stage_seconds = clock.seconds
+        require_finite("decoder prefill", logits=logits)
+        return logits
 
 
 def open_backend(path: Path, options: Any) -> TrtModel:

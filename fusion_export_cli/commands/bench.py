@@ -76,6 +76,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FORMS",
         help="ONNX Runtime on CPU: fused (GroupQueryAttention, default), graph (as exported), or both: fused,graph",
     )
+    p.add_argument(
+        "--ort-prefill-arena",
+        type=_arena_forms,
+        default=["on"],
+        metavar="FORMS",
+        help="ONNX Runtime on CPU: the vision and prefill sessions with their memory arena (on, default), without "
+        "it (off: as `serve` runs them, memory flat across batch shapes), or both: on,off",
+    )
     p.add_argument("--warmup", type=count_up_to(MAX_ROUNDS), default=1, metavar="N", help="rounds dropped first (1)")
     p.add_argument("--iters", type=positive_int_up_to(MAX_ROUNDS), default=3, metavar="N", help="measured rounds (3)")
     p.add_argument("--sweep", type=_contexts, metavar="CONTEXTS",
@@ -92,6 +100,13 @@ def _attention_forms(text: str) -> list[str]:
     if not forms or any(f not in ORT_ATTENTION_FORMS for f in forms) or len(set(forms)) != len(forms):
         raise argparse.ArgumentTypeError(f"{text!r}: fused, graph, or fused,graph")
     return forms
+
+
+def _arena_forms(text: str) -> list[bool]:
+    forms = [f.strip() for f in text.split(",") if f.strip()]
+    if not forms or any(f not in ("on", "off") for f in forms) or len(set(forms)) != len(forms):
+        raise argparse.ArgumentTypeError(f"{text!r}: on, off, or on,off")
+    return [f == "on" for f in forms]
 
 
 MAX_SWEEP = 64  # contexts in one --sweep (each one runs every contender twice)
@@ -217,14 +232,15 @@ def run_bench(args: argparse.Namespace) -> int:
     artifacts = list(args.artifacts)
     if args.export:
         artifacts += _exports(args, model_dir, resolve_query_len(args.query_len, config), progress)
-    for folder, attention in itertools.product(artifacts, args.ort_attention):
+    for folder, attention, arena in itertools.product(artifacts, args.ort_attention, args.ort_prefill_arena):
         options = BackendOptions(threads=args.threads, ort_weights=args.ort_weights, ort_attention=attention,
-                                 ort_int8_kernels=args.ort_int8_kernels)  # fmt: skip
+                                 ort_int8_kernels=args.ort_int8_kernels, ort_prefill_arena=arena)  # fmt: skip
         backend = open_backend(BackendKind.onnxruntime, folder, options)
         target = backend.artifact.manifest["export"]["trt_target"]
         numbers = (backend.quantization or backend.precision) + ("" if backend.int8_kernels else " as float math")
         numbers += ", INT8 KV" if backend.kv_int8_scales else ""
         form = ", graph attention" if attention == "graph" and len(args.ort_attention) > 1 else ""
+        form += ", no prefill arena" if not arena and len(args.ort_prefill_arena) > 1 else ""
         contenders.append(BackendContender(f"onnxruntime {target} {numbers} ({Path(folder).name}{form})",
                                            backend, settings))  # fmt: skip
     for folder in args.engines:

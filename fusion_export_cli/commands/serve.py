@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S")
     p.add_argument("--batch-window-ms", type=float, default=50.0, metavar="MS",
                    help="how long a batch waits for more requests after its first (default 50)")  # fmt: skip
+    p.add_argument("--conversation-cache-mb", type=float, default=512.0, metavar="MB",
+                   help="KV columns kept so a conversation's next turn prefills only its own tokens (0: keep none; "
+                        "a turn whose earlier turns are not kept is recomputed)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S")
     add_query_len_option(p, note="; exported graphs fix their own")
     p.set_defaults(run=run)
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise FusionError(f"serve needs the Python modules {missing}: pip install 'fusion-export[serve]'")
     import uvicorn
 
+    from engines.backends import BackendOptions
     from engines.pipeline import Pipeline
     from reference_model.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -81,13 +85,16 @@ def run(args: argparse.Namespace) -> int:
         raise FusionError(f"--allow-images-from {args.allow_images_from}: not a folder")
     pixels = args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
     print(f"loading {folder} ...", file=sys.stderr, flush=True)
-    pipeline = Pipeline.open(folder, query_len=args.query_len, max_image_pixels=pixels)
+    # a server's memory must stay flat across batch shapes: ONNX Runtime's vision and prefill run without an arena
+    options = BackendOptions(ort_prefill_arena=False)
+    pipeline = Pipeline.open(folder, options=options, query_len=args.query_len, max_image_pixels=pixels)
     limits = Limits(max_tokens=args.max_tokens, max_image_bytes=args.max_image_bytes,
                     image_folder=args.allow_images_from)  # fmt: skip
     settings = ServerSettings(model_id=args.model_id or folder.resolve().name, limits=limits, api_key=key,
                               max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                               request_timeout_s=args.request_timeout,
-                              batch_window_s=args.batch_window_ms / 1000)  # fmt: skip
+                              batch_window_s=args.batch_window_ms / 1000,
+                              conversation_bytes=int(args.conversation_cache_mb * (1 << 20)))  # fmt: skip
     app = create_app(pipeline, settings)
     print(f"serving {pipeline.describe()} as {settings.model_id!r} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)  # fmt: skip

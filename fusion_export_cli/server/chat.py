@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,26 +96,43 @@ class ChatJob:
     stops: list[str]
     stream: bool
     include_usage: bool
+    history: list[tuple[str, str]] = field(default_factory=list)  # earlier turns: (question, answer text)
+    image_digest: str = ""  # sha256 of the image's bytes: with the history, what finds a kept conversation
+
+
+def _text_of(message: Message, index: int, images: bool) -> tuple[str, list[Part]]:
+    """A message's text (its text parts joined by newlines) and its image parts."""
+    parts = [Part(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+    found = [p for p in parts if p.type == "image_url"]
+    if found and not images:
+        raise ApiError(400, f"messages[{index}].content: an image_url part; a conversation is about the one image of "
+                            "its first user message", "messages")  # fmt: skip
+    texts = [p.text for p in parts if p.type == "text"]
+    if any(t is None for t in texts):
+        raise ApiError(400, f"messages[{index}].content: a text part without text", "messages")
+    return "\n".join(texts), found
 
 
 def read_chat(request: ChatRequest, limits: Limits) -> ChatJob:
-    """The one user turn with its image and question; everything else refused by name."""
-    turns = [m for m in request.messages if m.role != "system" and m.role != "developer"]
+    """The conversation's image, its earlier turns and the question to answer; everything else refused by name.
+    Messages alternate user and assistant, from a user message with the image to the user message to answer."""
     if any(m.role in ("system", "developer") for m in request.messages):
         raise ApiError(400, "messages: system and developer messages are not taken; the model's template has its "
                             "own system turn", "messages")  # fmt: skip
-    if len(turns) != 1 or turns[0].role != "user":
-        raise ApiError(400, "messages: one user message is taken (a question about one image); conversations of "
-                            "several turns are not served yet", "messages")  # fmt: skip
-    content = turns[0].content
-    parts = [Part(type="text", text=content)] if isinstance(content, str) else content
-    images = [p for p in parts if p.type == "image_url"]
-    texts = [p.text for p in parts if p.type == "text"]
+    roles = [m.role for m in request.messages]
+    if len(roles) % 2 == 0 or any(role != ("user" if i % 2 == 0 else "assistant") for i, role in enumerate(roles)):
+        raise ApiError(400, f"messages: roles {roles}; a conversation alternates user and assistant messages, from "
+                            "the first question to the one to answer (a user message)", "messages")  # fmt: skip
+    question, images = _text_of(request.messages[0], 0, images=True)
     if len(images) != 1 or images[0].image_url is None:
         raise ApiError(400, f"messages[0].content: {len(images)} image_url parts; FUSION answers about exactly one "
                             "image", "messages")  # fmt: skip
-    if any(t is None for t in texts) or not "".join(texts).strip():
-        raise ApiError(400, "messages[0].content: no question text (the vision tower reads the question)", "messages")
+    texts = [question] + [_text_of(m, i, images=False)[0] for i, m in enumerate(request.messages[1:], 1)]
+    for i in range(0, len(texts), 2):
+        if not texts[i].strip():
+            why = " (the vision tower reads the first question)" if i == 0 else ""
+            raise ApiError(400, f"messages[{i}].content: no question text{why}", "messages")
+    history = list(zip(texts[0:-1:2], texts[1:-1:2]))
     new_tokens = request.max_completion_tokens or request.max_tokens or limits.max_tokens
     if new_tokens > limits.max_tokens:
         field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
@@ -128,8 +146,9 @@ def read_chat(request: ChatRequest, limits: Limits) -> ChatJob:
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options: only with stream true", "stream_options")
-    return ChatJob(read_image(images[0].image_url.url, limits), "\n".join(texts), sampling, stops,
-                   request.stream, include_usage)  # fmt: skip
+    image = read_image(images[0].image_url.url, limits)
+    digest = hashlib.sha256(image if isinstance(image, bytes) else image.read_bytes()).hexdigest()
+    return ChatJob(image, texts[-1], sampling, stops, request.stream, include_usage, history, digest)
 
 
 def read_image(url: str, limits: Limits) -> bytes | Path:

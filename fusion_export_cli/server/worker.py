@@ -9,9 +9,11 @@ with one config per row). Results reach the event loop through `loop.call_soon_t
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,14 @@ from reference_model.errors import FusionError
 from .chat import ApiError, ChatJob
 
 _STOP = object()
+
+
+def _heap_trimmer():
+    """glibc's malloc_trim, or None (another C library): hands the free pages of every malloc arena back to the OS."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -47,15 +57,19 @@ class Job:
 
 
 class Worker:
-    def __init__(self, pipeline: Pipeline, max_queue: int, metrics: Any, batch_window_s: float = 0.05):
+    def __init__(self, pipeline: Pipeline, max_queue: int, metrics: Any, batch_window_s: float = 0.05,
+                 conversation_bytes: int = 512 << 20):  # fmt: skip
         """`batch_window_s`: how long a batch waits for more requests after its first (clients that each send
-        their next request as their last is answered arrive a few ms apart; without the wait they would run alone)."""
+        their next request as their last is answered arrive a few ms apart; without the wait they would run alone).
+        `conversation_bytes`: the KV columns kept for conversations to continue (0: none kept)."""
         self.pipeline, self.max_queue, self.metrics = pipeline, max_queue, metrics
         self.batch_window_s = batch_window_s
+        self.kept = KeptConversations(conversation_bytes)
         self.queue: queue.Queue = queue.Queue()
         self.waiting = 0  # jobs queued, not yet in a batch
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="fusion-worker", daemon=True)
+        self.trim_heap = _heap_trimmer()
 
     def start(self) -> None:
         self.thread.start()
@@ -97,15 +111,55 @@ class Worker:
     def _run(self) -> None:
         while (jobs := self._take()) is not None:
             jobs = [j for j in jobs if not j.cancelled]
-            if jobs:
-                self._batch(jobs)
+            self.metrics.busy.set(1 if jobs else 0)
+            first_turns = [j for j in jobs if not j.chat.history]
+            if first_turns:
+                self._batch(first_turns)
+            for job in jobs:  # a later turn continues its own kept state: a batch of one
+                if job.chat.history and not job.cancelled:
+                    self._follow_up(job)
+            self.metrics.kept_bytes.set(self.kept.used)
+            if jobs and self.trim_heap is not None:
+                # A batch's buffers (its KV cache, the vision and prefill sessions' activations, sized by its rows
+                # and prompts) are freed into the worker's malloc arenas, which keep the pages: without the trim a
+                # soak's resident memory crept up with the mix of batch shapes (about 800 MB of free pages held)
+                self.trim_heap(0)
+            self.metrics.busy.set(0)
+
+    def _follow_up(self, job: Job) -> None:
+        chat = job.chat
+        kept = self.kept.get(chat.image_digest, chat.history)
+        conversation = self.pipeline.conversation(chat.image, chat.history)
+        conversation.state = kept
+        self.metrics.turns.labels("kept" if kept is not None else "recomputed").inc()
+        row = _Row(job, self.pipeline, self.metrics)
+        started = time.perf_counter()
+        try:
+            answer = conversation.ask(chat.question, chat.sampling, on_token=lambda _, token: row.token(token),
+                                      cancelled=lambda _: row.ended or job.cancelled)  # fmt: skip
+        except FusionError as e:  # the conversation's limits (positions, KV capacity) or its history's text
+            job.emit(Event("error", error=ApiError(400, str(e), "messages", code="request_too_large")))
+            return
+        self._count([answer.token_ids], answer.timings, time.perf_counter() - started, 1)
+        row.finish(answer.token_ids, answer.finish_reason, answer.prompt_positions)
+        if row.keeps(answer.finish_reason):
+            self.kept.put(chat.image_digest, [*chat.history, (chat.question, answer.text)], conversation.state)
+
+    def _count(self, token_ids: list[list[int]], timings: dict[str, float], seconds: float, rows: int) -> None:
+        generated = sum(len(ids) for ids in token_ids)
+        self.metrics.tokens.inc(generated)
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.decode_tokens.inc(sum(max(0, len(ids) - 1) for ids in token_ids))
+        self.metrics.decode_seconds.inc(timings["decode_s"])
+        if seconds > 0:
+            self.metrics.tokens_per_s.observe(generated / seconds)
 
     def _batch(self, jobs: list[Job]) -> None:
         from reference_model import generate
+        from reference_model.conversation import turn_state
 
         p = self.pipeline
-        texts = [TextPieces(p.tokenizer) for _ in jobs]
-        scanners = [StopScanner(j.chat.stops) for j in jobs]
+        rows = [_Row(job, p, self.metrics) for job in jobs]
         try:
             configs = [p.generation_config(j.chat.sampling) for j in jobs]
             batch, session = p.open_session([j.request for j in jobs], max(c.max_new_tokens for c in configs))
@@ -113,48 +167,83 @@ class Worker:
             for job in jobs:
                 job.emit(Event("error", error=ApiError(400, str(e), code="request_too_large")))
             return
-        stopped = [False] * len(jobs)
-
-        def on_token(row: int, token: int) -> None:
-            job = jobs[row]
-            if job.first_token_at is None:
-                job.first_token_at = time.perf_counter()
-                self.metrics.ttft.observe(job.first_token_at - job.queued_at)
-            if stopped[row]:
-                return
-            piece, stopped[row] = scanners[row].feed(texts[row].add(token))
-            if piece:
-                job.emit(Event("text", text=piece))
-
-        def cancelled(row: int) -> bool:
-            return stopped[row] or jobs[row].cancelled
-
         started = time.perf_counter()
         try:
-            out = generate(session, configs, on_token=on_token, cancelled=cancelled)
+            out = generate(session, configs, on_token=lambda row, token: rows[row].token(token),
+                           cancelled=lambda row: rows[row].ended or jobs[row].cancelled)  # fmt: skip
         except FusionError as e:
             for job in jobs:
                 job.emit(Event("error", error=ApiError(500, f"generation failed: {e}", code="generation_failed")))
             self.metrics.errors.labels("generation").inc()
             return
-        seconds = time.perf_counter() - started
-        generated = sum(len(ids) for ids in out.token_ids)
-        self.metrics.tokens.inc(generated)
-        self.metrics.batch_rows.observe(len(jobs))
-        self.metrics.decode_tokens.inc(sum(max(0, len(ids) - 1) for ids in out.token_ids))
-        self.metrics.decode_seconds.inc(out.timings["decode_s"])
-        if seconds > 0:
-            self.metrics.tokens_per_s.observe(generated / seconds)
-        for row, job in enumerate(jobs):
-            if not stopped[row]:
-                piece, stopped[row] = scanners[row].feed(texts[row].rest())
-                if piece := piece + ("" if stopped[row] else scanners[row].rest()):
-                    job.emit(Event("text", text=piece))
-            ids, reason = out.token_ids[row], out.finish_reasons[row]
-            reason = "stop" if stopped[row] or reason == "stop" else reason
-            usage = {"prompt_tokens": int(batch.layout.lengths[row]), "completion_tokens": len(ids),
-                     "total_tokens": int(batch.layout.lengths[row]) + len(ids)}  # fmt: skip
-            job.emit(Event("done", finish_reason=reason, usage=usage))
+        self._count(out.token_ids, out.timings, time.perf_counter() - started, len(jobs))
+        for index, (row, job) in enumerate(zip(rows, jobs)):
+            ids, reason = out.token_ids[index], out.finish_reasons[index]
+            row.finish(ids, reason, int(batch.layout.lengths[index]))
+            if self.kept.budget and row.keeps(reason):
+                state = turn_state(session, index, ids, reason == "stop")
+                self.kept.put(job.chat.image_digest, [(job.chat.question, row.text.text)], state)
+
+
+class _Row:
+    """One request's tokens on their way to its client: text pieces, stop strings, the first token's time."""
+
+    def __init__(self, job: Job, pipeline: Pipeline, metrics: Any):
+        self.job, self.metrics = job, metrics
+        self.text, self.scanner = TextPieces(pipeline.tokenizer), StopScanner(job.chat.stops)
+        self.ended = False  # a stop string was hit
+
+    def token(self, token: int) -> None:
+        job = self.job
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(job.first_token_at - job.queued_at)
+        if self.ended:
+            return
+        piece, self.ended = self.scanner.feed(self.text.add(token))
+        if piece:
+            job.emit(Event("text", text=piece))
+
+    def finish(self, ids: list[int], reason: str, prompt_tokens: int) -> None:
+        if not self.ended:
+            piece, self.ended = self.scanner.feed(self.text.rest())
+            if piece := piece + ("" if self.ended else self.scanner.rest()):
+                self.job.emit(Event("text", text=piece))
+        reason = "stop" if self.ended or reason == "stop" else reason
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
+                 "total_tokens": prompt_tokens + len(ids)}  # fmt: skip
+        self.job.emit(Event("done", finish_reason=reason, usage=usage))
+
+    def keeps(self, reason: str) -> bool:
+        """Whether the turn can be continued: the client got the whole answer (no stop string cut its text, which
+        the kept ids would then not match) and it was not cancelled."""
+        return not self.ended and reason != "cancelled" and not self.job.cancelled
+
+
+class KeptConversations:
+    """Turn states by (image digest, the turns so far as text), least recently used first out, within a byte
+    budget: a later request whose history matches continues from its state, any other is recomputed."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.states: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, digest: str, history: list[tuple[str, str]]) -> Any:
+        key = (digest, tuple(history))
+        state = self.states.get(key)
+        if state is not None:
+            self.states.move_to_end(key)
+        return state
+
+    def put(self, digest: str, history: list[tuple[str, str]], state: Any) -> None:
+        key = (digest, tuple(history))
+        if state is None or state.nbytes > self.budget or key in self.states:
+            return
+        self.states[key] = state
+        self.used += state.nbytes
+        while self.used > self.budget:
+            _, old = self.states.popitem(last=False)
+            self.used -= old.nbytes
 
 
 class StopScanner:
