@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from reference_model.conversation import ChunkLayout
-from reference_model.generation import DecodeState
+from reference_model.generation import DecodeState, GenerationError
 from reference_model.rope import decode_cos_sin, rope_cos_sin
 from reference_model.sequence import PreparedBatch
 
@@ -31,6 +31,16 @@ def cache_as_float(arrays: list[np.ndarray], int8_scales: list[tuple[float, floa
 def _rope(position_ids: torch.Tensor, rope) -> tuple[np.ndarray, np.ndarray]:
     cos, sin = rope_cos_sin(position_ids, rope)
     return cos.numpy(), sin.numpy()
+
+
+def refuse_several_turns(batch: PreparedBatch) -> None:
+    """The prefill graphs query one latent block per row: a whole conversation as one request (several blocks) is
+    the reference's definition; graph backends take its later turns as follow-ups (reference_model/conversation.py)."""
+    if batch.layout.instruct_pos.shape[1] != 1:
+        raise GenerationError(
+            f"a request of {batch.layout.instruct_pos.shape[1]} turns in one prefill: the exported graphs take one "
+            "turn per prefill; continue a conversation turn by turn (Pipeline.conversation)"
+        )
 
 
 def vision_inputs(batch: PreparedBatch, embed_table: np.ndarray) -> dict[str, np.ndarray]:

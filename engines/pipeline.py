@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,16 +164,16 @@ class Pipeline:
         check_positions(batch.layout, max_new_tokens, self.config.decoder.rope.max_position_embeddings)
         return batch, self.backend.session(batch, max_new_tokens)
 
-    def follow_up_chunk(self, unwritten: list[int], stopped: bool, answer: list[int], question: str) -> list[int]:
-        """A conversation's later turn's ids (reference_model/conversation.py `follow_up_chunk`), after an answer
-        of which `unwritten` are generated ids not in the cache and `answer` ids given as text."""
+    def later_turn_ids(self, answer: list[int], question: str) -> list[int]:
+        """The ids a conversation's later turn prefills (reference_model/conversation.py `follow_up_chunk`): the
+        previous answer's ids not in the cache yet, ending in its end of turn, then the template and the question."""
         from reference_model.conversation import follow_up_chunk
         from reference_model.prompt import END_OF_TURN, follow_up_ids, instruct_ids
         from reference_model.sequence import check_question_length
 
         check_question_length(len(instruct_ids(question, self.tokenizer)), self.config, "a follow-up question")
         end = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        return follow_up_chunk([*unwritten, *answer], stopped, end, follow_up_ids(question, self.tokenizer))
+        return follow_up_chunk(answer, end, self.stop_token_ids, follow_up_ids(question, self.tokenizer))
 
     def answer_ids(self, text: str) -> list[int]:
         """An earlier answer given as text (a chat client's history), tokenized as plain text."""
@@ -208,7 +208,7 @@ class Pipeline:
         questions = [q for q, _ in history] + [question]
         check_question_length(len(encode_question(questions[0], self.tokenizer).instructs), self.config)
         for later in questions[1:]:
-            self.follow_up_chunk([], True, [], later)
+            self.later_turn_ids([], later)
         for _, answer in history:
             self.answer_ids(answer)
 
@@ -275,8 +275,8 @@ class Conversation:
         print(chat.ask("And what colour is it?").text)    # the image is not encoded again
 
     `history`: earlier turns as (question, answer) pairs, as a chat client sends them; they are prefilled with the
-    first question asked. An answer is text (tokenized as plain text) or the token ids generated for it (each
-    followed by an end of turn unless they end with one): with those, the turn equals the conversation asked here
+    first question asked. An answer is text (tokenized as plain text) or the token ids generated for it (ending in
+    the end of turn, as every answer: follow_up_chunk): with those, the turn equals the conversation asked here
     turn by turn.
     """
 
@@ -285,13 +285,17 @@ class Conversation:
         self.history = list(history)  # (question, answer) of every turn so far
         self.state: Any = None  # TurnState after the last turn asked here (None: nothing computed yet)
 
-    def ask(self, question: str, sampling: Sampling | None = None, on_token=None, cancelled=None,
-            **settings: Any) -> Answer:  # fmt: skip
+    def ask(self, question: str, sampling: Sampling | None = None, on_token: Callable[[int, int], None] | None = None,
+            cancelled: Callable[[int], bool] | None = None, keep: bool = True, **settings: Any) -> Answer:  # fmt: skip
         """One turn; `sampling` or its fields as keywords (Sampling); on_token(row, id) and cancelled(row) as for
-        `reference_model.generate` (row 0)."""
+        `reference_model.generate` (row 0). `keep`: keep the state for a next turn (a server with no room for it
+        says False; the next turn is then recomputed from the history)."""
         from reference_model import generate
-        from reference_model.conversation import turn_state
+        from reference_model.conversation import lay_out_chunks, turn_state
+        from reference_model.generation import DecodeState
 
+        if sampling is not None and settings:
+            raise TypeError(f"give sampling or its fields ({', '.join(settings)}), not both")
         p = self.pipeline
         gen = p.generation_config(sampling or Sampling(**settings))
         if self.state is None and not self.history:
@@ -300,15 +304,21 @@ class Conversation:
         else:
             kept = self.state
             if kept is None:  # the history's turn 1 alone, then each later turn's chunk with this one
-                _, first = p.open_session([p.prepare(self.image, self.history[0][0])], 1)
-                first.prefill()
-                kept = turn_state(first, 0, [], stopped=False)
-                later = [q for q, _ in self.history[1:]] + [question]
                 answers = [p.answer_ids(a) if isinstance(a, str) else list(a) for _, a in self.history]
-                ended = [bool(a) and a[-1] in p.stop_token_ids for a in answers]  # generated ids that stopped
-                chunks = [p.follow_up_chunk([], e, a, q) for a, e, q in zip(answers, ended, later)]
+                later = [q for q, _ in self.history[1:]] + [question]
+                chunks = [p.later_turn_ids(a, q) for a, q in zip(answers, later)]
+                batch, first = p.open_session([p.prepare(self.image, self.history[0][0])], 1)
+                # the conversation's limits (positions, KV capacity) before any compute, as the follow-up checks them
+                length = batch.layout.seq_len
+                layouts = lay_out_chunks(length, length - 1, batch.query_len, chunks, p.config)
+                columns = sum(c.text_ids.shape[1] for c in layouts)
+                DecodeState.resumed(batch.layout.attention_mask[0], length - 1, columns, gen.max_new_tokens,
+                                    p.config.decoder.rope.max_position_embeddings, p.backend.max_context)  # fmt: skip
+                first.prefill()
+                kept = turn_state(first, 0, [])
+                del first  # its buffers, before the follow-up allocates its own
             else:
-                chunks = [p.follow_up_chunk(kept.pending, kept.stopped, [], question)]
+                chunks = [p.later_turn_ids(kept.pending, question)]
             session = p.backend.follow_up(kept, chunks, gen.max_new_tokens)
             positions = None
         out = generate(session, gen, on_token=on_token, cancelled=cancelled)
@@ -316,6 +326,6 @@ class Conversation:
         timings = {**out.timings, **getattr(session, "stage_seconds", {})}
         answer = Answer(p.decode(ids), ids, reason, positions or session.state.prompt_positions, timings)
         # a cancelled turn leaves nothing to continue; the history still says what was asked and answered
-        self.state = turn_state(session, 0, ids, reason == "stop") if reason != "cancelled" else None
+        self.state = turn_state(session, 0, ids) if keep and reason != "cancelled" else None
         self.history.append((question, answer.text))
         return answer

@@ -15,9 +15,11 @@ its question) on top of it, with the interaction layers refining that chunk's bl
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import LATENT_TOKEN_ID, FusionConfig
@@ -37,7 +39,6 @@ class TurnState:
     key_valid: torch.Tensor  # (length,) bool: False at the first turn's left padding
     position: int  # RoPE position of the last written column
     pending: list[int]  # generated ids not in the cache yet: the answer's last token, never fed back
-    stopped: bool  # the answer ended with an end-of-turn token (else the next chunk adds one)
     init_latents: Any  # (1, s^2, D): every block starts from them
     global_ctx: Any  # (1, (s w)^2, D): every block's windows
 
@@ -47,7 +48,8 @@ class TurnState:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.cache)
+        """What keeping it costs: the KV columns and the vision outputs (the row's own copies)."""
+        return sum(int(a.nbytes) for a in (*self.cache, self.init_latents, self.global_ctx))
 
 
 def row_frame(state: DecodeState, row: int, generated: int) -> tuple[int, torch.Tensor, int]:
@@ -58,10 +60,17 @@ def row_frame(state: DecodeState, row: int, generated: int) -> tuple[int, torch.
     return length, state.key_valid[row, :length].clone(), position
 
 
-def follow_up_chunk(unwritten: list[int], stopped: bool, end_of_turn: int, question_ids: list[int]) -> list[int]:
-    """The ids a later turn prefills: the previous answer's ids not in the cache yet, its end of turn when it did
-    not stop by one (cut by max_new_tokens, or an answer given as text), then `follow_up_ids` of the question."""
-    return [*unwritten, *([] if stopped else [end_of_turn]), *question_ids]
+def follow_up_chunk(answer: list[int], end_of_turn: int, stop_ids: Collection[int], question_ids: list[int]
+                    ) -> list[int]:  # fmt: skip
+    """The ids a later turn prefills: the previous answer's ids not in the cache yet ending in the end of turn (an
+    answer that stopped on another stop id, EOS, has it replaced: the template ends every answer with `<|end|>`;
+    one cut by max_new_tokens or given as text gets one), then `follow_up_ids` of the question."""
+    ids = list(answer)
+    if ids and ids[-1] in stop_ids:
+        ids[-1] = end_of_turn
+    else:
+        ids.append(end_of_turn)
+    return ids + list(question_ids)
 
 
 @dataclass
@@ -84,6 +93,10 @@ def chunk_layout(chunk: list[int], query_len: int, start: int, position: int, co
     if [chunk[j] for j in slots] != [LATENT_TOKEN_ID]:
         raise RequestError(f"a follow-up turn holds one {LATENT_TOKEN_ID} (<latent_image>) placeholder, found "
                            f"{[chunk[j] for j in slots]}")  # fmt: skip
+    vocab = config.decoder.vocab_size
+    outside = [t for t in chunk if t >= vocab]
+    if outside:
+        raise RequestError(f"a follow-up turn's id {outside[0]} is outside the model's vocabulary 0..{vocab - 1}")
     at = slots[0]
     text = [*chunk[:at], *([0] * query_len), *chunk[at + 1 :]]
     n = len(text)
@@ -110,45 +123,51 @@ def resumed_state(turn: TurnState, columns: int, max_new_tokens: int, max_positi
     return DecodeState.resumed(turn.key_valid, turn.position, columns, max_new_tokens, max_positions, capacity)
 
 
-def whole_conversation(first: Request, answers: list[list[int]], stopped: list[bool], follow_ups: list[list[int]],
-                       end_of_turn: int) -> Request:  # fmt: skip
+def whole_conversation(first: Request, answers: list[list[int]], follow_ups: list[list[int]], end_of_turn: int,
+                       stop_ids: Collection[int]) -> Request:  # fmt: skip
     """The whole conversation as one request (the definition a follow-up must equal): turn 1's prompt, then per
-    later turn the previous answer (its generated ids), its end of turn when it did not stop by one, and the
-    turn's `follow_up_ids`; each turn's last prompt token queries its block."""
-    if not len(answers) == len(stopped) == len(follow_ups):
+    later turn the previous answer (its generated ids) ending in its end of turn and the turn's `follow_up_ids`;
+    each turn's last prompt token queries its block."""
+    if len(answers) != len(follow_ups):
         raise RequestError("a conversation needs one answer before every follow-up question")
     ids, ends = list(first.input_ids), [len(first.input_ids) - 1]
-    for answer, done, question in zip(answers, stopped, follow_ups):
-        ids += follow_up_chunk(answer, done, end_of_turn, question)
+    for answer, question in zip(answers, follow_ups):
+        ids += follow_up_chunk(answer, end_of_turn, stop_ids, question)
         ends.append(len(ids) - 1)
     return Request(input_ids=ids, instructs=first.instructs, pixel_values=first.pixel_values, turn_ends=tuple(ends))
 
 
-def turn_state(session: Any, row: int, generated: list[int], stopped: bool) -> TurnState:
+def turn_state(session: Any, row: int, generated: list[int]) -> TurnState:
     """What `session` (any backend's, after generate) keeps of one row for its next turn. The session gives its
-    `state` (DecodeState), `vision` (VisionOutputs) and `kept_cache(row, length)`."""
+    `state` (DecodeState), `vision` (VisionOutputs) and `kept_cache(row, length)`; the row's vision outputs are
+    copied, so a kept turn holds no other row's."""
     length, valid, position = row_frame(session.state, row, len(generated))
     vision = session.vision
+    own = lambda x: x[row : row + 1].copy() if isinstance(x, np.ndarray) else x[row : row + 1].clone()  # noqa: E731
     return TurnState(
         cache=session.kept_cache(row, length),
         key_valid=valid,
         position=position,
         pending=generated[-1:],
-        stopped=stopped,
-        init_latents=vision.init_latents[row : row + 1],
-        global_ctx=vision.global_ctx[row : row + 1],
+        init_latents=own(vision.init_latents),
+        global_ctx=own(vision.global_ctx),
     )
 
 
-def chunk_layouts(turn: TurnState, chunks: list[list[int]], config: FusionConfig) -> list[ChunkLayout]:
-    """Each chunk's layout, one after the other on top of `turn`."""
-    query_len = int(turn.init_latents.shape[1])
-    layouts, start, position = [], turn.length, turn.position
+def lay_out_chunks(start: int, position: int, query_len: int, chunks: list[list[int]], config: FusionConfig
+                   ) -> list[ChunkLayout]:  # fmt: skip
+    """Each chunk's layout, one after the other, after `start` columns whose last RoPE position is `position`."""
+    layouts = []
     for chunk in chunks:
         layout = chunk_layout(chunk, query_len, start, position, config)
         layouts.append(layout)
         start, position = start + layout.text_ids.shape[1], position + layout.text_ids.shape[1]
     return layouts
+
+
+def chunk_layouts(turn: TurnState, chunks: list[list[int]], config: FusionConfig) -> list[ChunkLayout]:
+    """Each chunk's layout, one after the other on top of `turn`."""
+    return lay_out_chunks(turn.length, turn.position, int(turn.init_latents.shape[1]), chunks, config)
 
 
 class ReferenceFollowUp(ReferenceSession):

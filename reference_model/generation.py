@@ -245,6 +245,7 @@ class DecodeState:
         self.positions = layout.position_ids[:, -1].clone()  # each row's last RoPE position
         self.length = layout.seq_len  # columns written once the prefill ran
         self.prefilled = layout.seq_len  # columns the prefill writes; decode steps follow
+        self.prompt_positions = int(self.positions.max()) + 1  # the longest row's prompt, in positions
 
     @classmethod
     def resumed(cls, key_valid: torch.Tensor, position: int, columns: int, max_new_tokens: int, max_positions: int,
@@ -268,6 +269,7 @@ class DecodeState:
         state.key_valid[0, :kept] = key_valid
         state.positions = torch.tensor([position], dtype=torch.int64)
         state.length = state.prefilled = kept
+        state.prompt_positions = position + 1
         return state
 
     def extend(self, n: int) -> None:
@@ -276,7 +278,7 @@ class DecodeState:
         self.length += n
         self.positions += n
         self.prefilled = self.length
-        self.prompt_positions = int(self.positions[0]) + 1  # the conversation's positions (columns: + padding)
+        self.prompt_positions = int(self.positions.max()) + 1  # a conversation's positions (columns: + padding)
 
     def advance(self) -> torch.Tensor:
         """Allocate the next column (`length - 1` afterwards) and return its RoPE positions (B, 1)."""

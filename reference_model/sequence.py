@@ -119,8 +119,10 @@ def build_layout(
                 f"request {i}: input_ids must hold exactly one {LATENT_TOKEN_ID} (<latent_image>) placeholder per "
                 f"turn ({len(turn)} turn(s)) and one {IMAGE_TOKEN_ID} (<image>), found negative ids {found}"
             )
-        if list(turn) != sorted(set(turn)) or not all(0 <= e < len(ids) and ids[e] >= 0 for e in turn):
-            raise RequestError(f"request {i}: turn ends {list(turn)} must be increasing indices of text ids")
+        blocks = [j for j, t in enumerate(ids) if t < 0][1:] + [len(ids)]  # each turn's block, then the end
+        if not all(0 <= e < len(ids) and ids[e] >= 0 and blocks[k] < e < blocks[k + 1] for k, e in enumerate(turn)):
+            raise RequestError(f"request {i}: turn ends {list(turn)}: each turn's end must be a text id after its "
+                               "block and before the next turn's")  # fmt: skip
     if len({len(turn) for turn in ends}) > 1:
         raise RequestError("the requests of one batch must hold the same number of turns")
     blocks = len(ends[0])

@@ -221,6 +221,25 @@ def test_conversations_continue_from_the_kept_turn(server, pipeline):
             client.chat.completions.create(model="fusion-demo", messages=conversation, max_tokens=2)
 
 
+def test_a_runtime_fault_is_a_500_and_the_server_goes_on(server, pipeline, monkeypatch):
+    """A batch that raises what no limit explains (a runtime's own error) answers its request 500 and the worker
+    takes the next request; a later turn whose history runs past the model's positions is a 400 naming them."""
+    base, _ = server
+    client = _client(base)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the runtime fell over")
+
+    monkeypatch.setattr(pipeline, "open_session", broken)
+    with pytest.raises(openai.InternalServerError, match="the runtime fell over"):
+        client.chat.completions.create(model="fusion-demo", messages=_messages(), max_tokens=2)
+    monkeypatch.undo()
+    assert client.chat.completions.create(model="fusion-demo", messages=_messages(), max_tokens=2).choices
+    long = [*_messages(), {"role": "assistant", "content": "word " * 3000}, {"role": "user", "content": "And?"}]
+    with pytest.raises(openai.BadRequestError, match="positions"):
+        client.chat.completions.create(model="fusion-demo", messages=long, max_tokens=2)
+
+
 def test_serve_stops_on_sigterm_during_a_stream(export_demo, tmp_path):
     """A real `fusion-export serve` process: SIGTERM while a client streams ends the stream and the process, 0."""
     port = _free_port()

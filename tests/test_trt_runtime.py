@@ -403,10 +403,10 @@ def test_trt_session_generates_the_reference_tokens(export_demo, demo_checkpoint
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     reference_session = ReferenceSession(load_model(demo_checkpoint), batch, 10)
     reference = generate(reference_session, config)
-    kept = {"engines": turn_state(session, 0, out.token_ids[0], False),
-            "reference": turn_state(reference_session, 0, reference.token_ids[0], False)}  # fmt: skip
+    kept = {"engines": turn_state(session, 0, out.token_ids[0]),
+            "reference": turn_state(reference_session, 0, reference.token_ids[0])}  # fmt: skip
     assert kept["engines"].length == kept["reference"].length == batch.layout.seq_len + len(out.token_ids[0]) - 1
-    chunk = follow_up_chunk(kept["engines"].pending, False, end, follow_up_ids("And what colour is it?", tokenizer))
+    chunk = follow_up_chunk(kept["engines"].pending, end, [end], follow_up_ids("And what colour is it?", tokenizer))
     follow = generate(model.follow_up(kept["engines"], [chunk], 10), config)
     expected = generate(ReferenceFollowUp(reference_session.model, kept["reference"], [chunk], 10), config)
     assert follow.token_ids == expected.token_ids

@@ -38,7 +38,7 @@ from reference_model.input_files import read_tensor
 from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
-from ..feeds import StepFeeds, cache_as_float, prefill_inputs, vision_inputs
+from ..feeds import StepFeeds, cache_as_float, prefill_inputs, refuse_several_turns, vision_inputs
 from .matmul_nbits import (
     ACCURACY_LEVELS,
     SPEED_LEVEL,
@@ -66,10 +66,14 @@ class SharedInitializers:
 
     def for_graph(self, path: Path, skip: set[str] = frozenset()) -> dict[str, object]:
         """The graph's external initializers but `skip` (those an in-memory rewrite no longer reads)."""
+        return self.for_model(onnx.load(path, load_external_data=False), path, skip)
+
+    def for_model(self, model: onnx.ModelProto, path: Path, skip: set[str] = frozenset()) -> dict[str, object]:
+        """for_graph of a model held in memory whose external data lies beside `path`."""
         import onnxruntime as ort
 
         out = {}
-        for tensor in onnx.load(path, load_external_data=False).graph.initializer:
+        for tensor in model.graph.initializer:
             if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.name in skip:
                 continue
             if tensor.data_type in SUB_BYTE_TYPES:  # no numpy view of packed values: the session reads the file
@@ -172,7 +176,7 @@ class OrtModel:
         saturates = self.on_cpu and self.quantization == "int8" and not cpu_int8_dot()
         self.int8_kernels = int8_kernels == "on" or (int8_kernels == "auto" and not saturates)
         self._loaded = False
-        self.follow_up_decoder = None  # the one decoder graph's session, made for a conversation's first follow-up
+        self._follow_up_decoder = None  # the one decoder graph's session (follow_up_decoder)
 
     def describe(self) -> str:
         layout = ("prepacked per session" if self.packed else "one shared copy") if self.on_cpu else "on the device"
@@ -254,7 +258,7 @@ class OrtModel:
                 # The vision and prefill sessions run once per batch on that batch's shapes (rows, prompt lengths);
                 # their arenas keep every region they grew (doubling, ~1 GB at a time) and touched more of it as
                 # shapes moved around: a server soak's RSS grew 18-30% in 120-300 requests. Without the arena their
-                # buffers go back to malloc after each run (prefill +12% for a batch of 4, docs/serving.md); the
+                # buffers go back to malloc after each run (TTFT +7% for a batch of 4, docs/serving.md); the
                 # step session, many short ops per token, keeps its arena.
                 opts.enable_cpu_mem_arena = False
         if not self.int8_kernels:
@@ -334,6 +338,23 @@ class OrtModel:
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> OrtSession:
         return OrtSession(self, batch, max_new_tokens)
 
+    def follow_up_decoder(self):
+        """The session of the one decoder graph a conversation's later turns prefill through (follow_up.py): made
+        once, on the first follow-up or when `serve` starts. It reads the decoder weights from the other sessions'
+        memory map where they share one copy; quantized layers run as exported (DequantizeLinear, then MatMul)."""
+        if self._follow_up_decoder is None:
+            from .follow_up import merged_decoder
+
+            self.load()
+            model, path = merged_decoder(self.artifact), self.artifact.graph_path("decoder_step")
+            opts = self._options()
+            if self.on_cpu and not self.packed:  # one memory-mapped copy of the weights, as _decoder_session
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+                for name, value in self._shared.for_model(model, path).items():
+                    opts.add_initializer(name, value)
+            self._follow_up_decoder = self._session(path, opts, model.SerializeToString())
+        return self._follow_up_decoder
+
     def follow_up(self, turn: TurnState, chunks: list[list[int]], max_new_tokens: int) -> OrtFollowUp:
         """A conversation's later turn on top of `turn` (reference_model/conversation.py, follow_up.py)."""
         return OrtFollowUp(self, turn, chunks, max_new_tokens)
@@ -360,6 +381,7 @@ class OrtSession:
 
     def __init__(self, model: OrtModel, batch: PreparedBatch, max_new_tokens: int):
         model.load()
+        refuse_several_turns(batch)
         if batch.query_len != model.query_len:
             raise GenerationError(
                 f"the artifact was exported for query_len {model.query_len}, the request asks for "
@@ -481,7 +503,7 @@ class OrtFollowUp(OrtSession):
 
         clock = StageClock(self.synchronize)
         clock.lap("vision_encoder")  # nothing: the first turn's encoding is kept
-        logits = run_chunks(self, self._run)
+        logits = run_chunks(self, self.model.follow_up_decoder(), self._run)
         rope = self.model.config.decoder.rope  # the step's feeds start where the chunks left the state
         self.feeds = StepFeeds(self.state, self.model.embed_table, rope, self.max_new_tokens)
         clock.lap("decoder_prefill")

@@ -50,6 +50,7 @@ from ..feeds import (
     decoder_step_inputs,
     follow_up_inputs,
     prefill_inputs,
+    refuse_several_turns,
     step_inputs,
     vision_inputs,
 )
@@ -202,6 +203,7 @@ class TrtSession:
     """One batch on the TensorRT engines (DecoderSession)."""
 
     def __init__(self, model: TrtModel, batch: PreparedBatch, max_new_tokens: int, cuda_graph: bool = True):
+        refuse_several_turns(batch)
         if batch.query_len != model.query_len:
             raise GenerationError(f"the engines were built for query_len {model.query_len}, not {batch.query_len}")
         d = model.config.decoder

@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     # a server's memory must stay flat across batch shapes: ONNX Runtime's vision and prefill run without an arena
     options = BackendOptions(ort_prefill_arena=False)
     pipeline = Pipeline.open(folder, options=options, query_len=args.query_len, max_image_pixels=pixels)
+    follow_up_decoder = getattr(pipeline.backend, "follow_up_decoder", None)
+    if follow_up_decoder is not None:  # ONNX Runtime: made now, not while a conversation's request waits for it
+        follow_up_decoder()
     limits = Limits(max_tokens=args.max_tokens, max_image_bytes=args.max_image_bytes,
                     image_folder=args.allow_images_from)  # fmt: skip
     settings = ServerSettings(model_id=args.model_id or folder.resolve().name, limits=limits, api_key=key,

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from engines.pipeline import Pipeline
 from reference_model.errors import FusionError
 
-from .chat import ApiError, ChatRequest, Limits, read_chat
+from .chat import ApiError, ChatRequest, Limits, image_digest, read_chat
 from .worker import Job, Worker
 
 
@@ -138,7 +138,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         if not state["ready"]:
             raise ApiError(503, "the server is not ready", code="not_ready")
         job_spec = read_chat(body, settings.limits)
-        try:  # tokenizing and decoding the image: off the event loop, before the request queues
+        try:  # hashing, tokenizing and decoding the image: off the event loop, before the request queues
+            job_spec.image_digest = await run_in_threadpool(image_digest, job_spec.image, settings.limits)
             if job_spec.history:  # a later turn: its texts are checked here, the image only if it is recomputed
                 prepared = await run_in_threadpool(pipeline.check_turns, job_spec.history, job_spec.question)
             else:

@@ -147,8 +147,23 @@ def read_chat(request: ChatRequest, limits: Limits) -> ChatJob:
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options: only with stream true", "stream_options")
     image = read_image(images[0].image_url.url, limits)
-    digest = hashlib.sha256(image if isinstance(image, bytes) else image.read_bytes()).hexdigest()
-    return ChatJob(image, texts[-1], sampling, stops, request.stream, include_usage, history, digest)
+    return ChatJob(image, texts[-1], sampling, stops, request.stream, include_usage, history)
+
+
+def image_digest(image: bytes | Path, limits: Limits) -> str:
+    """SHA-256 of the image's bytes (a file's read within --max-image-bytes): what, with the turns' text, finds a
+    kept conversation. Called off the event loop."""
+    where = "messages[0].content.image_url.url"
+    if isinstance(image, bytes):
+        return hashlib.sha256(image).hexdigest()
+    try:
+        with open(image, "rb") as f:
+            data = f.read(limits.max_image_bytes + 1)
+    except OSError as e:
+        raise ApiError(400, f"{where}: {image.name}: {e.strerror}", where) from None
+    if len(data) > limits.max_image_bytes:
+        raise ApiError(413, f"{where}: the image is over {limits.max_image_bytes} bytes", where, "image_too_large")
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_image(url: str, limits: Limits) -> bytes | Path:

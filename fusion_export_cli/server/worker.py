@@ -11,16 +11,20 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import queue
+import sys
 import threading
 import time
-from collections import OrderedDict
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engines.pipeline import Pipeline, TextPieces
 from reference_model.errors import FusionError
+from reference_model.generation import GenerationError, NonFiniteError
 
 from .chat import ApiError, ChatJob
+from .kept_conversations import KeptConversations
 
 _STOP = object()
 
@@ -114,10 +118,10 @@ class Worker:
             self.metrics.busy.set(1 if jobs else 0)
             first_turns = [j for j in jobs if not j.chat.history]
             if first_turns:
-                self._batch(first_turns)
+                self._guarded(self._batch, first_turns)
             for job in jobs:  # a later turn continues its own kept state: a batch of one
                 if job.chat.history and not job.cancelled:
-                    self._follow_up(job)
+                    self._guarded(self._follow_up, [job])
             self.metrics.kept_bytes.set(self.kept.used)
             if jobs and self.trim_heap is not None:
                 # A batch's buffers (its KV cache, the vision and prefill sessions' activations, sized by its rows
@@ -126,7 +130,29 @@ class Worker:
                 self.trim_heap(0)
             self.metrics.busy.set(0)
 
-    def _follow_up(self, job: Job) -> None:
+    def _guarded(self, work: Callable[[list[Job]], None], jobs: list[Job]) -> None:
+        """Run a batch; whatever it raises is answered to its jobs and the worker goes on with the next one."""
+        try:
+            work(jobs)
+        except FusionError as e:  # a request's or a folder's limit, or a stage that produced NaN
+            self._fail(jobs, e)
+        except Exception as e:  # a fault of ours or of a runtime: the request gets a 500, the server stays up
+            traceback.print_exc(file=sys.stderr)
+            self._fail(jobs, e)
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        if isinstance(error, NonFiniteError) or not isinstance(error, FusionError):
+            self.metrics.errors.labels("generation" if isinstance(error, NonFiniteError) else "internal").inc()
+            code = "generation_failed" if isinstance(error, NonFiniteError) else "internal_error"
+            api = ApiError(500, f"generation failed: {error}", code=code)
+        else:
+            code = "request_too_large" if isinstance(error, GenerationError) else "invalid_request"
+            api = ApiError(400, str(error), "messages", code=code)
+        for job in jobs:
+            job.emit(Event("error", error=api))
+
+    def _follow_up(self, jobs: list[Job]) -> None:
+        (job,) = jobs
         chat = job.chat
         kept = self.kept.get(chat.image_digest, chat.history)
         conversation = self.pipeline.conversation(chat.image, chat.history)
@@ -134,16 +160,15 @@ class Worker:
         self.metrics.turns.labels("kept" if kept is not None else "recomputed").inc()
         row = _Row(job, self.pipeline, self.metrics)
         started = time.perf_counter()
-        try:
-            answer = conversation.ask(chat.question, chat.sampling, on_token=lambda _, token: row.token(token),
-                                      cancelled=lambda _: row.ended or job.cancelled)  # fmt: skip
-        except FusionError as e:  # the conversation's limits (positions, KV capacity) or its history's text
-            job.emit(Event("error", error=ApiError(400, str(e), "messages", code="request_too_large")))
-            return
+        answer = conversation.ask(chat.question, chat.sampling, on_token=lambda _, token: row.token(token),
+                                  cancelled=lambda _: row.ended or job.cancelled,
+                                  keep=self.kept.budget > 0)  # fmt: skip
         self._count([answer.token_ids], answer.timings, time.perf_counter() - started, 1)
         row.finish(answer.token_ids, answer.finish_reason, answer.prompt_positions)
         if row.keeps(answer.finish_reason):
-            self.kept.put(chat.image_digest, [*chat.history, (chat.question, answer.text)], conversation.state)
+            # the turn before is a prefix of this one: one conversation holds one state, its latest
+            self.kept.replace(chat.image_digest, chat.history, [*chat.history, (chat.question, answer.text)],
+                              conversation.state)  # fmt: skip
 
     def _count(self, token_ids: list[list[int]], timings: dict[str, float], seconds: float, rows: int) -> None:
         generated = sum(len(ids) for ids in token_ids)
@@ -160,29 +185,19 @@ class Worker:
 
         p = self.pipeline
         rows = [_Row(job, p, self.metrics) for job in jobs]
-        try:
-            configs = [p.generation_config(j.chat.sampling) for j in jobs]
-            batch, session = p.open_session([j.request for j in jobs], max(c.max_new_tokens for c in configs))
-        except FusionError as e:  # a limit of this folder (prompt, KV capacity): the request's fault
-            for job in jobs:
-                job.emit(Event("error", error=ApiError(400, str(e), code="request_too_large")))
-            return
+        configs = [p.generation_config(j.chat.sampling) for j in jobs]
+        # a limit of this folder (prompt, KV capacity) is the requests' fault: 400 (_fail)
+        batch, session = p.open_session([j.request for j in jobs], max(c.max_new_tokens for c in configs))
         started = time.perf_counter()
-        try:
-            out = generate(session, configs, on_token=lambda row, token: rows[row].token(token),
-                           cancelled=lambda row: rows[row].ended or jobs[row].cancelled)  # fmt: skip
-        except FusionError as e:
-            for job in jobs:
-                job.emit(Event("error", error=ApiError(500, f"generation failed: {e}", code="generation_failed")))
-            self.metrics.errors.labels("generation").inc()
-            return
+        out = generate(session, configs, on_token=lambda row, token: rows[row].token(token),
+                       cancelled=lambda row: rows[row].ended or jobs[row].cancelled)  # fmt: skip
         self._count(out.token_ids, out.timings, time.perf_counter() - started, len(jobs))
         for index, (row, job) in enumerate(zip(rows, jobs)):
             ids, reason = out.token_ids[index], out.finish_reasons[index]
             row.finish(ids, reason, int(batch.layout.lengths[index]))
             if self.kept.budget and row.keeps(reason):
-                state = turn_state(session, index, ids, reason == "stop")
-                self.kept.put(job.chat.image_digest, [(job.chat.question, row.text.text)], state)
+                state = turn_state(session, index, ids)
+                self.kept.replace(job.chat.image_digest, None, [(job.chat.question, row.text.text)], state)
 
 
 class _Row:
@@ -218,32 +233,6 @@ class _Row:
         """Whether the turn can be continued: the client got the whole answer (no stop string cut its text, which
         the kept ids would then not match) and it was not cancelled."""
         return not self.ended and reason != "cancelled" and not self.job.cancelled
-
-
-class KeptConversations:
-    """Turn states by (image digest, the turns so far as text), least recently used first out, within a byte
-    budget: a later request whose history matches continues from its state, any other is recomputed."""
-
-    def __init__(self, budget: int):
-        self.budget, self.used = budget, 0
-        self.states: OrderedDict[tuple, Any] = OrderedDict()
-
-    def get(self, digest: str, history: list[tuple[str, str]]) -> Any:
-        key = (digest, tuple(history))
-        state = self.states.get(key)
-        if state is not None:
-            self.states.move_to_end(key)
-        return state
-
-    def put(self, digest: str, history: list[tuple[str, str]], state: Any) -> None:
-        key = (digest, tuple(history))
-        if state is None or state.nbytes > self.budget or key in self.states:
-            return
-        self.states[key] = state
-        self.used += state.nbytes
-        while self.used > self.budget:
-            _, old = self.states.popitem(last=False)
-            self.used -= old.nbytes
 
 
 class StopScanner:
