@@ -237,3 +237,16 @@ def test_an_answer_ends_in_the_end_of_turn_whatever_stopped_it():
     assert follow_up_chunk([7, eos], end, {end, eos}, question) == [7, end, 13, -300, 9]
     assert follow_up_chunk([7, 8], end, {end, eos}, question) == [7, 8, end, 13, -300, 9]
     assert follow_up_chunk([], end, {end, eos}, question) == [end, 13, -300, 9]
+
+
+def test_plugin_artifacts_answer_first_turns_and_refuse_later_ones_by_name(export_demo):
+    """A `--plugins on` artifact's prefill graph takes a fixed number of latent rows, so no one decoder graph can be
+    merged from it: its first turns are answered, a later turn is refused naming why (serve starts regardless)."""
+    from engines.pipeline import Pipeline
+    from fusion_export.bundled import DEMO_IMAGE
+    from reference_model.errors import FusionError
+
+    chat = Pipeline.open(export_demo("trt-10.3", plugins=True)).conversation(DEMO_IMAGE)
+    assert chat.ask(QUESTIONS[0], max_new_tokens=2).token_ids
+    with pytest.raises(FusionError, match="one decoder graph needs an export with --plugins off"):
+        chat.ask(QUESTIONS[1], max_new_tokens=2)

@@ -90,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
     pipeline = Pipeline.open(folder, options=options, query_len=args.query_len, max_image_pixels=pixels)
     follow_up_decoder = getattr(pipeline.backend, "follow_up_decoder", None)
     if follow_up_decoder is not None:  # ONNX Runtime: made now, not while a conversation's request waits for it
-        follow_up_decoder()
+        try:
+            follow_up_decoder()
+        except FusionError as e:  # first turns are still served; a later turn is refused with this reason (400)
+            print(f"note: a conversation's later turns cannot be served: {e}", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=args.max_tokens, max_image_bytes=args.max_image_bytes,
                     image_folder=args.allow_images_from)  # fmt: skip
     settings = ServerSettings(model_id=args.model_id or folder.resolve().name, limits=limits, api_key=key,
