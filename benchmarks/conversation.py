@@ -13,8 +13,6 @@ forms run in this process, one after the other per turn, so the ratio is measure
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -57,7 +55,8 @@ def run(folder: Path, turns: int, new_tokens: int, threads: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .serve_load import _preset_artifact
+    from .report import write_json
+    from .serve_load import preset_artifact
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", type=Path, help="default: the small preset, exported")
@@ -67,13 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    folder = args.folder or _preset_artifact(args.cache_dir)
+    folder = args.folder or preset_artifact(args.cache_dir)
     report = {"folder": str(folder), "new_tokens": args.new_tokens, "threads": args.threads,
               **run(folder, args.turns, args.new_tokens, args.threads)}  # fmt: skip
-    buffer = io.StringIO()
-    json.dump(report, buffer, indent=2)
-    args.out.write_text(buffer.getvalue() + "\n")
-    print(buffer.getvalue())
+    print(write_json(args.out, report), end="")
     return 0
 
 

@@ -16,6 +16,18 @@ FORMAT = "fusion-export-bench"
 STAGES = ("preprocess", "session", "vision_encoder", "decoder_prefill", "ttft", "decode", "end_to_end")
 
 
+def write_json(path: Path, document: dict[str, Any]) -> str:
+    """Write a `python -m benchmarks.*` tool's JSON report (atomically: a stopped run leaves no half file) and
+    return its text, which the tools also print."""
+    import json
+
+    from reference_model.staging import write_atomically
+
+    text = json.dumps(document, indent=2) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+    return text
+
+
 def result_json(result) -> dict[str, Any]:
     return {
         "label": result.label,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
-import json
 import os
 import random
 import signal
@@ -205,7 +203,8 @@ def _idle_rss(server: Server, timeout: float = 120.0) -> int:
     raise RuntimeError(f"the server stayed busy for {timeout} s")
 
 
-def _preset_artifact(cache: Path) -> Path:
+def preset_artifact(cache: Path) -> Path:
+    """The `small` preset's checkpoint written and exported for trt-10.3 once under `cache` (the tools' default)."""
     from fusion_export.export import ExportOptions, export_artifact
     from reference_model.synthetic import write_random_checkpoint
 
@@ -218,6 +217,8 @@ def _preset_artifact(cache: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .report import write_json
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", type=Path, help="what `serve` opens (default: the small preset, exported)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "fusion-export" / "serve-load")
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-requests", type=int, default=300)
     p.add_argument("--soak-clients", type=int, default=8)
     args = p.parse_args(argv)
-    folder = args.folder or _preset_artifact(args.cache_dir)
+    folder = args.folder or preset_artifact(args.cache_dir)
     server = Server(
         folder, args.threads, ["--max-tokens", str(max(64, args.new_tokens)), "--max-image-bytes", "1000000"]
     )
@@ -243,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         code = server.stop()
     report.update(folder=str(folder), new_tokens=args.new_tokens, threads=args.threads, server_exit=code)
-    buffer = io.StringIO()
-    json.dump(report, buffer, indent=2)
-    args.out.write_text(buffer.getvalue() + "\n")
-    print(buffer.getvalue())
+    print(write_json(args.out, report), end="")
     return 0
 
 

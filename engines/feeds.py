@@ -11,6 +11,8 @@ Light on purpose: numpy and the reference's RoPE function only, never the export
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -128,30 +130,29 @@ def step_inputs(tokens: torch.Tensor, state: DecodeState, embed_table: np.ndarra
     }
 
 
-def follow_up_inputs(
-    chunk: ChunkLayout,
-    embed_table: np.ndarray,
-    init_latents: np.ndarray,
-    global_ctx: np.ndarray,
-    rope,
-    key_valid: torch.Tensor,
-) -> dict[str, np.ndarray]:
-    """The one decoder graph's feeds for a conversation's later turn (fusion_export/decoder_merge.py): the chunk is
-    a step of its tokens written after the kept columns (`key_valid`: every valid column, the chunk's included),
-    its block's latents and query given to the interaction layers (reference_model/conversation.py)."""
-    embeds = embed_table[chunk.text_ids.numpy()]
-    np.put_along_axis(embeds, chunk.vision_pos.numpy()[:, :, None], init_latents.astype(embeds.dtype), axis=1)
-    cos, sin = _rope(chunk.position_ids, rope)
-    return {
-        "inputs_embeds": embeds,
-        "attention_mask": key_valid.numpy().astype(np.int64),
-        "rope_cos": cos,
-        "rope_sin": sin,
-        "write_indices": np.array([chunk.start], dtype=np.int64),
-        "vision_pos": chunk.vision_pos.numpy(),
-        "instruct_pos": chunk.instruct_pos.numpy(),
-        "global_ctx": global_ctx,
-    }
+def follow_up_feeds(
+    chunks: list[ChunkLayout], state: DecodeState, embed_table: np.ndarray, vision, rope
+) -> Iterator[dict[str, np.ndarray]]:
+    """The one decoder graph's feeds for a conversation's later turn (fusion_export/decoder_merge.py), chunk by
+    chunk, each after `state` was extended by it: the chunk is a step of its tokens written after the kept columns
+    (the mask: every valid column, the chunk's included), its block's latents and query given to the interaction
+    layers (reference_model/conversation.py). `vision`: the kept VisionOutputs (init latents, context grid)."""
+    latents, context = np.asarray(vision.init_latents), np.asarray(vision.global_ctx)
+    for chunk in chunks:
+        state.extend(chunk.text_ids.shape[1])
+        embeds = embed_table[chunk.text_ids.numpy()]
+        np.put_along_axis(embeds, chunk.vision_pos.numpy()[:, :, None], latents.astype(embeds.dtype), axis=1)
+        cos, sin = _rope(chunk.position_ids, rope)
+        yield {
+            "inputs_embeds": embeds,
+            "attention_mask": state.key_valid.numpy().astype(np.int64),
+            "rope_cos": cos,
+            "rope_sin": sin,
+            "write_indices": np.array([chunk.start], dtype=np.int64),
+            "vision_pos": chunk.vision_pos.numpy(),
+            "instruct_pos": chunk.instruct_pos.numpy(),
+            "global_ctx": context,
+        }
 
 
 def decoder_prefill_inputs(prefill: dict[str, np.ndarray], capacity: int) -> dict[str, np.ndarray]:

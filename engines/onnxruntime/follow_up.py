@@ -1,5 +1,5 @@
-"""A conversation's later turn on ONNX Runtime (session.py `OrtFollowUp`): each chunk prefilled on top of the kept
-KV columns.
+"""A conversation's later turn on ONNX Runtime (session.py `OrtFollowUp`): the graph that prefills each chunk on top
+of the kept KV columns.
 
 Neither artifact graph does that: the prefill graph starts at column 0 and the step graph runs no interaction
 layer. The one decoder graph TensorRT builds from the two (fusion_export/decoder_merge.py) does both: a chunk is a
@@ -11,16 +11,11 @@ steps are the step graph's, as for any request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import onnx
-import torch
 
 from reference_model.errors import FusionError
-
-from ..feeds import follow_up_inputs
 
 
 def merged_decoder(artifact: Any) -> onnx.ModelProto:
@@ -33,15 +28,3 @@ def merged_decoder(artifact: Any) -> onnx.ModelProto:
         return merge_decoder(prefill, step)
     except FusionError as e:
         raise FusionError(f"{artifact.folder}: a conversation's later turns need the one decoder graph: {e}") from None
-
-
-def run_chunks(session: Any, decoder: Any, run: Callable[[Any, dict[str, np.ndarray]], np.ndarray]) -> torch.Tensor:
-    """Prefill `session.layouts` (an OrtFollowUp's chunks) one after the other through `decoder`, the one decoder
-    graph's session, with `run(decoder, inputs)` binding the session's KV buffers; the last chunk's logits."""
-    model, rope = session.model, session.model.config.decoder.rope
-    latents, context = (np.asarray(x) for x in (session.vision.init_latents, session.vision.global_ctx))
-    for chunk in session.layouts:
-        session.state.extend(chunk.text_ids.shape[1])
-        inputs = follow_up_inputs(chunk, model.embed_table, latents, context, rope, session.state.key_valid)
-        logits = torch.from_numpy(run(decoder, inputs))
-    return logits

@@ -38,7 +38,15 @@ from reference_model.input_files import read_tensor
 from reference_model.model import VisionOutputs
 from reference_model.sequence import PreparedBatch
 
-from ..feeds import StepFeeds, cache_as_float, prefill_inputs, refuse_several_turns, vision_inputs
+from ..feeds import (
+    StepFeeds,
+    cache_as_float,
+    follow_up_feeds,
+    prefill_inputs,
+    refuse_several_turns,
+    vision_inputs,
+)
+from .follow_up import merged_decoder
 from .matmul_nbits import (
     ACCURACY_LEVELS,
     SPEED_LEVEL,
@@ -343,8 +351,6 @@ class OrtModel:
         once, on the first follow-up or when `serve` starts. It reads the decoder weights from the other sessions'
         memory map where they share one copy; quantized layers run as exported (DequantizeLinear, then MatMul)."""
         if self._follow_up_decoder is None:
-            from .follow_up import merged_decoder
-
             self.load()
             model, path = merged_decoder(self.artifact), self.artifact.graph_path("decoder_step")
             opts = self._options()
@@ -499,13 +505,14 @@ class OrtFollowUp(OrtSession):
         self.vision = VisionOutputs(None, turn.init_latents, turn.global_ctx)
 
     def prefill(self) -> torch.Tensor:
-        from .follow_up import run_chunks
-
+        model, rope = self.model, self.model.config.decoder.rope
         clock = StageClock(self.synchronize)
         clock.lap("vision_encoder")  # nothing: the first turn's encoding is kept
-        logits = run_chunks(self, self.model.follow_up_decoder(), self._run)
-        rope = self.model.config.decoder.rope  # the step's feeds start where the chunks left the state
-        self.feeds = StepFeeds(self.state, self.model.embed_table, rope, self.max_new_tokens)
+        decoder = model.follow_up_decoder()
+        for inputs in follow_up_feeds(self.layouts, self.state, model.embed_table, self.vision, rope):
+            logits = torch.from_numpy(self._run(decoder, inputs))
+        # the step's feeds start where the chunks left the state
+        self.feeds = StepFeeds(self.state, model.embed_table, rope, self.max_new_tokens)
         clock.lap("decoder_prefill")
         self.stage_seconds = clock.seconds
         require_finite("decoder prefill", logits=logits)

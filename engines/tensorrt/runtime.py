@@ -18,7 +18,7 @@ follows in TensorRT's documentation is quoted in docs/tensorrt.md section 7.1:
   with new inputs copied into the captured buffers; where TensorRT says a context cannot be captured
   (`is_stream_capturable`, TensorRT-RTX) or the capture fails, steps run eagerly.
 - a conversation's later turn (`TrtFollowUp`): the kept KV columns copied into a new session's buffers, each chunk
-  run through the decoder engine as a prefill written after them (engines/feeds.py `follow_up_inputs`).
+  run through the decoder engine as a prefill written after them (engines/feeds.py `follow_up_feeds`).
 
 Everything that needs no GPU (folder and TensorRT checks, request limits, input preparation, KV bindings) runs on
 open or session creation and is tested on CPU machines; what needs one is what TensorRT itself executes.
@@ -48,7 +48,7 @@ from ..feeds import (
     cache_as_float,
     decoder_prefill_inputs,
     decoder_step_inputs,
-    follow_up_inputs,
+    follow_up_feeds,
     prefill_inputs,
     refuse_several_turns,
     step_inputs,
@@ -364,12 +364,9 @@ class TrtFollowUp(TrtSession):
         rope = model.config.decoder.rope
         clock = StageClock(self.synchronize)
         clock.lap("vision_encoder")  # nothing: the first turn's encoding is kept
-        latents, context = (np.asarray(x) for x in (self.vision.init_latents, self.vision.global_ctx))
         session = model.sessions[DECODER]
         with torch.cuda.stream(model.stream):
-            for chunk in self.layouts:
-                self.state.extend(chunk.text_ids.shape[1])
-                arrays = follow_up_inputs(chunk, model.embed_table, latents, context, rope, self.state.key_valid)
+            for arrays in follow_up_feeds(self.layouts, self.state, model.embed_table, self.vision, rope):
                 outputs = self._run(DECODER, self._device(arrays, session))
             logits = outputs[LOGITS].float().cpu()
         clock.lap("decoder_prefill")
