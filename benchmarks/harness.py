@@ -73,10 +73,10 @@ class Stats:
 
 def question_for_positions(target: int, tokenizer, config, query_len: int) -> str:
     """A question whose prompt fills `target` positions (image tokens + latents + text), found by search."""
-    from reference_model.prompt import build_prompt, tokenize_prompt
+    from reference_model.prompt import prompt_ids
 
     def positions(question: str) -> int:
-        return len(tokenize_prompt(build_prompt(question), tokenizer)) - 2 + config.vision.num_patches + query_len
+        return len(prompt_ids(question, tokenizer)) - 2 + config.vision.num_patches + query_len
 
     base, unit = "Describe the picture", " and every detail in it"
     lo, hi = 0, 1

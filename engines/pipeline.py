@@ -90,7 +90,7 @@ class Pipeline:
         self.config = backend.config
         self.query_len = backend_query_len(backend, query_len)
         self.tokenizer = load_tokenizer(backend.model_dir)
-        self.stop_token_ids = stop_token_ids(self.tokenizer, self.config.eos_token_id)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.config.eos_token_ids)
         self.max_image_pixels = max_image_pixels
 
     @classmethod
@@ -168,11 +168,11 @@ class Pipeline:
         """The ids a conversation's later turn prefills (reference_model/conversation.py `follow_up_chunk`): the
         previous answer's ids not in the cache yet, ending in its end of turn, then the template and the question."""
         from reference_model.conversation import follow_up_chunk
-        from reference_model.prompt import END_OF_TURN, follow_up_ids, instruct_ids
+        from reference_model.prompt import end_of_turn_id, follow_up_ids, instruct_ids
         from reference_model.sequence import check_question_length
 
         check_question_length(len(instruct_ids(question, self.tokenizer)), self.config, "a follow-up question")
-        end = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        end = end_of_turn_id(self.tokenizer)
         return follow_up_chunk(answer, end, self.stop_token_ids, follow_up_ids(question, self.tokenizer))
 
     def answer_ids(self, text: str) -> list[int]:

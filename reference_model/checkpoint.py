@@ -1,5 +1,9 @@
 """Loading FUSION checkpoints (single or sharded safetensors, exact upstream key names) from a local folder.
 
+Phi-3 checkpoints store the fused `qkv_proj` and `gate_up_proj` the model runs; Llama checkpoints store their
+parts (`q_proj`, `k_proj`, `v_proj`; `gate_proj`, `up_proj`), which are stacked by rows on load and split on save,
+so every graph, backend and quantizer sees one decoder layout whatever the family.
+
 Every tensor is checked before anything is assigned: missing, unexpected and misshaped tensors are reported
 together in one error, never a silent partial load.
 """
@@ -38,6 +42,11 @@ KEY_PREFIXES: tuple[tuple[str, str], ...] = (
 # In checkpoints but unused at inference (SigLIP's post_layernorm: FUSION reads hidden states before it).
 IGNORED_KEYS = re.compile(re.escape(_VISION) + r"post_layernorm\.(weight|bias)$")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Llama's separate projections: our fused parameter (a key suffix) <- its parts, stacked by rows in this order.
+LLAMA_PARTS = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
 
 
 class CheckpointError(FusionError):
@@ -55,6 +64,28 @@ def to_checkpoint_key(name: str) -> str:
         elif name.startswith(ours):
             return theirs + name[len(ours) :]
     raise KeyError(f"no checkpoint key for parameter {name}")
+
+
+def checkpoint_parts(name: str, shape: tuple[int, ...], config: FusionConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Our parameter -> the checkpoint keys that hold it and their shapes: one key, or a Llama decoder layer's
+    separate projections, whose rows stack (in order) into our fused one."""
+    key = to_checkpoint_key(name)
+    if config.decoder.family == "llama" and key.startswith("model.layers."):
+        d = config.decoder
+        for fused, parts in LLAMA_PARTS.items():
+            if key.endswith(fused):
+                q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+                rows = (q, kv, kv) if "qkv" in fused else (d.intermediate_size, d.intermediate_size)
+                prefix = key[: -len(fused)]
+                return [(prefix + part, (r, *shape[1:])) for part, r in zip(parts, rows)]
+    return [(key, shape)]
+
+
+def checkpoint_tensors(name: str, tensor: torch.Tensor, config: FusionConfig) -> list[tuple[str, torch.Tensor]]:
+    """Our parameter as the checkpoint stores it: (key, tensor) pairs, split by `checkpoint_parts`."""
+    parts = checkpoint_parts(name, tuple(tensor.shape), config)
+    pieces = tensor.split([shape[0] for _, shape in parts]) if len(parts) > 1 else (tensor,)
+    return [(key, piece) for (key, _), piece in zip(parts, pieces)]
 
 
 def _shard_name(index_path: Path, key: object, name: object) -> str:
@@ -137,7 +168,8 @@ def load_model(
     config = config or load_config(model_dir)
     with torch.device("meta"):
         model = FusionModel(config)
-    expected = {to_checkpoint_key(name): (name, tuple(t.shape)) for name, t in model.state_dict().items()}
+    parts = {name: checkpoint_parts(name, tuple(t.shape), config) for name, t in model.state_dict().items()}
+    expected = {key: (name, shape) for name, keys in parts.items() for key, shape in keys}
     files = checkpoint_files(model_dir)
 
     missing = sorted(set(expected) - set(files))
@@ -163,16 +195,19 @@ def load_model(
             raise CheckpointError("\n".join(parts))
 
         state = {}
-        for key, (name, _) in expected.items():
-            path = files[key]
-            try:
-                tensor = handles[path].get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"{path}: tensor {key} could not be read ({e})") from None
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected a float tensor")
-            _require_finite(path, key, tensor)
-            state[name] = tensor.to(device=device, dtype=dtype)
+        for name, keys in parts.items():
+            pieces = []
+            for key, _ in keys:
+                path = files[key]
+                try:
+                    tensor = handles[path].get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"{path}: tensor {key} could not be read ({e})") from None
+                if not tensor.is_floating_point():
+                    raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected a float tensor")
+                _require_finite(path, key, tensor)
+                pieces.append(tensor.to(device=device, dtype=dtype))
+            state[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     finally:
         handles.clear()
     model.load_state_dict(state, assign=True, strict=True)
@@ -232,7 +267,8 @@ def save_checkpoint(
     with staging_folder(model_dir) as tmp:
         writer = SafetensorsWriter(tmp, shard_bytes)
         for name, t in model.state_dict().items():
-            writer.add(to_checkpoint_key(name), t.to(dtype) if dtype else t)
+            for key, piece in checkpoint_tensors(name, t.to(dtype) if dtype else t, model.config):
+                writer.add(key, piece)
         writer.close()
         write_config_files(model.config, tmp)
     return Path(model_dir)

@@ -1,9 +1,10 @@
-"""Typed configuration of a FUSION-Phi3.5 checkpoint.
+"""Typed configuration of a FUSION checkpoint: any of the family's decoders and towers (docs/semantics.md 1.1).
 
 One source of truth for every shape: the checkpoint's `config.json` (decoder, projectors, interaction layers,
-LongRoPE) plus an optional `vision_config.json` (the SigLIP tower's shape; real checkpoints carry none, and
-upstream hard-codes SigLIP so400m, which is then used here too). Head counts cannot be read from weight shapes,
-so they come from these files or a preset, never from the folder name.
+RoPE) plus an optional `vision_config.json` (the tower's shape). Real checkpoints carry no vision config: upstream
+takes the tower's shape from `mm_vision_tower`'s name (SigLIP2 giant-opt or SigLIP so400m), and so does this
+module. The decoder family comes from `model_type` (`fusion_phi`: Phi-3.5-mini; `fusion_llama`: Llama-3.1).
+Head counts cannot be read from weight shapes, so they come from these files or a preset, never a folder name.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from .errors import FusionError
 from .input_files import read_json
 
 PRESET_DIR = Path(__file__).parent / "presets"
-PRESETS = ("fusion-phi3.5-3b", "small", "tiny")
-MODEL_TYPE = "fusion_phi"
+PRESETS = ("fusion-phi3.5-3b", "fusion-x-phi3.5-3b", "fusion-llama3.1-8b", "fusion-x-llama3.1-8b", "small",
+           "small-llama", "tiny", "tiny-x-llama")  # fmt: skip
+# model_type -> decoder family: the checkpoint layout, the RoPE kind and the chat template follow from it.
+DECODER_FAMILIES = {"fusion_phi": "phi3", "fusion_llama": "llama"}
+# mm_vision_tower's name -> the tower's shape when the checkpoint carries no vision config. Upstream's builder
+# tests 'siglip2' before 'siglip' (fusion/model/multimodal_encoder/builder.py), and so does `tower_family`.
+TOWER_PRESETS = {"siglip2": "siglip2-giant-opt.vision.json", "siglip": "so400m.vision.json"}
+TOWER_NAMES = {"siglip2": "SigLIP2 giant-opt-patch16-384", "siglip": "SigLIP so400m-patch14-384"}
 # Placeholder ids that upstream's tokenizer_image_token puts into input_ids.
 IMAGE_TOKEN_ID = -200
 LATENT_TOKEN_ID = -300
@@ -38,6 +45,7 @@ MAX_IMAGE_SIZE = 2048  # crop side in pixels (4x SigLIP2's 512; 5 float crops of
 MAX_CHANNELS = 64  # image channels (real towers read 3)
 MAX_WINDOW = 1024  # interaction window side (upstream: 3)
 MAX_QUERY_LENS = 64  # entries of the trained `query_len` list (upstream lists 5)
+MAX_EOS_IDS = 64  # entries of an `eos_token_id` list (Llama-3.1-Instruct lists 3)
 
 
 class ConfigError(FusionError):
@@ -46,11 +54,11 @@ class ConfigError(FusionError):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP tower as FUSION runs it (the checkpoint's last SigLIP layer removed)."""
+    """SigLIP or SigLIP2 tower as FUSION runs it (the checkpoint's last layer removed); both compute alike."""
 
-    hidden_size: int  # channel width of the tower (so400m: 1152)
-    intermediate_size: int  # MLP width, tanh-GELU (so400m: 4304)
-    num_layers: int  # layers that run: the saved SigLIP depth minus its deleted last layer (so400m: 26)
+    hidden_size: int  # channel width of the tower (so400m: 1152, giant-opt: 1536)
+    intermediate_size: int  # MLP width, tanh-GELU (so400m: 4304, giant-opt: 6144)
+    num_layers: int  # layers that run: the saved depth minus its deleted last layer (so400m: 26, giant-opt: 39)
     num_heads: int
     image_size: int  # side of every static_hd crop
     patch_size: int  # patch conv kernel and stride
@@ -73,12 +81,13 @@ class VisionConfig:
 
     @property
     def num_patches(self) -> int:
-        """Image tokens per crop (729 for so400m at 384 px)."""
+        """Image tokens per crop (so400m: 27^2 = 729, giant-opt: 24^2 = 576)."""
         return self.patches_per_side**2
 
     @property
     def num_early_layers(self) -> int:
-        """Layers L0..L(half-1) whose instruction rows attend uniformly (docs/semantics.md section 4)."""
+        """Layers L0..L(half-1) whose instruction rows attend uniformly (docs/semantics.md section 4). Upstream
+        hard-codes 13 (so400m) and 19 (giant-opt): half the layers that run at each tower's real depth."""
         return self.num_layers // 2
 
     @property
@@ -90,16 +99,31 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """LongRoPE as Phi-3.5 uses it (transformers 4.48.1 `longrope`)."""
+    """Rotary embedding as transformers 4.48.1 computes it: `longrope` (Phi-3.5: short and long factor lists, a
+    switch past the original context, a constant attention scaling) or `llama3` (Llama-3.1: one fixed frequency
+    rescaling by wavelength, no switch, no scaling)."""
 
     head_dim: int
     theta: float
-    short_factor: tuple[float, ...]
+    short_factor: tuple[float, ...]  # longrope only (empty for llama3)
     long_factor: tuple[float, ...]
-    original_max_position_embeddings: int  # above this many positions the long factors apply
+    original_max_position_embeddings: int  # the original context; longrope: above it the long factors apply
     max_position_embeddings: int
+    kind: str = "longrope"
+    # llama3 only: low-frequency divisor and the wavelength band (original / low ... original / high) between
+    # the unchanged and the divided frequencies, where the two are interpolated
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
     def __post_init__(self) -> None:
+        if self.kind == "llama3":
+            if self.high_freq_factor <= self.low_freq_factor:
+                raise ConfigError(
+                    f"rope_scaling.high_freq_factor {self.high_freq_factor} must exceed low_freq_factor "
+                    f"{self.low_freq_factor}"
+                )
+            return
         for name in ("short_factor", "long_factor"):
             if len(getattr(self, name)) != self.head_dim // 2:
                 raise ConfigError(
@@ -108,8 +132,16 @@ class RopeConfig:
                 )
 
     @property
+    def switch_position(self) -> int | None:
+        """Positions up to which a forward's rotation is fixed (LongRoPE's original context); None: never switches."""
+        return self.original_max_position_embeddings if self.kind == "longrope" else None
+
+    @property
     def attention_scaling(self) -> float:
-        """Constant multiplier of cos and sin: sqrt(1 + ln(max/orig) / ln(orig)), or 1 when not extended."""
+        """Constant multiplier of cos and sin: longrope's sqrt(1 + ln(max/orig) / ln(orig)), or 1 when not extended
+        and for llama3."""
+        if self.kind != "longrope":
+            return 1.0
         factor = self.max_position_embeddings / self.original_max_position_embeddings
         if factor <= 1.0:
             return 1.0
@@ -118,7 +150,8 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Phi-3.5-mini decoder."""
+    """Phi-3.5-mini or Llama-3.1 decoder: the same layers (pre-norm RMSNorm, grouped-query attention, SiLU-gated
+    MLP, no biases); they differ in checkpoint layout (fused or separate projections), RoPE and template."""
 
     vocab_size: int
     hidden_size: int
@@ -128,6 +161,7 @@ class DecoderConfig:
     num_kv_heads: int
     rms_norm_eps: float
     rope: RopeConfig
+    family: str = "phi3"  # DECODER_FAMILIES' values
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -168,7 +202,8 @@ class FusionConfig:
     interaction: InteractionConfig
     trained_query_lens: tuple[int, ...]  # the checkpoint's `query_len` list (upstream drew one per call)
     bos_token_id: int | None = 1
-    eos_token_id: int | None = None
+    eos_token_id: int | None = None  # the first EOS id; `eos_token_ids` holds every one
+    eos_token_ids: tuple[int, ...] = ()  # transformers allows several (Llama-3.1-Instruct lists three)
     pad_token_id: int | None = None
     tokenizer_model_max_length: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # config.json as read
@@ -187,8 +222,12 @@ class FusionConfig:
             )
 
     @property
+    def model_type(self) -> str:
+        return next(t for t, family in DECODER_FAMILIES.items() if family == self.decoder.family)
+
+    @property
     def global_grid_side(self) -> int:
-        """The four global crops laid out 2x2: a (2*27) x (2*27) grid of image tokens."""
+        """The four global crops laid out 2x2: a (2 * patches per side)^2 grid of image tokens (54^2, 48^2)."""
         return 2 * self.vision.patches_per_side
 
     @property
@@ -227,8 +266,10 @@ class FusionConfig:
         """(config.json, vision_config.json) in the checkpoint format."""
         d, v, i, r = self.decoder, self.vision, self.interaction, self.decoder.rope
         config = dict(self.raw)
+        for key in ("rope_scaling", "original_max_position_embeddings", "head_dim", "sliding_window"):
+            config.pop(key, None)  # written below as this decoder family writes them
         config.update(
-            model_type=MODEL_TYPE,
+            model_type=self.model_type,
             vocab_size=d.vocab_size,
             hidden_size=d.hidden_size,
             intermediate_size=d.intermediate_size,
@@ -238,8 +279,6 @@ class FusionConfig:
             rms_norm_eps=d.rms_norm_eps,
             rope_theta=r.theta,
             max_position_embeddings=r.max_position_embeddings,
-            original_max_position_embeddings=r.original_max_position_embeddings,
-            rope_scaling={"long_factor": list(r.long_factor), "short_factor": list(r.short_factor), "type": "longrope"},
             mm_hidden_size=v.hidden_size,
             mm_projector_type="mlp2x_gelu",
             image_aspect_ratio="static_hd",
@@ -250,9 +289,18 @@ class FusionConfig:
             window_size=i.window_size,
             query_len=",".join(map(str, self.trained_query_lens)),
             bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id,
             pad_token_id=self.pad_token_id,
+            tie_word_embeddings=False,
         )
+        if r.kind == "llama3":
+            config.update(head_dim=d.head_dim, attention_bias=False, mlp_bias=False, rope_scaling={
+                "rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                "high_freq_factor": r.high_freq_factor,
+                "original_max_position_embeddings": r.original_max_position_embeddings})  # fmt: skip
+        else:
+            config.update(original_max_position_embeddings=r.original_max_position_embeddings, rope_scaling={
+                "long_factor": list(r.long_factor), "short_factor": list(r.short_factor), "type": "longrope"})  # fmt: skip
         if self.tokenizer_model_max_length is not None:
             config["tokenizer_model_max_length"] = self.tokenizer_model_max_length
         vision = {
@@ -317,11 +365,33 @@ def _factors(scaling: dict[str, Any], key: str, source: str, count: int) -> tupl
 
 def _optional_token_id(config: dict[str, Any], key: str, source: str) -> int | None:
     value = config.get(key)
-    if isinstance(value, list) and key == "eos_token_id":  # transformers allows several EOS ids
-        value = value[0] if value else None
     if value is None:
         return None
     return _int({key: value}, key, source, minimum=0, maximum=MAX_VOCAB - 1)
+
+
+def _eos_token_ids(config: dict[str, Any], source: str) -> tuple[int, ...]:
+    """`eos_token_id` as one id or a list of them (transformers allows several: Llama-3.1-Instruct lists
+    <|end_of_text|>, <|eom_id|> and <|eot_id|>); generation stops at any."""
+    value = config.get("eos_token_id")
+    values = value if isinstance(value, list) else [value]
+    if len(values) > MAX_EOS_IDS:
+        raise ConfigError(f"{source}: eos_token_id lists {len(values)} ids, over the limit of {MAX_EOS_IDS}")
+    names = ["eos_token_id"] if len(values) == 1 else [f"eos_token_id[{i}]" for i in range(len(values))]
+    ids = [_optional_token_id({name: v}, name, source) for name, v in zip(names, values)]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def tower_family(name: Any, source: str) -> str:
+    """The tower family `mm_vision_tower` names, by upstream's rule ('siglip2' tested before 'siglip')."""
+    lowered = name.lower() if isinstance(name, str) else ""
+    family = next((f for f in TOWER_PRESETS if f in lowered), None)
+    if family is None:
+        raise ConfigError(
+            f"{source}: mm_vision_tower {name!r} names no tower FUSION uses; its checkpoints name "
+            "google/siglip-so400m-patch14-384 or google/siglip2-giant-opt-patch16-384"
+        )
+    return family
 
 
 def parse_query_lens(value: Any, source: str = "config.json") -> tuple[int, ...]:
@@ -376,20 +446,28 @@ def config_from_dicts(
     """Build a FusionConfig from a checkpoint's config.json dict and optional vision_config.json dict; every size
     is checked against the bounds above before anything is built (`source`, `vision_source`: named in errors)."""
     model_type = config.get("model_type")
-    if model_type != MODEL_TYPE:
-        raise ConfigError(f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r} (a FUSION-Phi checkpoint)")
+    if model_type not in DECODER_FAMILIES:
+        raise ConfigError(
+            f"{source}: model_type is {model_type!r}, expected one of FUSION's "
+            f"{', '.join(map(repr, DECODER_FAMILIES))} (Phi-3.5-mini or Llama-3.1 decoders)"
+        )
+    family = DECODER_FAMILIES[model_type]
     projector = config.get("mm_projector_type", "mlp2x_gelu")
     if projector != "mlp2x_gelu":
-        raise ConfigError(f"{source}: mm_projector_type {projector!r} is not supported (FUSION-Phi3.5 uses mlp2x_gelu)")
+        raise ConfigError(f"{source}: mm_projector_type {projector!r} is not supported (FUSION uses mlp2x_gelu)")
     aspect = config.get("image_aspect_ratio", "static_hd")
     if aspect != "static_hd":
         raise ConfigError(f"{source}: image_aspect_ratio {aspect!r} is not supported (FUSION uses static_hd)")
     if config.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (Phi-3 uses silu)")
+        raise ConfigError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (FUSION's decoders use silu)")
+    for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if config.get(key, False) is not False:
+            raise ConfigError(f"{source}: {key} {config[key]!r} is not supported (FUSION's decoders have none)")
 
-    if vision is None:
-        vision = _read_json(PRESET_DIR / "so400m.vision.json")
-        vision_source = "SigLIP so400m preset"
+    if vision is None:  # upstream's rule: the tower's shape from its name
+        tower = tower_family(config.get("mm_vision_tower"), source)
+        vision = _read_json(PRESET_DIR / TOWER_PRESETS[tower])
+        vision_source = f"{source}: mm_vision_tower {config.get('mm_vision_tower')!r} ({TOWER_NAMES[tower]})"
     vision_cfg = vision_config_from_dict(vision, vision_source)
     mm_hidden = config.get("mm_hidden_size")
     if mm_hidden is not None and _int(config, "mm_hidden_size", source, maximum=MAX_HIDDEN) != vision_cfg.hidden_size:
@@ -404,6 +482,12 @@ def config_from_dicts(
     if hidden % heads:
         raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     head_dim = hidden // heads
+    explicit = config.get("head_dim")
+    if explicit is not None and _int(config, "head_dim", source, maximum=MAX_HIDDEN) != head_dim:
+        raise ConfigError(
+            f"{source}: head_dim {explicit} differs from hidden_size / num_attention_heads = {head_dim}; "
+            "FUSION's decoders and interaction layers need hidden_size = heads x head_dim"
+        )
     if head_dim % 2:
         raise ConfigError(
             f"{source}: head size hidden_size / num_attention_heads = {hidden} / {heads} = {head_dim} is odd; "
@@ -413,21 +497,43 @@ def config_from_dicts(
     if not isinstance(scaling, dict):
         raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type != "longrope":
-        raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (Phi-3.5 uses longrope)")
+    expected_rope = {"phi3": "longrope", "llama": "llama3"}[family]
+    if rope_type != expected_rope:
+        raise ConfigError(
+            f"{source}: rope_scaling type {rope_type!r} is not supported for model_type {model_type!r} "
+            f"(its checkpoints use {expected_rope!r})"
+        )
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
     max_pos = _int(config, "max_position_embeddings", source, maximum=MAX_POSITIONS)
-    rope = RopeConfig(
-        head_dim=head_dim,
-        theta=_positive_float(config, "rope_theta", source, 10000.0),
-        short_factor=_factors(scaling, "short_factor", source, head_dim // 2),
-        long_factor=_factors(scaling, "long_factor", source, head_dim // 2),
-        original_max_position_embeddings=_int(
-            config, "original_max_position_embeddings", source, max_pos, maximum=MAX_POSITIONS
-        ),
-        max_position_embeddings=max_pos,
-    )
+    theta = _positive_float(config, "rope_theta", source, 10000.0)
+    if rope_type == "llama3":
+        where = f"{source} rope_scaling"
+        rope = RopeConfig(
+            head_dim=head_dim,
+            theta=theta,
+            short_factor=(),
+            long_factor=(),
+            original_max_position_embeddings=_int(
+                scaling, "original_max_position_embeddings", where, maximum=MAX_POSITIONS
+            ),
+            max_position_embeddings=max_pos,
+            kind="llama3",
+            factor=_positive_float(scaling, "factor", where),
+            low_freq_factor=_positive_float(scaling, "low_freq_factor", where),
+            high_freq_factor=_positive_float(scaling, "high_freq_factor", where),
+        )
+    else:
+        rope = RopeConfig(
+            head_dim=head_dim,
+            theta=theta,
+            short_factor=_factors(scaling, "short_factor", source, head_dim // 2),
+            long_factor=_factors(scaling, "long_factor", source, head_dim // 2),
+            original_max_position_embeddings=_int(
+                config, "original_max_position_embeddings", source, max_pos, maximum=MAX_POSITIONS
+            ),
+            max_position_embeddings=max_pos,
+        )
     kv_heads = config.get("num_key_value_heads")
     decoder = DecoderConfig(
         vocab_size=_int(config, "vocab_size", source, maximum=MAX_VOCAB),
@@ -438,6 +544,7 @@ def config_from_dicts(
         num_kv_heads=heads if kv_heads is None else _int(config, "num_key_value_heads", source, maximum=MAX_HEADS),
         rms_norm_eps=_positive_float(config, "rms_norm_eps", source, 1e-5),
         rope=rope,
+        family=family,
     )
     interaction = InteractionConfig(
         num_layers=_int(config, "num_of_vision_sampler_layers", source, maximum=MAX_LAYERS),
@@ -446,13 +553,15 @@ def config_from_dicts(
         window_size=_int(config, "window_size", source, 3, maximum=MAX_WINDOW),
     )
     max_length = config.get("tokenizer_model_max_length")
+    eos_ids = _eos_token_ids(config, source)
     return FusionConfig(
         vision=vision_cfg,
         decoder=decoder,
         interaction=interaction,
         trained_query_lens=parse_query_lens(config.get("query_len", "64"), source),
         bos_token_id=_optional_token_id(config, "bos_token_id", source),
-        eos_token_id=_optional_token_id(config, "eos_token_id", source),
+        eos_token_id=next(iter(eos_ids), None),
+        eos_token_ids=eos_ids,
         pad_token_id=_optional_token_id(config, "pad_token_id", source),
         tokenizer_model_max_length=(
             None if max_length is None else _int(config, "tokenizer_model_max_length", source, maximum=MAX_POSITIONS)
@@ -480,11 +589,15 @@ def load_config(model_dir: str | Path) -> FusionConfig:
 
 def preset_config(name: str) -> FusionConfig:
     """A named preset:
-    - `fusion-phi3.5-3b`: full size, so400m tower;
+    - the four full-size FUSION shapes: `fusion-phi3.5-3b` (Phi-3.5-mini + SigLIP so400m), `fusion-x-phi3.5-3b`
+      (+ SigLIP2 giant-opt), `fusion-llama3.1-8b` (Llama-3.1-8B-Instruct + so400m; vocabulary 128256 + the two
+      vision markers upstream adds), `fusion-x-llama3.1-8b` (+ giant-opt);
     - `small`: realistic CPU timings on 2 cores: decoder 512 wide, MLP 1536, 8 layers x 8 heads (8 KV heads),
       vocabulary 32064, Phi-3.5's LongRoPE (131072 / 4096; its factor curves resampled from 48 to 32 pairs);
       SigLIP-shaped tower 8 layers x 256 (4 heads, MLP 1024) at 384 px; 3 interaction layers (start 0, stride 3);
-    - `tiny`: the oracle's shape."""
+    - `small-llama`: `small` with the Llama-3.1 decoder's traits (2 KV heads: the 8B's 4:1 grouping, llama3 RoPE,
+      untied head); vocabulary and tower kept, so the two differ only in the decoder family;
+    - `tiny`, `tiny-x-llama`: the shapes of the two upstream oracles."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     vision_path = PRESET_DIR / f"{name}.vision.json"

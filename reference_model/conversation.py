@@ -101,11 +101,13 @@ def chunk_layout(chunk: list[int], query_len: int, start: int, position: int, co
     text = [*chunk[:at], *([0] * query_len), *chunk[at + 1 :]]
     n = len(text)
     rope = config.decoder.rope
-    if position + n + 1 > rope.original_max_position_embeddings:
+    limit = rope.switch_position or rope.max_position_embeddings
+    if position + n + 1 > limit:
+        why = ("LongRoPE's original context, where upstream cuts every sequence" if rope.switch_position
+               else "the model's positions")  # fmt: skip
         raise GenerationError(
             f"the conversation would reach {position + n + 1} positions; a conversation continues within "
-            f"{rope.original_max_position_embeddings} (LongRoPE's original context, where upstream cuts every "
-            "sequence): start a new one"
+            f"{limit} ({why}): start a new one"
         )
     return ChunkLayout(
         text_ids=torch.tensor([text], dtype=torch.int64),

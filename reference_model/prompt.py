@@ -1,7 +1,7 @@
 """Prompt building and tokenization as upstream FUSION does it (docs/semantics.md section 3).
 
-The phi_3 template with `mm_use_im_start_end` puts a latent-image placeholder and an image placeholder before
-the question. The prompt is cut at `<image>`, each piece at `<latent_image>`, every piece is tokenized on its
+The family's template (`chat_template.py`: phi_3 or llama_3) with `mm_use_im_start_end` puts a latent-image
+placeholder and an image placeholder before the question. The prompt is cut at `<image>`, each piece at `<latent_image>`, every piece is tokenized on its
 own, and when the first piece starts with BOS the first token of every later piece is dropped (its BOS); the
 placeholders become ids -300 and -200. `instructs` is the question alone, tokenized normally.
 
@@ -19,20 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .chat_template import PHI_3, TEMPLATES, VISION_END, VISION_START, ChatTemplate, template_for
 from .config import IMAGE_TOKEN_ID, LATENT_TOKEN_ID
 from .errors import FusionError
 from .input_files import read_json, relative_name, require_regular_file
 
 IMAGE_TOKEN = "<image>"
 LATENT_TOKEN = "<latent_image>"
-VISION_START = "<vision_start>"
-VISION_END = "<vision_end>"
-SYSTEM_TURN = "<|system|>"
-USER_TURN = "<|user|>"
-ASSISTANT_TURN = "<|assistant|>"
-END_OF_TURN = "<|end|>"
-SYSTEM_MESSAGE = "You are a helpful AI assistant."
-TEMPLATE_TOKENS = (SYSTEM_TURN, USER_TURN, ASSISTANT_TURN, END_OF_TURN, VISION_START, VISION_END)
 # The plain-text encoder's stand-ins for the template's tokens are built from a Unicode noncharacter (reserved
 # for a program's internal use); a question holding it next to added-token text is refused.
 STAND_IN_MARK = "\ufdd0"
@@ -48,16 +41,44 @@ class RequestError(FusionError):
     """A request cannot be turned into a FUSION input sequence."""
 
 
-def _template(mark: Callable[[str], str] = lambda token: token, follow_up: bool = False) -> tuple[str, str]:
-    """The prompt before and after the question; `mark` rewrites the template's own control tokens. A follow-up
-    question (a later turn of a conversation, docs/semantics.md section 8.1) starts at the previous answer's end of
-    turn: upstream's phi_3 template gives it a latent placeholder of its own and no newline before the question."""
-    after = f"{mark(END_OF_TURN)}\n{mark(ASSISTANT_TURN)}\n"
+# The template each tokenizer was loaded for (`load_tokenizer`); others are told by their vocabulary.
+_TEMPLATES: weakref.WeakKeyDictionary[Any, ChatTemplate] = weakref.WeakKeyDictionary()
+
+
+def template_of(tokenizer: Any) -> ChatTemplate:
+    """The chat template `tokenizer` serves: its checkpoint's (`load_tokenizer`), else the one template whose
+    tokens are all in its vocabulary."""
+    known = _TEMPLATES.get(tokenizer)
+    if known is not None:
+        return known
+    vocab = tokenizer.get_vocab()
+    fits = [t for t in TEMPLATES.values() if all(token in vocab for token in t.tokens)]
+    if len(fits) != 1:
+        raise TokenizerError(
+            "cannot tell this tokenizer's chat template: it holds the special tokens of "
+            f"{' and '.join(t.name for t in fits) or 'neither phi_3 nor llama_3'}; load it with load_tokenizer"
+        )
+    return fits[0]
+
+
+def _template(
+    template: ChatTemplate, mark: Callable[[str], str] = lambda token: token, follow_up: bool = False
+) -> tuple[str, str]:
+    """The prompt before and after the question; `mark` rewrites the template's own tokens. A follow-up question
+    (a later turn of a conversation, docs/semantics.md section 8.1) starts at the previous answer's end of turn:
+    upstream's templates give it a latent placeholder of its own and no newline before the question."""
+    t = template
+
+    def marked(text: str) -> str:
+        for token in t.tokens:
+            text = text.replace(token, mark(token))
+        return text
+
+    after = marked(t.end_of_turn + t.separator + t.assistant)
     if follow_up:
-        return f"{mark(END_OF_TURN)}\n{mark(USER_TURN)}\n{mark(VISION_START)}{LATENT_TOKEN}{mark(VISION_END)}", after
-    images = f"{mark(VISION_START)}{LATENT_TOKEN}{mark(VISION_END)}{mark(VISION_START)}{IMAGE_TOKEN}{mark(VISION_END)}"
-    before = f"{mark(SYSTEM_TURN)}\n{SYSTEM_MESSAGE}{mark(END_OF_TURN)}\n{mark(USER_TURN)}\n{images}\n"
-    return before, after
+        return marked(t.end_of_turn + t.separator + t.user + VISION_START) + LATENT_TOKEN + marked(VISION_END), after
+    images = f"{VISION_START}{LATENT_TOKEN}{VISION_END}{VISION_START}{IMAGE_TOKEN}{VISION_END}"
+    return marked(t.system + t.end_of_turn + t.separator + t.user + images + "\n"), after
 
 
 def _last_piece(before: str) -> str:
@@ -65,15 +86,15 @@ def _last_piece(before: str) -> str:
     return before.rsplit(IMAGE_TOKEN, 1)[-1].rsplit(LATENT_TOKEN, 1)[-1]
 
 
-def build_prompt(question: str) -> str:
-    """The phi_3 conversation for one question about one image."""
-    before, after = _template()
+def build_prompt(question: str, template: ChatTemplate = PHI_3) -> str:
+    """The conversation for one question about one image, in `template` (the family's: `template_for`)."""
+    before, after = _template(template)
     return before + question + after
 
 
-def _question_of(prompt: str) -> str | None:
+def _question_of(prompt: str, template: ChatTemplate) -> str | None:
     """The question of a prompt `build_prompt` made; None for any other text."""
-    before, after = _template()
+    before, after = _template(template)
     if len(prompt) < len(before) + len(after) or not (prompt.startswith(before) and prompt.endswith(after)):
         return None
     question = prompt[len(before) : len(prompt) - len(after)]
@@ -136,7 +157,7 @@ def _upstream_ids(prompt: str, tokenize: Callable[[str], list[int]], bos: int | 
 def tokenize_prompt(prompt: str, tokenizer: Any) -> list[int]:
     """Token ids with -200 for `<image>` and -300 for `<latent_image>` (upstream tokenizer_image_token). A prompt
     `build_prompt` made goes through `prompt_ids`, so its question is plain text whoever calls this."""
-    question = _question_of(prompt)
+    question = _question_of(prompt, template_of(tokenizer))
     if question is not None:
         return prompt_ids(question, tokenizer)
     return _upstream_ids(prompt, lambda piece: list(tokenizer(piece).input_ids), tokenizer.bos_token_id)
@@ -147,7 +168,7 @@ def prompt_ids(question: str, tokenizer: Any, follow_up: bool = False) -> list[i
     the question's text encoded as plain text in its real context (`_PlainText`). `follow_up`: the ids of a later
     turn (`follow_up_ids`), BOS and the leading end of turn included."""
     check_question(question)
-    before, after = _template(follow_up=follow_up)
+    before, after = _template(template_of(tokenizer), follow_up=follow_up)
     last = _last_piece(before) + question + after  # the piece that holds the question
     span = (len(last) - len(after) - len(question), len(last) - len(after))
 
@@ -162,17 +183,23 @@ def prompt_ids(question: str, tokenizer: Any, follow_up: bool = False) -> list[i
 
 
 def follow_up_ids(question: str, tokenizer: Any) -> list[int]:
-    """A later turn's ids, to follow the previous answer's end of turn (`<|end|>`, the answer's own last token
-    when it stopped): `\n<|user|>\n<vision_start>`, the turn's latent placeholder (-300), then
-    `<vision_end>{question}<|end|>\n<|assistant|>\n`, each piece tokenized on its own as upstream cuts the whole
-    conversation's text (an added token ends the text before it, so the pieces tokenize as they do in context).
-    The question is plain text, as in `prompt_ids`."""
+    """A later turn's ids, to follow the previous answer's end of turn (`<|end|>` / `<|eot_id|>`, the answer's own
+    last token when it stopped): phi_3's `\n<|user|>\n<vision_start>`, the turn's latent placeholder (-300), then
+    `<vision_end>{question}<|end|>\n<|assistant|>\n` (llama_3's headers likewise), each piece tokenized on its
+    own as upstream cuts the whole conversation's text (an added token ends the text before it, so the pieces
+    tokenize as they do in context). The question is plain text, as in `prompt_ids`."""
     ids = prompt_ids(question, tokenizer, follow_up=True)
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    end_of_turn = template_of(tokenizer).end_of_turn
+    end = tokenizer.convert_tokens_to_ids(end_of_turn)
     start = 1 if ids and ids[0] == tokenizer.bos_token_id and ids[0] != end else 0
     if ids[start] != end:
-        raise TokenizerError(f"the tokenizer does not encode {END_OF_TURN} as one token; conversations need it")
+        raise TokenizerError(f"the tokenizer does not encode {end_of_turn} as one token; conversations need it")
     return ids[start + 1 :]
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The id of the template's end-of-turn token, which closes every answer of a conversation."""
+    return int(tokenizer.convert_tokens_to_ids(template_of(tokenizer).end_of_turn))
 
 
 def instruct_ids(question: str, tokenizer: Any) -> list[int]:
@@ -250,6 +277,7 @@ class _PlainText:
 
     def __init__(self, tokenizer: Any) -> None:
         self.unavailable: str | None = None
+        self.template = template_of(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or not hasattr(backend, "encode_special_tokens"):
             self.unavailable = "which needs a fast tokenizer (tokenizers >= 0.20) to be encoded as plain text"
@@ -262,7 +290,7 @@ class _PlainText:
         self.marks: dict[str, str] = {}
         self.restore: dict[int, int] = {}
         stand_ins = []
-        for k, token in enumerate(t for t in TEMPLATE_TOKENS if t in added):
+        for k, token in enumerate(t for t in self.template.tokens if t in added):
             content = f"{STAND_IN_MARK}{k}{STAND_IN_MARK}"
             stand_ins.append({**added[token], "id": next_id + k, "content": content, "special": False})
             self.marks[token], self.restore[next_id + k] = content, added[token]["id"]
@@ -277,7 +305,7 @@ class _PlainText:
         self.unavailable = self._probe(tokenizer)
 
     def _probe(self, tokenizer: Any) -> str | None:
-        before, after = _template()
+        before, after = _template(self.template)
         for text in _PROBES:
             last = before.rsplit(IMAGE_TOKEN, 1)[1] + text + after
             span = (len(last) - len(after) - len(text), len(last) - len(after))
@@ -295,7 +323,7 @@ class _PlainText:
     def prompt_piece(self, question: str, typed: list[str], follow_up: bool = False) -> list[int]:
         """The ids of the prompt's last piece (`<vision_end>\\n{question}<|end|>\\n<|assistant|>\\n`; a follow-up's
         without the newline)."""
-        before, after = _template(lambda token: self.marks.get(token, token), follow_up)
+        before, after = _template(self.template, lambda token: self.marks.get(token, token), follow_up)
         head = _last_piece(before)
         return self.encode(head + question + after, typed, (len(head), len(head) + len(question)))
 
@@ -365,10 +393,21 @@ def _file_arguments(folder: Path) -> dict[str, str]:
     return arguments
 
 
+def _checkpoint_template(model_dir: Path) -> ChatTemplate | None:
+    """The template of the checkpoint's decoder family (its config.json's model_type); None without one."""
+    from .config import load_config
+
+    if not (model_dir / "config.json").exists():
+        return None
+    return template_for(load_config(model_dir).model_type)
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """The checkpoint's tokenizer (folder root or `tokenizer/`), with FUSION's vision markers checked."""
+    """The checkpoint's tokenizer (folder root or `tokenizer/`), with the special tokens of FUSION's vision markers
+    and of its family's chat template checked."""
     from transformers import AutoTokenizer
 
+    template = _checkpoint_template(Path(model_dir))
     folder = tokenizer_folder(model_dir)
     for name in TOKENIZER_FILES:  # transformers would block on a FIFO, read a device without end, or any size
         path = folder / name
@@ -386,14 +425,24 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     missing = [t for t in (VISION_START, VISION_END) if t not in vocab]
     if missing:
         raise TokenizerError(f"{folder}: tokenizer lacks FUSION's special tokens {', '.join(missing)}")
+    if template is not None:
+        missing = [t for t in template.tokens if t not in vocab]
+        if missing:
+            model_type = next(k for k, v in TEMPLATES.items() if v is template)
+            raise TokenizerError(
+                f"{folder}: tokenizer lacks the {template.name} template's special tokens {', '.join(missing)}, "
+                f"which config.json's model_type {model_type!r} prompts with"
+            )
+        _TEMPLATES[tokenizer] = template
     return tokenizer
 
 
-def stop_token_ids(tokenizer: Any, eos_token_id: int | None) -> tuple[int, ...]:
-    """Generation stops at `<|end|>` (end of the assistant turn) or the model's EOS id."""
+def stop_token_ids(tokenizer: Any, eos_token_ids: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    """Generation stops at the template's end of turn (`<|end|>`, `<|eot_id|>`) or any of the model's EOS ids."""
     ids = []
-    end = tokenizer.get_vocab().get(END_OF_TURN)
-    for token_id in (end, eos_token_id, tokenizer.eos_token_id):
+    end = tokenizer.get_vocab().get(template_of(tokenizer).end_of_turn)
+    eos = eos_token_ids if isinstance(eos_token_ids, tuple) else (eos_token_ids,)
+    for token_id in (end, *eos, tokenizer.eos_token_id):
         if token_id is not None and token_id not in ids:
             ids.append(int(token_id))
     return tuple(ids)

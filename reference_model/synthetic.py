@@ -2,8 +2,8 @@
 
 Weights are drawn with std 1/sqrt(fan_in) (HF's 0.02 gives near-identical image tokens and degenerate logits),
 streamed tensor by tensor into safetensors shards so a full-size checkpoint never has to sit in memory whole.
-The bundled tokenizer is byte-level: ids 3..258 are the 256 bytes, then Phi-3's chat specials and FUSION's
-vision markers, the same layout as the oracle's tiny tokenizer.
+The bundled tokenizer is byte-level: ids 3..258 are the 256 bytes, then the family's chat specials (Phi-3's or
+Llama-3's) and FUSION's vision markers, the same layout as the two oracles' tiny tokenizers.
 """
 
 from __future__ import annotations
@@ -13,20 +13,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SafetensorsWriter, to_checkpoint_key, write_config_files
+from .checkpoint import SafetensorsWriter, checkpoint_tensors, write_config_files
 from .config import FusionConfig, preset_config
 from .model import FusionModel
 from .staging import staging_folder
 
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|assistant|>",
-    "<|system|>",
-    "<|end|>",
-    "<|user|>",
-    "<vision_start>",
-    "<vision_end>",
-)
+# Per decoder family: the added tokens after the bytes, EOS first (the oracles' layouts).
+SPECIAL_TOKENS = {
+    "phi3": ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>", "<vision_start>", "<vision_end>"),
+    "llama": ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<vision_start>",
+              "<vision_end>"),
+}  # fmt: skip
 
 
 def _byte_alphabet() -> list[str]:
@@ -44,8 +41,9 @@ def _byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def build_byte_tokenizer():
-    """A 266-token byte-level tokenizer: <unk> <s> </s>, 256 bytes, Phi-3 chat specials, vision markers."""
+def build_byte_tokenizer(family: str = "phi3"):
+    """A byte-level tokenizer: <unk> <s> </s>, 256 bytes, the family's chat specials and the vision markers
+    (266 tokens for Phi-3, 265 for Llama-3)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -57,10 +55,11 @@ def build_byte_tokenizer():
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
+    specials = SPECIAL_TOKENS[family]
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<unk>", unk_token="<unk>"
+        tokenizer_object=core, bos_token="<s>", eos_token=specials[0], pad_token="<unk>", unk_token="<unk>"
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
     return tokenizer
 
 
@@ -87,13 +86,16 @@ def write_random_checkpoint(
     config = preset_config(config) if isinstance(config, str) else config
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in FusionModel(config).state_dict().items()}
+    if with_tokenizer and config.decoder.vocab_size < 256 + 3 + len(SPECIAL_TOKENS[config.decoder.family]):
+        raise ValueError(f"vocab_size {config.decoder.vocab_size} cannot hold the byte-level test tokenizer")
     generator = torch.Generator().manual_seed(seed)
     with staging_folder(out_dir) as tmp:
         writer = SafetensorsWriter(tmp, shard_bytes)
         for name, shape in shapes.items():
-            writer.add(to_checkpoint_key(name), _random_tensor(name, shape, generator).to(dtype))
+            for key, tensor in checkpoint_tensors(name, _random_tensor(name, shape, generator).to(dtype), config):
+                writer.add(key, tensor)
         writer.close()
         write_config_files(config, tmp)
         if with_tokenizer:
-            build_byte_tokenizer().save_pretrained(str(tmp))
+            build_byte_tokenizer(config.decoder.family).save_pretrained(str(tmp))
     return Path(out_dir)

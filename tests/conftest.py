@@ -21,6 +21,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_IMAGE = ROOT / "fusion_export" / "assets" / "demo_image.png"
 VENDORED_ORACLE_DIR = ROOT / "tests" / "data" / "oracle" / "fusion-phi-tiny"
+LLAMA_ORACLE_DIR = ROOT / "tests" / "data" / "oracle" / "fusion-x-llama-tiny"
+VENDORED_ORACLES = {"fusion-phi-tiny": VENDORED_ORACLE_DIR, "fusion-x-llama-tiny": LLAMA_ORACLE_DIR}
 ORACLE_DIR = Path(os.environ.get("FUSION_ORACLE_DIR", VENDORED_ORACLE_DIR))
 
 # `make test` runs two pytest-xdist workers. Tests that share a session's exports must run in the same worker,

@@ -398,9 +398,9 @@ def test_trt_session_generates_the_reference_tokens(export_demo, demo_checkpoint
     # a conversation's next turn for the left-padded row: its kept columns copied into the buffers, its chunk run
     # through the decoder engine with the block's latents: the reference's follow-up tokens
     from reference_model.conversation import ReferenceFollowUp, follow_up_chunk, turn_state
-    from reference_model.prompt import END_OF_TURN, follow_up_ids
+    from reference_model.prompt import end_of_turn_id, follow_up_ids
 
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    end = end_of_turn_id(tokenizer)
     reference_session = ReferenceSession(load_model(demo_checkpoint), batch, 10)
     reference = generate(reference_session, config)
     kept = {"engines": turn_state(session, 0, out.token_ids[0]),

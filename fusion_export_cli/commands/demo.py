@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from fusion_export.output_files import check_output_folder, protected_folder
     from reference_model import GenerationConfig, ReferenceSession, generate, load_model, make_request, prepare_batch
     from reference_model.errors import FusionError
-    from reference_model.prompt import build_prompt, load_tokenizer, stop_token_ids
+    from reference_model.prompt import build_prompt, load_tokenizer, stop_token_ids, template_of
     from reference_model.synthetic import write_random_checkpoint
 
     from ..text_stream import TextStreamer
@@ -85,14 +85,14 @@ def run(args: argparse.Namespace) -> int:
     request = make_request(DEMO_IMAGE, args.question, tokenizer, cfg)
     batch = prepare_batch([request], cfg, query_len)
     print(f"image {DEMO_IMAGE.name} -> static_hd crops {list(request.pixel_values.shape)}")
-    print(f"prompt: {build_prompt(args.question)!r}")
+    print(f"prompt: {build_prompt(args.question, template_of(tokenizer))!r}")
     print(
         f"{len(request.input_ids)} prompt ids + {cfg.vision.num_patches} image tokens + {query_len} latents "
         f"-> {batch.layout.seq_len} positions; {len(request.instructs)} instruction ids for the vision tower"
     )
 
     config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, cfg.eos_token_id)
+        max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, cfg.eos_token_ids)
     )
 
     def answer(session, backend: str):

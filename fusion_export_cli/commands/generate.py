@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        stop_token_ids=stop_token_ids(tokenizer, config.eos_token_id),
+        stop_token_ids=stop_token_ids(tokenizer, config.eos_token_ids),
     )
     # the request is checked against the config before any weights or engines are loaded
     request = make_request(args.image, args.question, tokenizer, config, args.max_image_pixels)
