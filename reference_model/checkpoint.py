@@ -156,6 +156,19 @@ def _require_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
         )
 
 
+def _tower_named_wrongly(model_dir: Path, config: FusionConfig, misshaped: list[str]) -> str | None:
+    """The message for a tower whose shape came from `mm_vision_tower`'s name (no vision_config.json) and whose
+    weights have another: the name is what is wrong."""
+    if (model_dir / "vision_config.json").exists() or not any(k.startswith(_VISION) for k in misshaped):
+        return None
+    v = config.vision
+    return (
+        f"{model_dir / 'config.json'}: mm_vision_tower {config.raw.get('mm_vision_tower')!r} names a tower "
+        f"{v.hidden_size} wide with {v.num_layers + 1} layers and {v.patch_size} px patches ({v.num_patches} per "
+        "crop), but the checkpoint's tower weights have other shapes: the name disagrees with the weights"
+    )
+
+
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype | str = torch.float32,
@@ -189,6 +202,9 @@ def load_model(
                     misshaped.append(f"{key}: checkpoint {list(got)}, model {list(shape)}")
         if missing or unexpected or misshaped:
             parts = [f"{model_dir}: checkpoint does not match the model described by its config.json"]
+            tower = _tower_named_wrongly(model_dir, config, misshaped)
+            if tower:
+                parts[0] = tower
             for title, items in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
                 if items:
                     parts.append(_listing(title, items))

@@ -23,6 +23,9 @@ DEMO_IMAGE = ROOT / "fusion_export" / "assets" / "demo_image.png"
 VENDORED_ORACLE_DIR = ROOT / "tests" / "data" / "oracle" / "fusion-phi-tiny"
 LLAMA_ORACLE_DIR = ROOT / "tests" / "data" / "oracle" / "fusion-x-llama-tiny"
 VENDORED_ORACLES = {"fusion-phi-tiny": VENDORED_ORACLE_DIR, "fusion-x-llama-tiny": LLAMA_ORACLE_DIR}
+# upstream's outputs on the two other family members, made after the reference was written (tests/data/upstream)
+UNSEEN_DIR = ROOT / "tests" / "data" / "upstream"
+UNSEEN_ORACLES = {name: UNSEEN_DIR / name for name in ("fusion-x-phi-tiny", "fusion-llama-so400m-tiny")}
 ORACLE_DIR = Path(os.environ.get("FUSION_ORACLE_DIR", VENDORED_ORACLE_DIR))
 
 # `make test` runs two pytest-xdist workers. Tests that share a session's exports must run in the same worker,

@@ -1,4 +1,5 @@
-"""The vendored oracle is exactly what its provenance note says (tests/data/oracle/README.md)."""
+"""The vendored upstream outputs are exactly what their provenance notes say (tests/data/oracle/README.md,
+tests/data/upstream/README.md)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import hashlib
 
 import pytest
 
-from .conftest import VENDORED_ORACLES
+from .conftest import UNSEEN_ORACLES, VENDORED_ORACLES
 
 
-@pytest.mark.parametrize("name", sorted(VENDORED_ORACLES))
+@pytest.mark.parametrize("name", sorted(VENDORED_ORACLES) + sorted(UNSEEN_ORACLES))
 def test_vendored_oracle_checksums(name):
-    folder = VENDORED_ORACLES[name]
+    folder = {**VENDORED_ORACLES, **UNSEEN_ORACLES}[name]
     listed = {}
     for line in (folder / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)

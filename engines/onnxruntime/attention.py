@@ -203,6 +203,8 @@ class _Rewrite:
         self.dtype = self.inputs["inputs_embeds"].dtype
         if self.dtype != ir.DataType.FLOAT:
             raise NotFusable(f"{self.dtype} graph (only float32 graphs are rewritten)")
+        if self.step and head_dim % 8:  # ONNX Runtime 1.2x's CPU kernel refuses such a step when it runs
+            raise NotFusable(f"head size {head_dim} (GroupQueryAttention needs a multiple of 8)")
         self.new: list[ir.Node] = []
         self.int8_cache = self.inputs[self.pasts[0]].dtype == ir.DataType.INT8
 

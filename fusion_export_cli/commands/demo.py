@@ -18,8 +18,13 @@ from fusion_export.bundled import DEMO_IMAGE, DEMO_QUESTION
 
 from ..options import max_new_tokens
 
-DEMO_VISION_LAYERS = 4  # the oracle's tiny shape with a shallower tower, so the demo's export stays quick
+DEMO_VISION_LAYERS = 4  # the oracles' tiny shapes with a shallower tower, so the demo's export stays quick
 DEMO_SEED = 4  # random weights whose greedy answer does not collapse into one repeated token
+# The family's four members at toy sizes: (decoder preset, tower preset). `phi` is FUSION-Phi3.5, `x-` the
+# SigLIP2 tower; the LLaMA decoder is the llama oracle's with 16-wide heads (8 heads over 2 KV heads), which
+# ONNX Runtime's fused grouped-query attention takes.
+DEMO_FAMILIES = {"phi": ("tiny", "tiny"), "x-phi": ("tiny", "tiny-x-llama"), "llama": ("tiny-x-llama", "tiny"),
+                 "x-llama": ("tiny-x-llama", "tiny-x-llama")}  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-output", metavar="DIR", help="work folder (default ./demo-output)")
     p.add_argument("--question", default=DEMO_QUESTION, metavar="TEXT")
     p.add_argument("--max-new-tokens", type=max_new_tokens, default=24, metavar="N")
+    p.add_argument("--family", choices=sorted(DEMO_FAMILIES), default="phi",
+                   help="which of FUSION's four models to imitate: Phi-3.5 or Llama-3.1 decoder, SigLIP or (x-) "
+                        "SigLIP2 tower (default phi)")  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -35,11 +43,19 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def demo_config():
+def demo_config(family: str = "phi"):
+    """The demo's model of a family: its tiny decoder and tower with a shallow tower."""
     from reference_model import preset_config
 
-    tiny = preset_config("tiny")
-    return dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, num_layers=DEMO_VISION_LAYERS))
+    decoder_preset, tower_preset = DEMO_FAMILIES[family]
+    base, tower = preset_config(decoder_preset), preset_config(tower_preset)
+    decoder = base.decoder
+    if decoder.family == "llama":
+        rope = dataclasses.replace(decoder.rope, head_dim=16)
+        decoder = dataclasses.replace(decoder, hidden_size=128, intermediate_size=256, rope=rope)
+    vision = dataclasses.replace(tower.vision, num_layers=DEMO_VISION_LAYERS)
+    raw = dict(base.raw, mm_vision_tower=tower.raw["mm_vision_tower"])
+    return dataclasses.replace(base, decoder=decoder, vision=vision, raw=raw)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from ..text_stream import TextStreamer
 
     out = Path(args.out)
-    model_dir, artifact_dir = out / "tiny-random-fusion", out / "onnx-fp32"
+    suffix = "" if args.family == "phi" else f"-{args.family}"  # each family's files side by side under --out
+    model_dir, artifact_dir = out / f"tiny-random-fusion{suffix}", out / f"onnx-fp32{suffix}"
     if not out.exists():
         check_output_folder(out, "--out")
     elif not out.is_dir() or protected_folder(out):
@@ -67,15 +84,16 @@ def run(args: argparse.Namespace) -> int:
     if model_dir.exists():
         print(f"reusing {model_dir}")
     else:
-        write_random_checkpoint(model_dir, demo_config(), seed=DEMO_SEED)
+        write_random_checkpoint(model_dir, demo_config(args.family), seed=DEMO_SEED)
         print(f"wrote a random FUSION checkpoint in the real format to {model_dir}")
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"loaded: {n_params / 1e6:.2f} M parameters; SigLIP {cfg.vision.num_layers} layers x {cfg.vision.hidden_size}, "
-        f"decoder {cfg.decoder.num_layers} layers x {cfg.decoder.hidden_size}, "
+        f"loaded: {n_params / 1e6:.2f} M parameters; {cfg.model_type}; tower {cfg.raw.get('mm_vision_tower')} "
+        f"{cfg.vision.num_layers} layers x {cfg.vision.hidden_size}, decoder {cfg.decoder.num_layers} layers x "
+        f"{cfg.decoder.hidden_size} ({cfg.decoder.num_heads} heads, {cfg.decoder.num_kv_heads} KV heads), "
         f"{cfg.interaction.num_layers} interaction layers after decoder layers {list(cfg.interaction.decoder_layers)} "
         f"({time.perf_counter() - t:.2f} s)"
     )
@@ -128,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     same = onnx.token_ids == reference.token_ids
     print(f"\nONNX Runtime tokens {'identical to' if same else 'DIFFER from'} the reference's")
 
-    engines_ok = build_demo_engines(artifact_dir, out / "engines", model, batch, config, answer, reference)
+    engines_ok = build_demo_engines(artifact_dir, out / f"engines{suffix}", model, batch, config, answer, reference)
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s")
     print("(random weights: the answer is noise; `fusion-export generate --model DIR ...` runs a real checkpoint)")
     return 0 if same and report.passed and engines_ok else 1

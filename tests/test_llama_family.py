@@ -1,0 +1,164 @@
+"""The rest of the FUSION family end to end: LLaMA-3.1 decoders (grouped-query attention, llama3 RoPE, the llama_3
+template) and SigLIP2 towers, through export, ONNX Runtime, quantization and TensorRT-RTX's real builder.
+
+- The upstream LLaMA oracle (tests/data/oracle/fusion-x-llama-tiny) exported for opset 24 (TensorScatter, a fixed
+  KV capacity) gives the oracle's greedy ids and logits on ONNX Runtime, and its graphs build.
+- The toy `x-llama` demo model (8 heads over 2 KV heads, 16-wide so ONNX Runtime's fused GroupQueryAttention
+  takes it) in every export flavour, with the plugins, INT4 and W8A8 + INT8 KV: each validates against the
+  reference (its precision's gates, greedy ids identical where they are gated) and builds.
+- The two mixed members (LLaMA + SigLIP, Phi + SigLIP2) validate on ONNX Runtime.
+The KV cache holds the KV heads only (2 of 8), never repeated, in every graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.validation import Tolerances, validate_session
+from engines.onnxruntime.session import OrtModel
+from engines.tensorrt.build import BuildOptions, build_engines
+from engines.tensorrt.flavours import TrtFlavour, installed_flavours
+from engines.tensorrt.plan import BuildLimits
+from fusion_export.export import ExportOptions, export_artifact
+from fusion_export.manifest import open_artifact
+from fusion_export.precision import Precision
+from fusion_export.trt_rules.targets import TrtTarget
+from reference_model import GenerationConfig, generate, load_model, make_request, prepare_batch
+from reference_model.prompt import load_tokenizer
+
+from .conftest import DEMO_IMAGE, LLAMA_ORACLE_DIR, run_main
+
+needs_rtx = pytest.mark.skipif(
+    TrtFlavour.tensorrt_rtx not in installed_flavours(), reason="needs TensorRT-RTX (in the test extras)"
+)
+QUESTIONS = ["What is in front of the house?", "Count the boxes, then name their colours."]
+
+
+@pytest.fixture(scope="module")
+def family_checkpoint(tmp_path_factory):
+    """The demo's toy checkpoint of each family member, written once."""
+    from fusion_export_cli.commands.demo import DEMO_SEED, demo_config
+    from reference_model.synthetic import write_random_checkpoint
+
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            folder = tmp_path_factory.mktemp("family") / family
+            cache[family] = write_random_checkpoint(folder, demo_config(family), seed=DEMO_SEED)
+        return cache[family]
+
+    return get
+
+
+def export(model_dir: Path, out: Path, target: str = "trt-10.3", precision: str = "fp32", **options) -> Path:
+    opts = ExportOptions(precision=Precision(precision), trt_target=TrtTarget(target), **options)
+    return export_artifact(model_dir, out, opts, verbose=False).folder
+
+
+def validate(model_dir: Path, folder: Path, questions=QUESTIONS[:1], steps: int = 6):
+    """validate_session of the artifact on ONNX Runtime against the reference, under its precision's gates."""
+    model = load_model(model_dir)
+    artifact = open_artifact(folder)
+    tokenizer = load_tokenizer(artifact.model_dir)
+    requests = [make_request(DEMO_IMAGE, q, tokenizer, model.config) for q in questions]
+    batch = prepare_batch(requests, model.config, artifact.query_len)
+    runtime = OrtModel(artifact)
+    tolerances = Tolerances.for_precision(artifact.precision, artifact.quantization)
+    return validate_session(model, batch, runtime.session(batch, steps), steps, tolerances, artifact.kv_int8_scales)
+
+
+def build(folder: Path, out: Path) -> dict:
+    options = BuildOptions(limits=BuildLimits(max_context=1024), flavour=TrtFlavour.tensorrt_rtx)
+    return build_engines(folder, out, options, verbose=False).engines
+
+
+def kv_heads(folder: Path) -> int:
+    """The KV-head axis of the decoder graphs' cache inputs, as the manifest lists them."""
+    manifest = open_artifact(folder).manifest
+    shapes = {tuple(e["shape"][1:2]) for g in ("decoder_prefill", "decoder_step")
+              for e in manifest["graphs"][g]["inputs"] if e["name"].startswith("past_")}  # fmt: skip
+    assert len(shapes) == 1
+    return shapes.pop()[0]
+
+
+@pytest.fixture(scope="module")
+def oracle_export(tmp_path_factory):
+    return export(LLAMA_ORACLE_DIR, tmp_path_factory.mktemp("llama-oracle") / "art", "trt-10.15")
+
+
+def test_oracle_export_gives_the_oracles_ids(oracle_export):
+    """Opset-24 graphs of the upstream LLaMA oracle on ONNX Runtime: the oracle's own greedy ids and logits."""
+    from safetensors.torch import load_file
+
+    artifact = open_artifact(oracle_export)
+    assert artifact.manifest["export"]["kv_cache"]["update_op"] == "TensorScatter"
+    assert artifact.max_context == 8192  # llama3 RoPE's original context: the default fixed capacity
+    assert kv_heads(oracle_export) == 2
+    inputs = load_file(LLAMA_ORACLE_DIR / "inputs.safetensors")
+    outputs = load_file(LLAMA_ORACLE_DIR / "outputs.safetensors")
+    from reference_model import Request
+
+    request = Request(inputs["input_ids"][0].tolist(), inputs["instructs"][0].tolist(), inputs["images"][0])
+    batch = prepare_batch([request], artifact.config, 36)
+    out = generate(OrtModel(artifact).session(batch, 6), GenerationConfig(max_new_tokens=6), keep_logits=True)
+    assert out.token_ids == outputs["generated_ids"].tolist() == [[33, 55, 175, 31, 167, 26]]
+    assert (out.step_logits - outputs["generate_step_logits"]).abs().max().item() <= 1e-4  # fp32 gate
+
+
+def test_oracle_export_validates_in_a_padded_batch(oracle_export):
+    report = validate(LLAMA_ORACLE_DIR, oracle_export, QUESTIONS, steps=8)
+    assert report.passed, report.table()
+
+
+@needs_rtx
+def test_oracle_graphs_build(oracle_export, tmp_path):
+    engines = build(oracle_export, tmp_path / "eng")
+    assert set(engines) == {"vision_encoder", "decoder"} and all(e["layers"] > 300 for e in engines.values())
+
+
+@needs_rtx
+@pytest.mark.parametrize(
+    "target,precision,options",
+    [("trt-10.3", "fp32", {}), ("trt-10.3", "fp16", {}), ("trt-10.15", "fp32", {"max_context": 1024}),
+     ("trt-10.15", "fp16", {"max_context": 1024}), ("trt-10.15", "fp32", {"max_context": 1024, "plugins": True})],
+)  # fmt: skip
+def test_every_flavour_validates_and_builds(family_checkpoint, tmp_path, target, precision, options):
+    model_dir = family_checkpoint("x-llama")
+    folder = export(model_dir, tmp_path / "art", target, precision, **options)
+    assert kv_heads(folder) == 2
+    report = validate(model_dir, folder, QUESTIONS)
+    assert report.passed, report.table()
+    engines = build(folder, tmp_path / "eng")
+    assert all(e["layers"] > 100 for e in engines.values())
+    if options.get("plugins"):  # the GQA path of the decode-attention plugin is in the step graph
+        assert "DecodeAttention" in open_artifact(folder).manifest["export"]["plugins"]
+
+
+@needs_rtx
+@pytest.mark.parametrize(
+    "target,flags",
+    [("trt-10.15", ["--precision", "int4", "--method", "rtn"]),
+     ("trt-10.3", ["--precision", "int8", "--kv-cache", "int8", "--num-samples", "2"])],
+)  # fmt: skip
+def test_quantized_validates_and_builds(family_checkpoint, tmp_path, target, flags):
+    model_dir = family_checkpoint("x-llama")
+    source = export(model_dir, tmp_path / "art", target)
+    result = run_main("quantize", str(source), "--out", str(tmp_path / "q"), *flags, "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = validate(model_dir, tmp_path / "q")
+    assert report.passed, report.table()
+    assert build(tmp_path / "q", tmp_path / "eng")
+
+
+@pytest.mark.parametrize("family", ["llama", "x-phi"])
+def test_mixed_members_validate(family_checkpoint, tmp_path, family):
+    """The decoder and the tower are independent: LLaMA with SigLIP, Phi with SigLIP2."""
+    model_dir = family_checkpoint(family)
+    config = load_model(model_dir).config
+    assert config.vision.num_patches == (576 if family.startswith("x-") else 729)
+    assert config.decoder.family == ("llama" if "llama" in family else "phi3")
+    report = validate(model_dir, export(model_dir, tmp_path / "art"))
+    assert report.passed, report.table()
