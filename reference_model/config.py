@@ -299,8 +299,8 @@ class FusionConfig:
                 "high_freq_factor": r.high_freq_factor,
                 "original_max_position_embeddings": r.original_max_position_embeddings})  # fmt: skip
         else:
-            config.update(original_max_position_embeddings=r.original_max_position_embeddings, rope_scaling={
-                "long_factor": list(r.long_factor), "short_factor": list(r.short_factor), "type": "longrope"})  # fmt: skip
+            factors = {"long_factor": list(r.long_factor), "short_factor": list(r.short_factor), "type": "longrope"}
+            config.update(original_max_position_embeddings=r.original_max_position_embeddings, rope_scaling=factors)
         if self.tokenizer_model_max_length is not None:
             config["tokenizer_model_max_length"] = self.tokenizer_model_max_length
         vision = {
@@ -459,7 +459,7 @@ def config_from_dicts(
     if aspect != "static_hd":
         raise ConfigError(f"{source}: image_aspect_ratio {aspect!r} is not supported (FUSION uses static_hd)")
     if config.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (FUSION's decoders use silu)")
+        raise ConfigError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (FUSION uses silu)")
     for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if config.get(key, False) is not False:
             raise ConfigError(f"{source}: {key} {config[key]!r} is not supported (FUSION's decoders have none)")
@@ -467,7 +467,7 @@ def config_from_dicts(
     if vision is None:  # upstream's rule: the tower's shape from its name
         tower = tower_family(config.get("mm_vision_tower"), source)
         vision = _read_json(PRESET_DIR / TOWER_PRESETS[tower])
-        vision_source = f"{source}: mm_vision_tower {config.get('mm_vision_tower')!r} ({TOWER_NAMES[tower]})"
+        vision_source = f"mm_vision_tower {config.get('mm_vision_tower')!r}: {TOWER_NAMES[tower]}"
     vision_cfg = vision_config_from_dict(vision, vision_source)
     mm_hidden = config.get("mm_hidden_size")
     if mm_hidden is not None and _int(config, "mm_hidden_size", source, maximum=MAX_HIDDEN) != vision_cfg.hidden_size:

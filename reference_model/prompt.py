@@ -1,9 +1,10 @@
 """Prompt building and tokenization as upstream FUSION does it (docs/semantics.md section 3).
 
 The family's template (`chat_template.py`: phi_3 or llama_3) with `mm_use_im_start_end` puts a latent-image
-placeholder and an image placeholder before the question. The prompt is cut at `<image>`, each piece at `<latent_image>`, every piece is tokenized on its
-own, and when the first piece starts with BOS the first token of every later piece is dropped (its BOS); the
-placeholders become ids -300 and -200. `instructs` is the question alone, tokenized normally.
+placeholder and an image placeholder before the question. The prompt is cut at `<image>`, each piece at
+`<latent_image>`, every piece is tokenized on its own, and when the first piece starts with BOS the first token of
+every later piece is dropped (its BOS); the placeholders become ids -300 and -200. `instructs` is the question
+alone, tokenized normally.
 
 The question is plain text (`encode_question`, the rule for every question from outside): text in it that spells
 an added token of the tokenizer (`<|end|>`, `<s>`, ...) is tokenized as ordinary text, never as that token, so a

@@ -51,6 +51,7 @@ EXPORT_GROUPS = [
     ("tests/test_memory_plan.py", "demo-exports"),
     ("tests/test_ort_matmul_nbits.py", "demo-exports"),
     ("tests/test_ort_attention.py", "ort-attention"),  # module-scoped GQA exports shared by its tests
+    ("tests/test_llama_family.py::test_oracle", "llama-oracle"),  # the LLaMA oracle's export, shared
 ]
 
 if importlib.util.find_spec("xdist") is not None:

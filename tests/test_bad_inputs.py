@@ -354,3 +354,85 @@ def test_check_trt_json_is_refused_over_an_input(tmp_path):
     assert sha256(graph) == before
     result = run_main("check-trt", str(graph), "--json", str(tmp_path / "report.json"))
     assert result.returncode == 0 and json.loads((tmp_path / "report.json").read_text())["ok"]
+
+
+# ---------------------------------------------------------------------------------------------- the family
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt_source(tmp_path_factory):
+    """The demo's toy LLaMA + SigLIP2 checkpoint (fusion_llama), written once."""
+    from fusion_export_cli.commands.demo import DEMO_SEED, demo_config
+    from reference_model.synthetic import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("llama") / "ckpt", demo_config("x-llama"), seed=DEMO_SEED)
+
+
+def _without_weights(folder):
+    """The weights file cut to 10 bytes: a refusal that names a config field was made before any weight was read."""
+    (folder / SINGLE_FILE).write_bytes((folder / SINGLE_FILE).read_bytes()[:10])
+
+
+@pytest.mark.parametrize(
+    "family,edit,message",
+    [
+        ("phi", {"model_type": "fusion_qwen"},
+         ": model_type is 'fusion_qwen', expected one of FUSION's 'fusion_phi', 'fusion_llama'"),
+        ("phi", {"mm_vision_tower": "openai/clip-vit-large-patch14-336", "vision_config.json": None},
+         ": mm_vision_tower 'openai/clip-vit-large-patch14-336' names no tower FUSION uses"),
+        # the name gives SigLIP2's 1536-wide tower, mm_hidden_size says the weights are 64 wide
+        ("phi", {"mm_vision_tower": "google/siglip2-giant-opt-patch16-384", "vision_config.json": None},
+         ": mm_hidden_size 64 disagrees with the vision tower width 1536 (mm_vision_tower "
+         "'google/siglip2-giant-opt-patch16-384': SigLIP2 giant-opt-patch16-384)"),
+        ("llama", {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
+         ": rope_scaling type 'longrope' is not supported for model_type 'fusion_llama' (its checkpoints use "
+         "'llama3')"),
+        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "original_max_position_embeddings": 8192}},
+         " rope_scaling: missing required field 'high_freq_factor'"),
+        ("llama", {"head_dim": 32}, ": head_dim 32 differs from hidden_size / num_attention_heads = 16"),
+        ("llama", {"tie_word_embeddings": True}, ": tie_word_embeddings True is not supported"),
+        ("llama", {"eos_token_id": [259, "eot"]}, ": eos_token_id[1] must be an integer >= 0, got 'eot'"),
+    ],
+)  # fmt: skip
+def test_family_config_refused_before_the_weights(ckpt, llama_ckpt_source, tmp_path, family, edit, message):
+    folder = ckpt if family == "phi" else shutil.copytree(llama_ckpt_source, tmp_path / "llama")
+    edit = dict(edit)
+    if "vision_config.json" in edit:  # a real checkpoint's layout: the tower's shape from its name
+        del edit["vision_config.json"]
+        (folder / "vision_config.json").unlink()
+    edit_config(folder, **edit)
+    _without_weights(folder)
+    result = generate(folder)
+    assert result.returncode == 2 and f"{folder / 'config.json'}{message}" in result.stderr, result.stderr
+
+
+def test_tower_name_disagreeing_with_the_weights(ckpt):
+    """No vision config and no mm_hidden_size: the name's tower is compared with the weights' headers (shapes
+    only), and the name is what the message blames."""
+    (ckpt / "vision_config.json").unlink()
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["mm_hidden_size"]
+    config["mm_vision_tower"] = "google/siglip2-giant-opt-patch16-384"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    result = generate(ckpt)
+    assert result.returncode == 2, result.stderr
+    assert (f"{ckpt / 'config.json'}: mm_vision_tower 'google/siglip2-giant-opt-patch16-384' names a tower 1536 "
+            "wide with 40 layers and 16 px patches (576 per crop), but the checkpoint's tower weights have other "
+            "shapes") in result.stderr  # fmt: skip
+    assert "misshaped" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tokenizer_without_the_templates_tokens(llama_ckpt_source, tmp_path):
+    """A LLaMA checkpoint carrying a Phi-3 tokenizer: no <|eot_id|> to end its turns, refused by name."""
+    from reference_model.synthetic import build_byte_tokenizer
+
+    folder = shutil.copytree(llama_ckpt_source, tmp_path / "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink()
+    build_byte_tokenizer("phi3").save_pretrained(str(folder))
+    _without_weights(folder)
+    result = generate(folder)
+    assert result.returncode == 2, result.stderr
+    assert ("tokenizer lacks the llama_3 template's special tokens <|start_header_id|>, <|end_header_id|>, "
+            "<|eot_id|>, which config.json's model_type 'fusion_llama' prompts with") in result.stderr  # fmt: skip

@@ -89,7 +89,7 @@ def test_wrong_model_type(tiny_checkpoint, tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     config["model_type"] = "llava_llama"
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="model_type is 'llava_llama', expected one of FUSION's 'fusion_phi', 'fusion_llama'"):
+    with pytest.raises(ConfigError, match="model_type is 'llava_llama', expected one of FUSION's 'fusion_phi'"):
         load_model(ckpt)
 
 

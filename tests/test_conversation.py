@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reference_model import GenerationConfig, ReferenceSession, generate, prepare_batch
+from reference_model.chat_template import PHI_3, ChatTemplate
 from reference_model.conversation import (
     ReferenceFollowUp,
     chunk_layout,
@@ -16,7 +17,6 @@ from reference_model.conversation import (
     whole_conversation,
 )
 from reference_model.generation import GenerationError
-from reference_model.chat_template import PHI_3, ChatTemplate
 from reference_model.prompt import (
     answer_ids,
     build_prompt,

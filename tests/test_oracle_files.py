@@ -18,9 +18,7 @@ def test_vendored_oracle_checksums(name):
         digest, name = line.split(maxsplit=1)
         listed[name] = digest
     on_disk = sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != "SHA256SUMS"
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS"
     )
     assert on_disk == sorted(listed), "files added to or removed from the vendored oracle"
     for name, digest in listed.items():

@@ -4,9 +4,10 @@ SigLIP2 at its real depth), under the same gates.
 
 Gates are what the README states, with a written margin. Measured here (2-core x86 CPU, torch 2.13, 2 threads):
 prefill logits 3.6e-6 at every query length (LLaMA: 3.6e-6), greedy step logits 2.6e-6 (LLaMA: 1.9e-6), decoder
-hidden states 1.14e-5, image tokens 7.6e-6, global context 8.0e-6. The oracle itself used sdpa attention, and eager vs sdpa already differ by
-3.8e-6 there, so ~1e-5 is the floor; the gates leave ~2.5x for reduction-order changes between thread counts and
-CPU kernels (AVX2 vs AVX-512), and are still 10x tighter than a wrong row or channel (>1e-4) would allow.
+hidden states 1.14e-5, image tokens 7.6e-6, global context 8.0e-6. The oracle itself used sdpa attention, and eager
+vs sdpa already differ by 3.8e-6 there, so ~1e-5 is the floor; the gates leave ~2.5x for reduction-order changes
+between thread counts and CPU kernels (AVX2 vs AVX-512), and are still 10x tighter than a wrong row or channel
+(>1e-4) would allow.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reference_model import FusionModel, GenerationConfig, ReferenceSession, Request, generate, load_model, prepare_batch
+from reference_model import (
+    FusionModel,
+    GenerationConfig,
+    ReferenceSession,
+    Request,
+    generate,
+    load_model,
+    prepare_batch,
+)
 from reference_model.image_preprocessing import static_hd_crops
 from reference_model.prompt import build_prompt, instruct_ids, load_tokenizer, template_of, tokenize_prompt
 
@@ -113,7 +122,8 @@ def test_greedy_generation(oracle):
     expected = oracle.outputs["generated_ids"].tolist()
     steps = len(expected[0])
     batch = prepare_batch([oracle.request], oracle.model.config, oracle.query_len)
-    out = generate(ReferenceSession(oracle.model, batch, steps), GenerationConfig(max_new_tokens=steps), keep_logits=True)
+    session = ReferenceSession(oracle.model, batch, steps)
+    out = generate(session, GenerationConfig(max_new_tokens=steps), keep_logits=True)
     assert out.token_ids == expected
     assert max_abs(out.step_logits, oracle.outputs["generate_step_logits"]) <= LOGITS_TOL
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from reference_model import ConfigError, FusionModel, load_config, preset_config
+from reference_model.config import PRESETS, config_from_dicts
+
+from .conftest import VENDORED_ORACLES
 
 
 def test_full_size_parameter_counts():
@@ -27,8 +32,62 @@ def test_full_size_parameter_counts():
     assert config.default_query_len == 64
 
 
-def test_tiny_preset_is_the_oracle_shape(oracle_dir):
-    assert preset_config("tiny").digest_dict() == load_config(oracle_dir).digest_dict()
+@pytest.mark.parametrize(
+    "preset,total,decoder,vision,patches,early",
+    [("fusion-x-phi3.5-3b", 5.81e9, 3.82e9, 1.107e9, 576, 19),  # SigLIP2 giant-opt: 39 of 40 layers run
+     ("fusion-llama3.1-8b", 9.98e9, 8.03e9, 0.398e9, 729, 13),
+     ("fusion-x-llama3.1-8b", 10.69e9, 8.03e9, 1.107e9, 576, 19)],
+)  # fmt: skip
+def test_other_full_size_members(preset, total, decoder, vision, patches, early):
+    """The other three trained shapes (upstream docs/model_zoo.md): tower, decoder and the 10 interaction layers
+    each as large as their published sizes."""
+    config = preset_config(preset)
+    with torch.device("meta"):
+        model = FusionModel(config)
+    count = lambda prefixes: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))  # noqa: E731
+    assert count(("",)) == pytest.approx(total, rel=0.01)
+    assert count(("embed_tokens", "layers", "norm", "lm_head")) == pytest.approx(decoder, rel=0.01)
+    assert count(("vision.",)) == pytest.approx(vision, rel=0.02)
+    assert config.vision.num_patches == patches and config.vision.num_early_layers == early
+    assert config.global_grid_side == 2 * math.isqrt(patches)
+    assert config.interaction.decoder_layers == (0, 3, 6, 9, 12, 15, 18, 21, 24, 27)
+    if "llama" in preset:
+        d = config.decoder
+        # Llama-3.1-8B's published 8,030,261,248 plus the two vision markers' rows in the embedding and the head
+        assert count(("embed_tokens", "layers", "norm", "lm_head")) == 8_030_261_248 + 2 * 2 * d.hidden_size
+        assert (d.num_heads, d.num_kv_heads, d.head_dim, d.vocab_size) == (32, 8, 128, 128258)
+        assert d.rope.kind == "llama3" and d.rope.original_max_position_embeddings == 8192
+        assert config.eos_token_ids == (128001, 128008, 128009)
+        # the KV cache per position holds the 8 KV heads only: a quarter of what 32 would take
+        assert 2 * d.num_layers * d.num_kv_heads * d.head_dim * 2 == 131072
+
+
+def test_tower_shape_from_the_name():
+    """Real checkpoints carry no vision config: upstream's rule, 'siglip2' tested before 'siglip'."""
+    for preset in ("fusion-phi3.5-3b", "fusion-x-phi3.5-3b"):
+        config = preset_config(preset)
+        raw = dict(config.raw)
+        rebuilt = config_from_dicts(raw, None)
+        assert rebuilt.vision == config.vision
+    with pytest.raises(ConfigError, match="mm_vision_tower 'openai/clip-vit-large-patch14-336' names no tower"):
+        raw = dict(preset_config("fusion-phi3.5-3b").raw, mm_vision_tower="openai/clip-vit-large-patch14-336")
+        config_from_dicts(raw, None)
+
+
+@pytest.mark.parametrize("preset,oracle", [("tiny", "fusion-phi-tiny"), ("tiny-x-llama", "fusion-x-llama-tiny")])
+def test_tiny_presets_are_the_oracle_shapes(preset, oracle):
+    assert preset_config(preset).digest_dict() == load_config(VENDORED_ORACLES[oracle]).digest_dict()
+
+
+def test_config_files_round_trip():
+    """A config written in the checkpoint format reads back as itself, in each decoder family's own fields."""
+    for preset in PRESETS:
+        config = preset_config(preset)
+        config_json, vision_json = config.to_json_dicts()
+        assert config_from_dicts(config_json, vision_json).digest_dict() == config.digest_dict(), preset
+        if config.decoder.family == "llama":
+            assert config_json["rope_scaling"]["rope_type"] == "llama3"
+            assert "original_max_position_embeddings" not in config_json
 
 
 def test_unknown_preset():

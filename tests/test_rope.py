@@ -1,17 +1,19 @@
-"""LongRoPE: tables and the short/long switch agree with transformers' own Phi-3 implementation."""
+"""LongRoPE and llama3: tables (and LongRoPE's short/long switch) agree with transformers' own Phi-3 and Llama
+implementations."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM
+from transformers import DynamicCache, LlamaConfig, Phi3Config, Phi3ForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from reference_model import preset_config
 from reference_model.checkpoint import to_checkpoint_key
 from reference_model.decoder import attention_mask
 from reference_model.kv_cache import KVCache
-from reference_model.rope import rope_cos_sin, uses_long_factors
+from reference_model.rope import decode_cos_sin, inverse_frequencies, rope_cos_sin, uses_long_factors
 
 
 def hf_config(config) -> Phi3Config:
@@ -31,6 +33,30 @@ def test_tables_match_transformers(preset, first, last):
         torch.set_num_threads(threads)
     cos, sin = rope_cos_sin(positions, config.decoder.rope)
     assert (cos - cos_hf).abs().max() <= 2.5e-7 and (sin - sin_hf).abs().max() <= 2.5e-7
+
+
+@pytest.mark.parametrize("preset", ["tiny-x-llama", "fusion-llama3.1-8b"])
+def test_llama3_tables_match_transformers(preset):
+    """All three llama3 bands (kept, interpolated, divided) hold at both head sizes (20: pairs 0-4 kept, 5
+    interpolated, 6-9 divided; 128); no switch at any position and no scaling of cos and sin."""
+    config = preset_config(preset)
+    rope = config.decoder.rope
+    hf = LlamaRotaryEmbedding(LlamaConfig(**{k: v for k, v in config.raw.items() if k != "model_type"}))
+    short, long = inverse_frequencies(rope)
+    assert torch.equal(short, hf.inv_freq) and torch.equal(long, short)  # bit for bit
+    assert hf.attention_scaling == rope.attention_scaling == 1.0 and rope.switch_position is None
+    positions = torch.cat([torch.arange(0, 900), torch.arange(8000, 8400), torch.arange(131000, 131072)])[None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cos_hf, sin_hf = hf(torch.zeros(1), positions)
+    finally:
+        torch.set_num_threads(threads)
+    cos, sin = rope_cos_sin(positions, rope)
+    assert (cos - cos_hf).abs().max() <= 2.5e-7 and (sin - sin_hf).abs().max() <= 2.5e-7
+    steps = decode_cos_sin(positions, rope)
+    assert torch.equal(steps[0], cos) and torch.equal(steps[1], sin)
+    assert not uses_long_factors(positions, rope).any()
 
 
 def test_switch_is_per_forward_and_per_row():
