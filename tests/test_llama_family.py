@@ -30,6 +30,7 @@ from reference_model import GenerationConfig, generate, load_model, make_request
 from reference_model.prompt import load_tokenizer
 
 from .conftest import DEMO_IMAGE, LLAMA_ORACLE_DIR, run_main
+from .test_memory_plan import CONSTANTS_BYTES, planned_like
 
 needs_rtx = pytest.mark.skipif(
     TrtFlavour.tensorrt_rtx not in installed_flavours(), reason="needs TensorRT-RTX (in the test extras)"
@@ -75,6 +76,18 @@ def build(folder: Path, out: Path) -> dict:
     fixed = open_artifact(folder).max_context is not None  # else 2048 columns, not the default 8192
     options = BuildOptions(limits=BuildLimits(max_context=None if fixed else 2048), flavour=TrtFlavour.tensorrt_rtx)
     return build_engines(folder, out, options, verbose=False).engines
+
+
+def plans_agree(folder: Path, **export) -> None:
+    """The plan made from the config alone (build --dry-run --preset/--model) agrees with the artifact's."""
+    from engines.tensorrt.plan import plan_build
+
+    artifact = open_artifact(folder)
+    limits = BuildLimits(max_context=None if artifact.max_context else 2048)
+    planned = planned_like(artifact, limits, precision=artifact.precision.value, **export)
+    real = plan_build(artifact, limits)
+    assert planned.memory["kv_cache"] == real.memory["kv_cache"]
+    assert 0 <= real.memory["weights"] - planned.memory["weights"] <= CONSTANTS_BYTES
 
 
 def kv_heads(folder: Path) -> int:
@@ -143,6 +156,8 @@ def test_members_validate_and_build(family_checkpoint, tmp_path, family, target,
     assert all(e["layers"] > 100 for e in engines.values())
     if options.get("plugins"):  # the GQA path of the decode-attention plugin is in the step graph
         assert "DecodeAttention" in open_artifact(folder).manifest["export"]["plugins"]
+    else:
+        plans_agree(folder)
 
 
 @needs_rtx
@@ -159,3 +174,6 @@ def test_quantized_validates_and_builds(family_checkpoint, tmp_path, target, fla
     report = validate(model_dir, tmp_path / "q")
     assert report.passed, report.table()
     assert build(tmp_path / "q", tmp_path / "eng")
+    int4 = "int4" in flags
+    plans_agree(tmp_path / "q", quantization="int4" if int4 else "int8", kv_cache="float" if int4 else "int8",
+                **({"method": "rtn"} if int4 else {}))  # fmt: skip

@@ -20,6 +20,7 @@ from .conftest import run_main
 
 GRAPHS = ("vision_encoder", "decoder_prefill", "decoder_step")
 BLOCK = 32  # the smallest block: the most scales, so a miscounted scale shows most
+CONSTANTS_BYTES = 32_000  # what a graph holds beyond the parameters (shape constants, AWQ's vectors): measured <= 16 kB
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,54 @@ def test_int4_engines_record_the_mode_and_hold_the_planned_weights(fp16_and_int4
     # carries more of them (each DequantizeLinear's): measured 976,248 saved of 1,870,572 planned (TensorRT-RTX
     # 1.7.1); a prefill-free step engine saved 99% (issue 25), where kernels did not vary with the token count
     assert 0.4 * planned_saving < engine_saving <= planned_saving * 1.03
+
+
+def planned_like(artifact, limits: BuildLimits | None = None, **export):
+    """The plan of `artifact` made from its config alone (engines/tensorrt/planned_export.py)."""
+    from engines.tensorrt.plan import plan_source
+    from engines.tensorrt.planned_export import PlannedExport, planned_source
+
+    options = PlannedExport(target=artifact.manifest["export"]["trt_target"], query_len=artifact.query_len,
+                            max_context=artifact.max_context, **export)  # fmt: skip
+    source = planned_source(artifact.config, options)
+    for name in GRAPHS:  # the graphs' inputs exactly as the exporter declared them
+        assert source.io[name]["inputs"] == artifact.manifest["graphs"][name]["inputs"], name
+    return plan_source(source, limits or BuildLimits())
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int4"])
+def test_planned_export_agrees_with_the_artifact(fp16_and_int4, mode):
+    """A plan from the config alone equals the real artifact's in profiles, KV cache and layout, and its weights
+    but for what the graphs add beyond the parameters: shape and index constants (a few kB whatever the model's
+    size: 13 kB of 1.14 MB for this INT4 model) and, under AWQ, its unfolded 1/s vectors (16 kB of 1.21 MB on the
+    LLaMA demo model). The full-size check is tests/test_fullsize_export.py's."""
+    artifact = open_artifact(fp16_and_int4[mode == "int4"])
+    quantized = {"quantization": "int4", "block_size": BLOCK, "method": "rtn"} if mode == "int4" else {}
+    planned, real = planned_like(artifact, precision="fp16", **quantized), plan_build(artifact, BuildLimits())
+    assert [(g.name, g.profile) for g in planned.graphs] == [(g.name, g.profile) for g in real.graphs]
+    assert (planned.kv_in_place, planned.kv_buffers, planned.kv_write_ops, planned.capacity) == (
+        real.kv_in_place, real.kv_buffers, real.kv_write_ops, real.capacity)  # fmt: skip
+    assert planned.memory["kv_cache"] == real.memory["kv_cache"]
+    assert planned.memory["activations"] == real.memory["activations"]
+    assert 0 <= real.memory["weights"] - planned.memory["weights"] <= CONSTANTS_BYTES
+    for engine, weights in real.weights.items():
+        for dtype in ("INT4", "INT8"):  # the quantized forms: every byte of them is a parameter's
+            assert planned.weights[engine].by_dtype.get(dtype, 0) == weights.by_dtype.get(dtype, 0), (engine, dtype)
+
+
+def test_dry_run_plans_a_preset_before_its_export():
+    """FUSION-LLaMA3.1-8B, which this machine could not even export: INT4 fits an Orin NX 16 GB, not a Nano 8 GB."""
+    plan = ["build", "--dry-run", "--preset", "fusion-llama3.1-8b", "--precision", "int4", "--trt-target", "trt-10.15",
+            "--max-context", "4096", "--device-memory"]  # fmt: skip
+    fits = run_main(*plan, "orin-nx-16")
+    assert fits.returncode == 0, fits.stderr
+    assert "planned, not built: fusion-llama3.1-8b" in fits.stdout and "largest KV capacity that fits" in fits.stdout
+    assert "past_key_values.31.value   min [1, 8, 4096, 128]" in fits.stdout  # 8 KV heads, not 32
+    refused = run_main(*plan, "orin-nano-8")
+    assert refused.returncode == 2 and "even the shortest context does not fit" in refused.stderr
+    wrong = run_main("build", "--dry-run", "--preset", "fusion-llama3.1-8b", "--precision", "int4")
+    assert wrong.returncode == 2 and "int4 needs an export at opset 21 or later" in wrong.stderr
+    both = run_main("build", "ART", "--dry-run", "--preset", "fusion-llama3.1-8b")
+    assert both.returncode == 2 and "--preset plans an export not yet made" in both.stderr
+    neither = run_main("build", "--dry-run")
+    assert neither.returncode == 2 and "give an artifact folder ART" in neither.stderr

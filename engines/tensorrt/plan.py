@@ -144,6 +144,28 @@ class EngineWeights:
 
 
 @dataclass
+class PlanSource:
+    """What a plan reads of an artifact: its config and export choices, its graphs' inputs, the weights each engine
+    holds and its KV cache. `artifact_source` reads them from an artifact, `planned_export.planned_source`
+    computes them for an export not yet made."""
+
+    config: Any  # FusionConfig
+    query_len: int
+    precision: str  # the activations': fp32 or fp16
+    max_context: int | None  # a KV capacity fixed at export
+    io: dict[str, dict[str, Any]]  # graph -> {"file", "inputs"} as the manifest lists them
+    engine_weights: dict[str, EngineWeights]  # per engine
+    decoder_weights: int  # what both decoder graphs read
+    interaction_weights: int  # what only the prefill reads
+    kv_dtype: str
+    kv_value_bytes: int
+    kv_write_ops: list[str]
+    one_decoder: bool
+    quantization: dict[str, Any] | None
+    where: str  # the artifact folder, or what was planned, for messages
+
+
+@dataclass
 class BuildPlan:
     precision: str
     query_len: int
@@ -316,15 +338,47 @@ def _kv_cache(artifact) -> tuple[str, int]:
     return word, int(ir.DataType[dtype].itemsize)
 
 
+def artifact_source(artifact) -> PlanSource:
+    """What the plan reads of an artifact: its manifest and its graphs' protos (dims and types, no weights)."""
+    one_decoder = one_decoder_engine(artifact)
+    protos = graph_protos(artifact)
+    engine_weights, decoder_weights, interaction_weights = _weight_bytes(protos, one_decoder)
+    kv_dtype, kv_value_bytes = _kv_cache(artifact)
+    write_ops = sorted({op for name in ("decoder_prefill", "decoder_step")
+                        for op in kv_write_ops(protos[name], artifact.config.decoder.num_layers)})  # fmt: skip
+    del protos
+    return PlanSource(
+        config=artifact.config,
+        query_len=artifact.query_len,
+        precision=artifact.precision.value,
+        max_context=artifact.max_context,
+        io=artifact.manifest["graphs"],
+        engine_weights=engine_weights,
+        decoder_weights=decoder_weights,
+        interaction_weights=interaction_weights,
+        kv_dtype=kv_dtype,
+        kv_value_bytes=kv_value_bytes,
+        kv_write_ops=write_ops,
+        one_decoder=one_decoder,
+        quantization=_quantization(artifact),
+        where=str(artifact.folder),
+    )
+
+
 def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None) -> BuildPlan:
     """Profiles and memory for the artifact's three graphs; refuses limits the graphs or the device cannot hold."""
-    config = artifact.config
+    return plan_source(artifact_source(artifact), limits, device)
+
+
+def plan_source(source: PlanSource, limits: BuildLimits, device: DeviceMemory | None = None) -> BuildPlan:
+    """The plan of what `source` describes (an artifact, or an export not yet made)."""
+    config = source.config
     d = config.decoder
     positions = d.rope.max_position_embeddings
-    shortest = config.vision.num_patches + artifact.query_len + 1
+    shortest = config.vision.num_patches + source.query_len + 1
     notes = []
 
-    fixed = artifact.max_context
+    fixed = source.max_context
     if fixed is not None and limits.max_context not in (None, fixed):
         raise FusionError(
             f"--max-context {limits.max_context}: the graphs were exported with a fixed KV capacity of {fixed} "
@@ -357,34 +411,30 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
         "new_tokens": (1, 1, limits.max_step_tokens),
         "capacity": (capacity, capacity, capacity),
     }
-    activations = _activations(config, artifact.precision.value, B, max_prompt, max_question,
+    activations = _activations(config, source.precision, B, max_prompt, max_question,
                                limits.max_step_tokens, capacity)  # fmt: skip
-    one_decoder = one_decoder_engine(artifact)
-    graphs = [_graph_plan(artifact, "vision_encoder", ranges, activations)]
+    one_decoder = source.one_decoder
+    io = source.io
+    graphs = [_graph_plan(io, "vision_encoder", ranges, activations)]
     if one_decoder:
-        side, window = math.isqrt(artifact.query_len), config.interaction.window_size
+        side, window = math.isqrt(source.query_len), config.interaction.window_size
         ranges.update(tokens=(1, 1, max(max_prompt, limits.max_step_tokens)),
-                      latents=(0, 0, artifact.query_len), context=(0, 0, (side * window) ** 2))  # fmt: skip
-        io = artifact.manifest["graphs"]
+                      latents=(0, 0, source.query_len), context=(0, 0, (side * window) ** 2))  # fmt: skip
         inputs = merged_inputs(io["decoder_prefill"]["inputs"], io["decoder_step"]["inputs"])
         sources = ["decoder_prefill", "decoder_step"]
         graphs.append(GraphPlan(DECODER, " + ".join(io[g]["file"] for g in sources), _profile(inputs, ranges),
                                 activations[DECODER], sources))  # fmt: skip
     else:
-        graphs += [_graph_plan(artifact, name, ranges, activations) for name in ("decoder_prefill", "decoder_step")]
-    protos = graph_protos(artifact)
-    engine_weights, decoder_weights, interaction_weights = _weight_bytes(protos, one_decoder)
+        graphs += [_graph_plan(io, name, ranges, activations) for name in ("decoder_prefill", "decoder_step")]
+    engine_weights = source.engine_weights
     weights = sum(w.bytes for w in engine_weights.values())
-    kv_dtype, kv_value_bytes = _kv_cache(artifact)
-    write_ops = sorted({op for name in ("decoder_prefill", "decoder_step")
-                        for op in kv_write_ops(protos[name], d.num_layers)})  # fmt: skip
-    del protos
+    kv_dtype, kv_value_bytes, write_ops = source.kv_dtype, source.kv_value_bytes, source.kv_write_ops
     in_place = writes_in_place(write_ops, kv_dtype)
     buffers = kv_buffers(in_place)
     kv_per_column = 2 * d.num_layers * d.num_kv_heads * d.head_dim * kv_value_bytes * B * buffers
 
     def total(cap: int, prompt: int) -> dict[str, int]:
-        acts = _activations(config, artifact.precision.value, B, prompt, max_question, limits.max_step_tokens, cap)
+        acts = _activations(config, source.precision, B, prompt, max_question, limits.max_step_tokens, cap)
         memory = {
             "weights": weights,
             "kv_cache": kv_per_column * cap,
@@ -396,8 +446,8 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
 
     memory = total(capacity, max_prompt)
     plan = BuildPlan(
-        precision=artifact.precision.value,
-        query_len=artifact.query_len,
+        precision=source.precision,
+        query_len=source.query_len,
         capacity=capacity,
         capacity_fixed_at_export=fixed is not None,
         limits={
@@ -410,11 +460,11 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
         },
         graphs=graphs,
         memory=memory,
-        quantization=_quantization(artifact),
+        quantization=source.quantization,
         kv_cache_dtype=kv_dtype,
         weights=engine_weights,
-        decoder_weights=decoder_weights,
-        interaction_weights=interaction_weights,
+        decoder_weights=source.decoder_weights,
+        interaction_weights=source.interaction_weights,
         decoder_engines=1 if one_decoder else 2,
         kv_in_place=in_place,
         kv_buffers=buffers,
@@ -443,8 +493,8 @@ def plan_build(artifact, limits: BuildLimits, device: DeviceMemory | None = None
     return plan
 
 
-def _graph_plan(artifact, name: str, ranges, activations) -> GraphPlan:
-    entry = artifact.manifest["graphs"][name]
+def _graph_plan(io: dict[str, dict[str, Any]], name: str, ranges, activations) -> GraphPlan:
+    entry = io[name]
     return GraphPlan(name, entry["file"], _profile(entry["inputs"], ranges), activations[name], [name])
 
 

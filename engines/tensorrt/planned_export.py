@@ -52,6 +52,7 @@ class PlannedExport:
     max_context: int | None = None  # a capacity fixed at export (opset >= 24 fixes one anyway)
     kv_cache: str = "float"  # or "int8" (quantize --kv-cache int8)
     block_size: int = 128  # int4
+    method: str = "awq"  # int4's --method (its memory is the same for every method)
     lm_head: str = "int8"  # int4's --lm-head
     vision: str = "int8"  # int4's --vision
 
@@ -168,7 +169,8 @@ def planned_source(config: FusionConfig, export: PlannedExport) -> PlanSource:
     )
     quantization = None
     if mode:
-        quantization = {"mode": mode, **({"block_size": export.block_size} if export.quantization == "int4" else {})}
+        int4 = {"block_size": export.block_size, "method": export.method} if export.quantization == "int4" else {}
+        quantization = {"mode": mode, **int4}
     return PlanSource(
         config=config,
         query_len=query_len,

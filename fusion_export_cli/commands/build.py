@@ -2,10 +2,12 @@
 
 Every network is strongly typed: the precision is the graphs' own. Profiles come from the artifact and the limits
 below; `--device-memory` checks the plan against a device (a preset or GB) and reports the largest context that
-fits. `--dry-run` runs every check the build runs (--out, the artifact, the plan, the device memory, the flags
-the TensorRT flavour takes) and prints the plan (profiles, memory, equivalent trtexec / tensorrt_rtx command lines)
-without TensorRT. TensorRT-RTX builds without a GPU (for --compute-capability targets); TensorRT 10/11 builds on
-the GPU it targets. Flags the chosen flavour would ignore are refused. The folder appears only when complete.
+fits. `--dry-run` runs every check the build runs (--out, the artifact, the plan, the device memory, the flags the
+TensorRT flavour takes) and prints the plan (profiles, memory, equivalent trtexec / tensorrt_rtx command lines)
+without TensorRT. `--dry-run --preset NAME` (or `--model DIR`) plans an export not yet made, from the config alone
+(--precision, --trt-target, --query-len, --kv-cache say which): whether a model fits a device before its export.
+TensorRT-RTX builds without a GPU (for --compute-capability targets); TensorRT 10/11 builds on the GPU it targets.
+Flags the chosen flavour would ignore are refused. The folder appears only when complete.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ TOOLS = {"tensorrt": ("trtexec", True), "tensorrt-rtx": ("tensorrt_rtx", False)}
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from engines.tensorrt.flavours import TrtFlavour
     from engines.tensorrt.plan import DEVICE_PRESETS
+    from fusion_export.trt_rules.targets import TrtTarget
 
     p = sub.add_parser("build", help="build TensorRT engines from an artifact", description=__doc__)
-    p.add_argument("artifact", metavar="ART", help="artifact folder from `fusion-export export`")
+    p.add_argument("artifact", metavar="ART", nargs="?", help="artifact folder from `fusion-export export`")
     p.add_argument("--out", metavar="ENG", help="engine folder to create (must not exist; not needed with --dry-run)")
     p.add_argument(
         "--trt", type=TrtFlavour, choices=list(TrtFlavour), help="TensorRT flavour (default: the one installed)"
@@ -67,6 +70,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per version under ~/.cache/fusion-export)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and command lines; build nothing")
+    planned = p.add_argument_group(
+        "planning an export not yet made (--dry-run without ART: engines/tensorrt/planned_export.py)"
+    )
+    source = planned.add_mutually_exclusive_group()
+    source.add_argument("--preset", metavar="NAME", help="a preset's shape, e.g. fusion-llama3.1-8b")
+    source.add_argument("--model", metavar="DIR", help="a checkpoint folder (its config.json; no weight is read)")
+    planned.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-weight-only", "int4"], default="fp16",
+                         help="the weights: as exported (fp32, fp16) or quantized from fp16 (fp16)")  # fmt: skip
+    planned.add_argument("--trt-target", type=TrtTarget, choices=list(TrtTarget), default=TrtTarget.trt_10_3,
+                         help="export --trt-target (default trt-10.3; int4 needs trt-10.15 or later)")  # fmt: skip
+    planned.add_argument("--query-len", type=positive_int, metavar="N", help="export --query-len")
+    planned.add_argument("--kv-cache", choices=["float", "int8"], default="float", help="quantize --kv-cache")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(run=run)
 
@@ -147,7 +162,13 @@ def dry_run_flavour(args: argparse.Namespace) -> str | None:
 
 def dry_run(args: argparse.Namespace, limits, device) -> int:
     """Every check of the real build short of TensorRT (flavour flags against the static table), then the plan."""
-    from engines.tensorrt.plan import COMPUTE_CAPABILITIES, HAS_TIMING_CACHE, check_flavour_flags, plan_build
+    from engines.tensorrt.plan import (
+        COMPUTE_CAPABILITIES,
+        HAS_TIMING_CACHE,
+        check_flavour_flags,
+        plan_build,
+        plan_source,
+    )
     from fusion_export.manifest import open_artifact
 
     flavour = dry_run_flavour(args)
@@ -160,7 +181,11 @@ def dry_run(args: argparse.Namespace, limits, device) -> int:
         from fusion_export.output_files import check_timing_cache_file
 
         check_timing_cache_file(timing_cache, "--timing-cache", [args.artifact], Path(args.out) if args.out else None)
-    plan = plan_build(open_artifact(args.artifact), limits, device)
+    plan = (
+        plan_source(plan_source_of(args), limits, device)
+        if args.artifact is None
+        else plan_build(open_artifact(args.artifact), limits, device)
+    )
     # the lines of the flavour the flags select (--trt; targets are TensorRT-RTX's); both when nothing selects one
     chosen = [flavour] if args.trt is not None or capabilities or timing_cache else list(TOOLS)
     tools = []
@@ -170,8 +195,29 @@ def dry_run(args: argparse.Namespace, limits, device) -> int:
         if name == "tensorrt" and timing_cache is not None:
             extra["timing_cache"] = str(timing_cache)
         tools.append((tool, strongly_typed, extra))
-    print(format_plan(plan, args.artifact, args.out or "ENG", tools))
+    print(format_plan(plan, args.artifact or "ART", args.out or "ENG", tools))
     return 0
+
+
+def plan_source_of(args: argparse.Namespace):
+    """What the planned export would show the planner (--preset or --model, and the export's choices)."""
+    from engines.tensorrt.planned_export import PlannedExport, planned_source
+    from reference_model import load_config, preset_config
+
+    config = preset_config(args.preset) if args.preset else load_config(args.model)
+    target = args.trt_target
+    quantized = args.precision not in ("fp32", "fp16")
+    export = PlannedExport(
+        precision="fp16" if quantized else args.precision,
+        quantization=args.precision if quantized else None,
+        target=target.value,
+        query_len=args.query_len,
+        # opset-24 graphs fix the capacity at export: --max-context is then the export's
+        max_context=args.max_context if target.resolve_opset(None) >= 24 else None,
+        kv_cache=args.kv_cache,
+    )
+    print(f"planned, not built: {args.preset or args.model} as {export.describe()} (no artifact read)")
+    return planned_source(config, export)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,8 +228,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.dry_run and not args.out:
         raise FusionError("--out ENG is required (or --dry-run)")
+    planning = args.preset or args.model
+    if args.artifact is None and not (args.dry_run and planning):
+        raise FusionError("give an artifact folder ART (or --dry-run with --preset NAME or --model DIR)")
+    if args.artifact is not None and planning:
+        raise FusionError(f"{'--preset' if args.preset else '--model'} plans an export not yet made: give it "
+                          "without ART")  # fmt: skip
     if args.out:  # the dry run checks it too: it promises what the build would do
-        check_output_folder(args.out, "--out", inputs=[args.artifact])
+        check_output_folder(args.out, "--out", inputs=[x for x in (args.artifact, args.model) if x])
     limits = BuildLimits(
         max_batch=args.max_batch,
         opt_batch=args.opt_batch,
