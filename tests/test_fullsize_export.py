@@ -288,6 +288,24 @@ def plan_devices(art: Path, quantized: dict[str, Path], work: Path) -> list[str]
             rows.append(
                 f"    {device:<12} ({usable:.0f} GB usable): largest KV capacity {fits or 'none, it does not fit'}"
             )
+    # the plan of each made from the config alone (build --dry-run --preset), before any export: it must agree
+    from engines.tensorrt.plan import plan_source
+    from engines.tensorrt.planned_export import PlannedExport, planned_source
+
+    planning_failures = []
+    for mode, artifact in artifacts.items():
+        real = plan_build(artifact, BuildLimits())
+        quantization = {"fp16": None, "int4-weight-only": "int4", "int8-weight-only": "int8-weight-only"}[mode]
+        export = PlannedExport(precision="fp16", quantization=quantization, target="trt-10.15",
+                               query_len=artifact.query_len, method="rtn")  # fmt: skip
+        planned = plan_source(planned_source(artifact.config, export), BuildLimits())
+        gap = real.memory["weights"] - planned.memory["weights"]
+        rows.append(
+            f"  {mode} planned from the config alone: weights {planned.memory['weights'] / GB:.4f} GB, "
+            f"the artifact's {real.memory['weights'] / GB:.4f} GB ({gap / 1e6:+.2f} MB of constants)"
+        )
+        if not 0 <= gap <= 0.001 * real.memory["weights"] or planned.memory["kv_cache"] != real.memory["kv_cache"]:
+            planning_failures.append(f"the {mode} plan from the config disagrees with the artifact's (see above)")
     print(f"\n{'; '.join(notes)}\ndevice-memory plans (build --dry-run --device-memory):\n" + "\n".join(rows))
     for what, code, out in ((f"INT4 on orin-nano-8 at {NANO_CONTEXT}", int4_code, int4_out),
                             ("INT4 on orin-nx-16", nx_code, nx_out),
@@ -295,7 +313,7 @@ def plan_devices(art: Path, quantized: dict[str, Path], work: Path) -> list[str]
         lines = [line for line in out.splitlines() if not line.startswith(("  ", "equivalent "))]  # no profiles
         print(f"{what} (exit {code}):\n" + "\n".join(lines))
 
-    failures = []
+    failures = planning_failures
     if not (nx_code == 0 and "largest KV capacity that fits: " in nx_out):
         failures.append("the INT4 plan does not fit orin-nx-16 (the plan is printed above)")
     if not (int4_code == 0 and "largest KV capacity that fits: " in int4_out):
