@@ -176,7 +176,7 @@ def export_artifact(
                         "shape": ["batch", d.num_kv_heads, capacity or "capacity", d.head_dim],
                         "update_op": "TensorScatter" if opset >= TENSOR_SCATTER_OPSET else "ScatterElements",
                     },
-                    "rope": "rope_cos/rope_sin inputs computed by the runtime (LongRoPE, per forward)",
+                    "rope": f"rope_cos/rope_sin inputs computed by the runtime ({d.rope.kind}, per forward)",
                 },
                 "embeddings": {
                     "file": EMBEDDINGS_FILE,

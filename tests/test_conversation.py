@@ -266,3 +266,32 @@ def test_plugin_artifacts_answer_first_turns_and_refuse_later_ones_by_name(expor
     assert chat.ask(QUESTIONS[0], max_new_tokens=2).token_ids
     with pytest.raises(FusionError, match="one decoder graph needs an export with --plugins off"):
         chat.ask(QUESTIONS[1], max_new_tokens=2)
+
+
+def test_llama_oracle_conversation_equals_the_whole_conversation():
+    """The llama_3 template's later turn (<|eot_id|>, headers; llama3 RoPE, grouped-query attention in the kept
+    cache) on the upstream LLaMA oracle: the follow-up on the kept state equals the whole conversation at once, and
+    with no LongRoPE switch the conversation may run past 4096 positions."""
+    from reference_model import Request, load_model
+    from safetensors.torch import load_file
+
+    folder = VENDORED_ORACLES["fusion-x-llama-tiny"]
+    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    inputs = load_file(folder / "inputs.safetensors")
+    request = Request(inputs["input_ids"][0].tolist(), inputs["instructs"][0].tolist(), inputs["images"][0])
+    stops = stop_token_ids(tokenizer, model.config.eos_token_ids)
+    assert stops == (tokenizer.convert_tokens_to_ids("<|eot_id|>"), 259)
+    config = GenerationConfig(max_new_tokens=6, stop_token_ids=stops)
+    end, query_len = end_of_turn_id(tokenizer), model.config.default_query_len
+    session = ReferenceSession(model, prepare_batch([request], model.config, query_len), 6)
+    first = generate(session, config).token_ids[0]
+    state = turn_state(session, 0, first)
+    ids = follow_up_ids(QUESTIONS[1], tokenizer)
+    follow = ReferenceFollowUp(model, state, [follow_up_chunk(state.pending, end, stops, ids)], 6)
+    second = generate(follow, config, keep_logits=True)
+    whole = whole_conversation(request, [first], [ids], end, stops)
+    at_once = generate(ReferenceSession(model, prepare_batch([whole], model.config, query_len), 6), config,
+                       keep_logits=True)  # fmt: skip
+    assert second.token_ids == at_once.token_ids
+    torch.testing.assert_close(second.step_logits, at_once.step_logits, rtol=0, atol=1e-4)
+    chunk_layout([5, 6, -300, 7], query_len, state.length, 5000, model.config)  # past 4096: no switch to cross
