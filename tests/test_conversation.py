@@ -272,8 +272,9 @@ def test_llama_oracle_conversation_equals_the_whole_conversation():
     """The llama_3 template's later turn (<|eot_id|>, headers; llama3 RoPE, grouped-query attention in the kept
     cache) on the upstream LLaMA oracle: the follow-up on the kept state equals the whole conversation at once, and
     with no LongRoPE switch the conversation may run past 4096 positions."""
-    from reference_model import Request, load_model
     from safetensors.torch import load_file
+
+    from reference_model import Request, load_model
 
     folder = VENDORED_ORACLES["fusion-x-llama-tiny"]
     model, tokenizer = load_model(folder), load_tokenizer(folder)
