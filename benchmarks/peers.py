@@ -3,10 +3,10 @@ interaction layers), prompted with as many token ids as our prompt has positions
 
 - onnxruntime-genai: a folder built by its model builder from our checkpoint's decoder (`build_genai_model`;
   `-e cpu`, fp32 / int8 / int4, `prune_lm_head`), run with the harness's intra-op thread count.
-- transformers' Phi-3 (sdpa attention, fp32) over the same weights: the second reference users know.
+- transformers' Phi-3 or Llama (sdpa attention, fp32) over the same weights: the second reference users know.
 
-Our checkpoints store the decoder under Hugging Face Phi-3's own key names, so a Phi-3 folder is the checkpoint's
-config (FUSION fields dropped), its decoder tensors and its tokenizer.
+FUSION checkpoints store the decoder under Hugging Face Phi-3's or Llama's own key names, so the decoder's folder is
+the checkpoint's config (FUSION fields dropped, the family's model_type), its decoder tensors and its tokenizer.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from reference_model.config import load_config
 from reference_model.errors import FusionError
 from reference_model.input_files import read_json
 
@@ -32,8 +33,12 @@ FUSION_ONLY_FIELDS = ("mm_", "num_of_vision", "start_of_vision", "stride_of_visi
                       "image_", "tokenizer_", "unfreeze", "use_mm")  # fmt: skip
 
 
-def save_phi3_decoder(model_dir: Path, out: Path) -> Path:
-    """A Hugging Face Phi-3 folder (config, decoder weights, tokenizer) from a FUSION checkpoint."""
+# model_type -> the Hugging Face model its decoder is (the same keys and config fields)
+HF_DECODERS = {"fusion_phi": ("phi3", "Phi3ForCausalLM"), "fusion_llama": ("llama", "LlamaForCausalLM")}
+
+
+def save_decoder(model_dir: Path, out: Path) -> Path:
+    """A Hugging Face Phi-3 or Llama folder (config, decoder weights, tokenizer) from a FUSION checkpoint."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -42,16 +47,17 @@ def save_phi3_decoder(model_dir: Path, out: Path) -> Path:
     from reference_model.prompt import TOKENIZER_FILES, tokenizer_folder
 
     config = read_json(model_dir / "config.json")  # bounded in size and nesting, a regular file
-    phi3 = {k: v for k, v in config.items() if not k.startswith(FUSION_ONLY_FIELDS)}
-    phi3.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+    model_type, architecture = HF_DECODERS[load_config(model_dir).model_type]
+    decoder = {k: v for k, v in config.items() if not k.startswith(FUSION_ONLY_FIELDS)}
+    decoder.update(model_type=model_type, architectures=[architecture])
     tensors = {}
     for key, path in checkpoint_files(model_dir).items():
         if key.startswith(DECODER_PREFIXES):
             with safe_open(path, "pt") as f:
                 tensors[key] = f.get_tensor(key)
-    phi3["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    decoder["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(phi3, indent=2))
+    (out / "config.json").write_text(json.dumps(decoder, indent=2))
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     source = tokenizer_folder(model_dir)
     for name in TOKENIZER_FILES:
@@ -64,8 +70,8 @@ def build_genai_model(model_dir: Path, out: Path, precision: str = "fp32") -> Pa
     """onnxruntime-genai's model builder on the checkpoint's decoder (CPU, lm_head pruned to the last token)."""
     if (out / "genai_config.json").exists():
         return out
-    phi3 = save_phi3_decoder(model_dir, out.parent / f"{out.name}.phi3")
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(phi3), "-o", str(out),
+    decoder = save_decoder(model_dir, out.parent / f"{out.name}.hf")
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(decoder), "-o", str(out),
                "-p", precision, "-e", "cpu", "--extra_options", "prune_lm_head=true"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0 or not (out / "genai_config.json").exists():
@@ -163,12 +169,13 @@ class TransformersContender:
     def prepare(self) -> None:
         import tempfile
 
-        from transformers import Phi3ForCausalLM
+        from transformers import AutoModelForCausalLM
 
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save_phi3_decoder(self.model_dir, Path(tmp) / "phi3")
-            self.model = Phi3ForCausalLM.from_pretrained(folder, attn_implementation="sdpa", torch_dtype=torch.float32)
+            folder = save_decoder(self.model_dir, Path(tmp) / "decoder")
+            self.model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa",
+                                                              torch_dtype=torch.float32)  # fmt: skip
         self.model.eval()
         self.load_s = time.perf_counter() - start
         self.rss_after_load = rss_bytes()[0]

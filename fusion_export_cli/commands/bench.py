@@ -4,8 +4,8 @@ Contenders: the reference (`--model DIR`, or `--preset NAME`: random weights wri
 reused), ONNX Runtime on artifacts (`--artifacts ART`, repeatable; with a preset, `--export trt-10.3,trt-10.15`
 exports it once per flavour into the cache), TensorRT engines (`--engines ENG`), and peers on the same decoder
 weights (`--peers genai,genai-int8,genai-int4,transformers`: onnxruntime-genai built by its own model builder,
-transformers' Phi-3; text decoder only). They run round-robin, one request each per round, after warm-up rounds;
-the report gives medians with spread, ratios to the first contender and each one's fraction of the bandwidth
+transformers' Phi-3 or Llama; text decoder only). They run round-robin, one request each per round, after warm-up
+rounds; the report gives medians with spread, ratios to the first contender and each one's fraction of the bandwidth
 bound measured in the same run. `--sweep 512,1024,2048,4096` adds decode latency against context length.
 
     fusion-export bench compare A.json B.json ...    side by side, ratios to the first row
@@ -262,7 +262,8 @@ def run_bench(args: argparse.Namespace) -> int:
             build_genai_model(model_dir, folder, precision)
             contenders.append(GenaiContender(f"onnxruntime-genai {precision}", folder, settings, vocab, precision))
         else:
-            contenders.append(TransformersContender("transformers Phi-3 sdpa fp32", model_dir, settings, vocab))
+            name = {"fusion_phi": "Phi-3", "fusion_llama": "Llama"}[config.model_type]
+            contenders.append(TransformersContender(f"transformers {name} sdpa fp32", model_dir, settings, vocab))
 
     for contender in contenders:
         progress(f"loading {contender.label}")
