@@ -266,7 +266,7 @@ class FusionConfig:
         """(config.json, vision_config.json) in the checkpoint format."""
         d, v, i, r = self.decoder, self.vision, self.interaction, self.decoder.rope
         config = dict(self.raw)
-        for key in ("rope_scaling", "original_max_position_embeddings", "head_dim", "sliding_window"):
+        for key in ("rope_scaling", "original_max_position_embeddings", "head_dim"):
             config.pop(key, None)  # written below as this decoder family writes them
         config.update(
             model_type=self.model_type,

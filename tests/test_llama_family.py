@@ -177,3 +177,47 @@ def test_quantized_validates_and_builds(family_checkpoint, tmp_path, target, fla
     int4 = "int4" in flags
     plans_agree(tmp_path / "q", quantization="int4" if int4 else "int8", kv_cache="float" if int4 else "int8",
                 **({"method": "rtn"} if int4 else {}))  # fmt: skip
+
+
+def test_decode_attention_kernel_on_the_llama_step(family_checkpoint, monkeypatch):
+    """The DecodeAttention plugin's Triton kernel (interpreted on CPU) in place of the step graph's attention, on
+    the LLaMA member's own queries and grouped KV cache (8 heads over 2 KV heads, a left-padded batch of two): each
+    step's logits equal the reference session's."""
+    import copy
+
+    import torch
+
+    from engines.plugins.decode_attention import decode_attention as kernel
+    from fusion_export.graphs.decoder import DecoderStepGraph
+    from reference_model import ReferenceSession
+    from reference_model.rope import rope_cos_sin
+
+    model = load_model(family_checkpoint("x-llama"))
+    tokenizer = load_tokenizer(family_checkpoint("x-llama"))
+    batch = prepare_batch([make_request(DEMO_IMAGE, q, tokenizer, model.config) for q in QUESTIONS], model.config, 36)
+    session = ReferenceSession(model, batch, 4)
+    tokens = session.prefill().argmax(-1)
+    past = tuple(t.clone() for pair in zip(session.cache.keys, session.cache.values) for t in pair)
+    graph = DecoderStepGraph(copy.deepcopy(model)).eval()
+
+    calls = []
+
+    def plugin(q, k, v, mask):
+        assert k.shape[1] * 4 == q.shape[1] == 8  # the grouped cache reaches the kernel unrepeated
+        calls.append(q.shape)
+        last_row = mask[:, 0, -1].to(torch.int32)  # valid columns are contiguous: left padding, then the written
+        start = last_row.argmax(-1).to(torch.int32)
+        return kernel(q, k, v, start, start + last_row.sum(-1).to(torch.int32))
+
+    monkeypatch.setattr(torch.ops.fusion_export, "decode_attention", plugin)
+    for _ in range(2):
+        state_length = session.state.length
+        expected = session.step(tokens)
+        valid = session.state.key_valid.to(torch.int64)  # this step's column included
+        cos, sin = rope_cos_sin(session.state.positions[:, None], model.config.decoder.rope)
+        write = torch.full((2,), state_length, dtype=torch.int64)
+        with torch.inference_mode():
+            logits, *past = graph(model.embed_tokens(tokens[:, None]), valid, cos, sin, write, past)
+        assert (logits - expected).abs().max().item() <= 1e-5
+        tokens = expected.argmax(-1)
+    assert len(calls) == 2 * model.config.decoder.num_layers  # every layer of every step ran the kernel
