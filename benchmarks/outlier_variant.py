@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from reference_model.checkpoint import SafetensorsWriter, checkpoint_files, checkpoint_parts, to_checkpoint_key
+from reference_model.checkpoint import SafetensorsWriter, checkpoint_files, checkpoint_keys, to_checkpoint_key
 from reference_model.config import FusionConfig, load_config
 from reference_model.errors import FusionError
 from reference_model.input_files import open_safetensors
@@ -116,7 +116,7 @@ def tensor_edits(config: FusionConfig, recipe: OutlierRecipe) -> dict[str, tuple
         for part in ("weight", "bias"):  # RMSNorm has no bias; its key is simply absent from the checkpoint
             edits[to_checkpoint_key(f"{feed.norm}.{part}")] = ("scale", s)
         for linear in feed.linears:  # a Llama checkpoint's fused layers are stored as their parts: each divided
-            for key, _ in checkpoint_parts(f"{linear}.weight", (0, 0), config):
+            for key in checkpoint_keys(f"{linear}.weight", config):
                 edits[key] = ("divide", s)
     return edits
 

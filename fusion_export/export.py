@@ -92,11 +92,11 @@ def resolve_max_context(requested: int | None, config, opset: int, query_len: in
     """The decoder graphs' fixed KV capacity, or None for a dynamic one.
 
     TensorRT's KV-cache update (what TensorScatter maps to, opset >= 24) needs a static cache length, so those
-    graphs always get one: by default the model's original (unscaled) context, 4096 for Phi-3.5, which holds
-    every request upstream itself could run. ScatterElements graphs (opset <= 23) keep a dynamic capacity unless
-    one is asked for."""
+    graphs always get one: by default the longest sequence upstream ran the checkpoint at (`default_context`:
+    4096 for FUSION-Phi3.5 and FUSION-LLaMA3.1, 3072 for FUSION-X-LLaMA3.1). ScatterElements graphs (opset <= 23)
+    keep a dynamic capacity unless one is asked for."""
     if requested is None:
-        return config.decoder.rope.original_max_position_embeddings if opset >= TENSOR_SCATTER_OPSET else None
+        return config.default_context if opset >= TENSOR_SCATTER_OPSET else None
     shortest = config.vision.num_patches + query_len + 2  # image tokens, latents, one text token, one new token
     positions = config.decoder.rope.max_position_embeddings
     if not shortest <= requested <= positions:

@@ -1,4 +1,5 @@
-"""A clean PyTorch FUSION-Phi3.5 that loads real checkpoints and reproduces the upstream numbers.
+"""A clean PyTorch FUSION (Phi-3.5 or Llama-3.1 decoders, SigLIP or SigLIP2 towers) that loads real checkpoints and
+reproduces the upstream numbers.
 
 Data path: checkpoint folder -> `load_model` -> `prepare_batch` -> `ReferenceSession` -> `generate`.
 Names are imported on first use, so light modules (`errors`, `limits`) load without torch.

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import FusionConfig, load_config
+from .config import DecoderConfig, FusionConfig, load_config
 from .errors import FusionError
 from .input_files import open_safetensors, read_json, relative_name
 from .model import FusionModel
@@ -42,10 +43,18 @@ KEY_PREFIXES: tuple[tuple[str, str], ...] = (
 # In checkpoints but unused at inference (SigLIP's post_layernorm: FUSION reads hidden states before it).
 IGNORED_KEYS = re.compile(re.escape(_VISION) + r"post_layernorm\.(weight|bias)$")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Llama's separate projections: our fused parameter (a key suffix) <- its parts, stacked by rows in this order.
-LLAMA_PARTS = {
-    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+# Llama's separate projections: our fused parameter (a key suffix) <- its parts, stacked by rows in this order,
+# each part's rows given by the decoder's config.
+LLAMA_PARTS: dict[str, tuple[tuple[str, Callable[[DecoderConfig], int]], ...]] = {
+    "self_attn.qkv_proj.weight": (
+        ("self_attn.q_proj.weight", lambda d: d.num_heads * d.head_dim),
+        ("self_attn.k_proj.weight", lambda d: d.num_kv_heads * d.head_dim),
+        ("self_attn.v_proj.weight", lambda d: d.num_kv_heads * d.head_dim),
+    ),
+    "mlp.gate_up_proj.weight": (
+        ("mlp.gate_proj.weight", lambda d: d.intermediate_size),
+        ("mlp.up_proj.weight", lambda d: d.intermediate_size),
+    ),
 }
 
 
@@ -71,14 +80,16 @@ def checkpoint_parts(name: str, shape: tuple[int, ...], config: FusionConfig) ->
     separate projections, whose rows stack (in order) into our fused one."""
     key = to_checkpoint_key(name)
     if config.decoder.family == "llama" and key.startswith("model.layers."):
-        d = config.decoder
         for fused, parts in LLAMA_PARTS.items():
             if key.endswith(fused):
-                q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
-                rows = (q, kv, kv) if "qkv" in fused else (d.intermediate_size, d.intermediate_size)
                 prefix = key[: -len(fused)]
-                return [(prefix + part, (r, *shape[1:])) for part, r in zip(parts, rows)]
+                return [(prefix + part, (rows(config.decoder), *shape[1:])) for part, rows in parts]
     return [(key, shape)]
+
+
+def checkpoint_keys(name: str, config: FusionConfig) -> list[str]:
+    """The checkpoint keys that hold our parameter `name` (its parts' keys for a Llama fused layer)."""
+    return [key for key, _ in checkpoint_parts(name, (0, 0), config)]
 
 
 def checkpoint_tensors(name: str, tensor: torch.Tensor, config: FusionConfig) -> list[tuple[str, torch.Tensor]]:
@@ -201,14 +212,12 @@ def load_model(
                 if got != shape:
                     misshaped.append(f"{key}: checkpoint {list(got)}, model {list(shape)}")
         if missing or unexpected or misshaped:
-            parts = [f"{model_dir}: checkpoint does not match the model described by its config.json"]
-            tower = _tower_named_wrongly(model_dir, config, misshaped)
-            if tower:
-                parts[0] = tower
+            lines = [_tower_named_wrongly(model_dir, config, misshaped)
+                     or f"{model_dir}: checkpoint does not match the model described by its config.json"]  # fmt: skip
             for title, items in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
                 if items:
-                    parts.append(_listing(title, items))
-            raise CheckpointError("\n".join(parts))
+                    lines.append(_listing(title, items))
+            raise CheckpointError("\n".join(lines))
 
         state = {}
         for name, keys in parts.items():

@@ -20,8 +20,23 @@ from .input_files import read_json
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("fusion-phi3.5-3b", "fusion-x-phi3.5-3b", "fusion-llama3.1-8b", "fusion-x-llama3.1-8b", "small",
            "small-llama", "tiny", "tiny-x-llama")  # fmt: skip
-# model_type -> decoder family: the checkpoint layout, the RoPE kind and the chat template follow from it.
-DECODER_FAMILIES = {"fusion_phi": "phi3", "fusion_llama": "llama"}
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """What a FUSION decoder family is, in one place (its chat template: chat_template.TEMPLATES[model_type])."""
+
+    name: str  # DecoderConfig.family
+    model_type: str  # config.json's
+    title: str  # in messages and reports
+    rope_type: str  # the rope_scaling its checkpoints use
+    hf_model_type: str  # the Hugging Face model its decoder is, key for key (peers, benchmarks/peers.py)
+    hf_architecture: str
+
+
+PHI3 = DecoderFamily("phi3", "fusion_phi", "Phi-3.5-mini", "longrope", "phi3", "Phi3ForCausalLM")
+LLAMA = DecoderFamily("llama", "fusion_llama", "Llama-3.1", "llama3", "llama", "LlamaForCausalLM")
+DECODER_FAMILIES = {family.model_type: family for family in (PHI3, LLAMA)}  # by model_type
 # mm_vision_tower's name -> the tower's shape when the checkpoint carries no vision config. Upstream's builder
 # tests 'siglip2' before 'siglip' (fusion/model/multimodal_encoder/builder.py), and so does `tower_family`.
 TOWER_PRESETS = {"siglip2": "siglip2-giant-opt.vision.json", "siglip": "so400m.vision.json"}
@@ -109,7 +124,7 @@ class RopeConfig:
     long_factor: tuple[float, ...]
     original_max_position_embeddings: int  # the original context; longrope: above it the long factors apply
     max_position_embeddings: int
-    kind: str = "longrope"
+    kind: str  # longrope or llama3 (DecoderFamily.rope_type)
     # llama3 only: low-frequency divisor and the wavelength band (original / low ... original / high) between
     # the unchanged and the divided frequencies, where the two are interpolated
     factor: float = 1.0
@@ -161,7 +176,7 @@ class DecoderConfig:
     num_kv_heads: int
     rms_norm_eps: float
     rope: RopeConfig
-    family: str = "phi3"  # DECODER_FAMILIES' values
+    family: str  # DecoderFamily.name
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -222,8 +237,18 @@ class FusionConfig:
             )
 
     @property
+    def decoder_family(self) -> DecoderFamily:
+        return next(f for f in DECODER_FAMILIES.values() if f.name == self.decoder.family)
+
+    @property
     def model_type(self) -> str:
-        return next(t for t, family in DECODER_FAMILIES.items() if family == self.decoder.family)
+        return self.decoder_family.model_type
+
+    @property
+    def default_context(self) -> int:
+        """The longest sequence upstream ran this checkpoint at: `tokenizer_model_max_length` (every training
+        sequence was cut there), else the original (unscaled) RoPE context; the default fixed KV capacity."""
+        return min(self.tokenizer_model_max_length or math.inf, self.decoder.rope.original_max_position_embeddings)
 
     @property
     def global_grid_side(self) -> int:
@@ -449,7 +474,8 @@ def config_from_dicts(
     if model_type not in DECODER_FAMILIES:
         raise ConfigError(
             f"{source}: model_type is {model_type!r}, expected one of FUSION's "
-            f"{', '.join(map(repr, DECODER_FAMILIES))} (Phi-3.5-mini or Llama-3.1 decoders)"
+            f"{', '.join(map(repr, DECODER_FAMILIES))} ({' or '.join(f.title for f in DECODER_FAMILIES.values())} "
+            "decoders)"
         )
     family = DECODER_FAMILIES[model_type]
     projector = config.get("mm_projector_type", "mlp2x_gelu")
@@ -497,11 +523,10 @@ def config_from_dicts(
     if not isinstance(scaling, dict):
         raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type"))
-    expected_rope = {"phi3": "longrope", "llama": "llama3"}[family]
-    if rope_type != expected_rope:
+    if rope_type != family.rope_type:
         raise ConfigError(
             f"{source}: rope_scaling type {rope_type!r} is not supported for model_type {model_type!r} "
-            f"(its checkpoints use {expected_rope!r})"
+            f"(its checkpoints use {family.rope_type!r})"
         )
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
@@ -533,6 +558,7 @@ def config_from_dicts(
                 config, "original_max_position_embeddings", source, max_pos, maximum=MAX_POSITIONS
             ),
             max_position_embeddings=max_pos,
+            kind="longrope",
         )
     kv_heads = config.get("num_key_value_heads")
     decoder = DecoderConfig(
@@ -544,7 +570,7 @@ def config_from_dicts(
         num_kv_heads=heads if kv_heads is None else _int(config, "num_key_value_heads", source, maximum=MAX_HEADS),
         rms_norm_eps=_positive_float(config, "rms_norm_eps", source, 1e-5),
         rope=rope,
-        family=family,
+        family=family.name,
     )
     interaction = InteractionConfig(
         num_layers=_int(config, "num_of_vision_sampler_layers", source, maximum=MAX_LAYERS),

@@ -1,11 +1,11 @@
 """Conversations of several turns about one image (docs/semantics.md section 8.1).
 
-A conversation is the one sequence upstream's phi_3 template makes of all its turns: turn 1's prompt (the image
-tokens, latent block 1, question 1), answer 1, then for every later turn `<|end|>\\n<|user|>\\n<vision_start>`, a
-latent block of its own, `<vision_end>` and the question. The vision tower reads the FIRST question (fixed for the
-conversation); block k is refined by the interaction layers with the hidden state of turn k's last prompt token,
-every block against the same context windows. `whole_conversation` writes that sequence as one request: its
-prefill is the definition.
+A conversation is the one sequence upstream's template (phi_3, llama_3) makes of all its turns: turn 1's prompt (the
+image tokens, latent block 1, question 1), answer 1, then for every later turn the end of turn and a user turn
+(phi_3: `<|end|>\\n<|user|>\\n<vision_start>`), a latent block of its own, `<vision_end>` and the question. The
+vision tower reads the FIRST question (fixed for the conversation); block k is refined by the interaction layers
+with the hidden state of turn k's last prompt token, every block against the same context windows.
+`whole_conversation` writes that sequence as one request: its prefill is the definition.
 
 Because attention is causal and block k's update reads only positions before block k+1, everything a turn computed
 is the exact prefix of the whole conversation's prefill: its KV cache is kept (`TurnState`) and the next turn
@@ -63,7 +63,8 @@ def row_frame(state: DecodeState, row: int, generated: int) -> tuple[int, torch.
 def follow_up_chunk(answer: list[int], end_of_turn: int, stop_ids: Collection[int], question_ids: list[int]
                     ) -> list[int]:  # fmt: skip
     """The ids a later turn prefills: the previous answer's ids not in the cache yet ending in the end of turn (an
-    answer that stopped on another stop id, EOS, has it replaced: the template ends every answer with `<|end|>`;
+    answer that stopped on another stop id, EOS, has it replaced: the template ends every answer with its end of
+    turn, `<|end|>` or `<|eot_id|>`;
     one cut by max_new_tokens or given as text gets one), then `follow_up_ids` of the question."""
     ids = list(answer)
     if ids and ids[-1] in stop_ids:

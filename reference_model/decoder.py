@@ -1,4 +1,5 @@
-"""Phi-3.5-mini decoder layers (fused qkv and gate_up projections, RMSNorm, LongRoPE, no biases)."""
+"""Decoder layers of Phi-3.5-mini and Llama-3.1 alike (fused qkv and gate_up projections, RMSNorm, grouped-query
+attention, rotary embeddings, no biases; a Llama checkpoint's separate projections are stacked on load)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Global image context from the four high-resolution crops (docs/semantics.md section 4, global pass).
 
-The crops' 27x27 token grids are laid out 2x2 into one 54x54 grid (crop r*2+c at block (r, c)); adaptive max
-pooling then gives the s x s init latents and the (s*w) x (s*w) context the interaction layers read.
+The crops' s x s token grids (27 or 24 a side) are laid out 2x2 into one 2s x 2s grid (crop r*2+c at block (r, c));
+adaptive max pooling then gives the s x s init latents and the (s*w) x (s*w) context the interaction layers read.
 """
 
 from __future__ import annotations

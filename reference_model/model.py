@@ -1,4 +1,4 @@
-"""FUSION-Phi3.5: text-guided vision encoding, sequence embedding and the decoder with interaction layers."""
+"""FUSION: text-guided vision encoding, sequence embedding and the decoder with interaction layers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .vision import VisionTower
 
 @dataclass
 class VisionOutputs:
-    image_tokens: torch.Tensor  # (B, 729, D): text-guided crop 4, for the first placeholder
+    image_tokens: torch.Tensor  # (B, n, D): text-guided crop 4 (n = 729 or 576 tokens), for the first placeholder
     init_latents: torch.Tensor  # (B, s^2, D): pooled global grid, for the second placeholder
     global_ctx: torch.Tensor  # (B, (s*w)^2, D): pooled global grid the interaction layers read
 
@@ -62,14 +62,14 @@ class FusionModel(nn.Module):
         self, pixel_values: torch.Tensor, instruct_embeds: torch.Tensor, instruct_valid: torch.Tensor
     ) -> torch.Tensor:
         """Text-guided pass over crop 4: (B, 5, 3, H, W), embedded instructions (B, T, D) and their validity
-        (B, T) bool -> connector features (B, 729 + T, 3C)."""
+        (B, T) bool -> connector features (B, n + T, 3C)."""
         return self.vision(pixel_values[:, 4], self.aux_projector(instruct_embeds), instruct_valid)
 
     def encode_global(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Crops 0..3 without instructions -> the (B, 54, 54, D) global grid."""
+        """Crops 0..3 without instructions -> the (B, 2s, 2s, D) global grid (s = patches per side: 54 or 48)."""
         B = pixel_values.shape[0]
         n = self.config.vision.num_patches
-        feats = self.mm_projector(self.vision(pixel_values[:, :4].flatten(0, 1)))  # (B*4, 729, D)
+        feats = self.mm_projector(self.vision(pixel_values[:, :4].flatten(0, 1)))  # (B*4, n, D)
         return global_grid(feats.view(B, 4, n, -1))
 
     def encode_images(self, pixel_values: torch.Tensor, instructs: torch.Tensor, query_len: int) -> VisionOutputs:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .chat_template import PHI_3, TEMPLATES, VISION_END, VISION_START, ChatTemplate, template_for
-from .config import IMAGE_TOKEN_ID, LATENT_TOKEN_ID
+from .config import IMAGE_TOKEN_ID, LATENT_TOKEN_ID, load_config
 from .errors import FusionError
 from .input_files import read_json, relative_name, require_regular_file
 
@@ -394,13 +394,9 @@ def _file_arguments(folder: Path) -> dict[str, str]:
     return arguments
 
 
-def _checkpoint_template(model_dir: Path) -> ChatTemplate | None:
-    """The template of the checkpoint's decoder family (its config.json's model_type); None without one."""
-    from .config import load_config
-
-    if not (model_dir / "config.json").exists():
-        return None
-    return template_for(load_config(model_dir).model_type)
+def _checkpoint_family(model_dir: Path) -> str | None:
+    """The checkpoint's model_type (its config.json's, checked); None for a folder without one."""
+    return load_config(model_dir).model_type if (model_dir / "config.json").exists() else None
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
@@ -408,7 +404,8 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     and of its family's chat template checked."""
     from transformers import AutoTokenizer
 
-    template = _checkpoint_template(Path(model_dir))
+    model_type = _checkpoint_family(Path(model_dir))
+    template = None if model_type is None else template_for(model_type)
     folder = tokenizer_folder(model_dir)
     for name in TOKENIZER_FILES:  # transformers would block on a FIFO, read a device without end, or any size
         path = folder / name
@@ -429,7 +426,6 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     if template is not None:
         missing = [t for t in template.tokens if t not in vocab]
         if missing:
-            model_type = next(k for k, v in TEMPLATES.items() if v is template)
             raise TokenizerError(
                 f"{folder}: tokenizer lacks the {template.name} template's special tokens {', '.join(missing)}, "
                 f"which config.json's model_type {model_type!r} prompts with"
@@ -438,12 +434,12 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return tokenizer
 
 
-def stop_token_ids(tokenizer: Any, eos_token_ids: int | tuple[int, ...] | None) -> tuple[int, ...]:
+def stop_token_ids(tokenizer: Any, eos_token_ids: int | Iterable[int] | None) -> tuple[int, ...]:
     """Generation stops at the template's end of turn (`<|end|>`, `<|eot_id|>`) or any of the model's EOS ids."""
     ids = []
-    end = tokenizer.get_vocab().get(template_of(tokenizer).end_of_turn)
-    eos = eos_token_ids if isinstance(eos_token_ids, tuple) else (eos_token_ids,)
-    for token_id in (end, *eos, tokenizer.eos_token_id):
+    end = end_of_turn_id(tokenizer)
+    eos = (eos_token_ids,) if eos_token_ids is None or isinstance(eos_token_ids, int) else tuple(eos_token_ids)
+    for token_id in (None if end == tokenizer.unk_token_id else end, *eos, tokenizer.eos_token_id):
         if token_id is not None and token_id not in ids:
             ids.append(int(token_id))
     return tuple(ids)

@@ -48,11 +48,16 @@ def llama3_frequencies(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor
     return torch.where(medium, smoothed, scaled)
 
 
+def _past_switch(positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """positions + 1 > LongRoPE's switch, elementwise; all False for a rotation that never switches (llama3)."""
+    if rope.switch_position is None:
+        return torch.zeros_like(positions, dtype=torch.bool)
+    return positions + 1 > rope.switch_position
+
+
 def uses_long_factors(position_ids: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     """Per row: does this forward reach past the original context ([B] bool)? Never for llama3."""
-    if rope.switch_position is None:
-        return torch.zeros(position_ids.shape[0], dtype=torch.bool)
-    return position_ids.amax(dim=-1) + 1 > rope.switch_position
+    return _past_switch(position_ids.amax(dim=-1), rope)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, rope: RopeConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +76,7 @@ def decode_cos_sin(position_ids: torch.Tensor, rope: RopeConfig) -> tuple[torch.
     its own forward would (equal to rope_cos_sin(position_ids[:, j:j+1]) for every j)."""
     position_ids = position_ids.detach().to("cpu", torch.int64)
     short, long = inverse_frequencies(rope)
-    switch = rope.switch_position if rope.switch_position is not None else rope.max_position_embeddings
-    inv_freq = torch.where((position_ids + 1 > switch)[..., None], long, short)
+    inv_freq = torch.where(_past_switch(position_ids, rope)[..., None], long, short)
     angles = position_ids.float()[:, :, None] * inv_freq  # (B, N, d/2), one float32 rounding
     angles = torch.cat((angles, angles), dim=-1).double()
     scale = rope.attention_scaling

@@ -1,6 +1,6 @@
 """Requests, batching and sequence assembly (docs/semantics.md section 5).
 
-A prompt holds two placeholders: the FIRST one receives the 729 image tokens and the SECOND the s^2 init
+A prompt holds two placeholders: the FIRST one receives the n image tokens (729 or 576) and the SECOND the s^2 init
 latents (upstream swaps them on purpose). Rows are LEFT padded so every row's last prompt token, the query of
 its interaction layers, sits in the last column; RoPE positions restart at 0 on each row's first real token.
 """

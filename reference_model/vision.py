@@ -1,4 +1,4 @@
-"""Text-guided SigLIP tower and FUSION's feature connector (docs/semantics.md section 4).
+"""Text-guided SigLIP / SigLIP2 tower and FUSION's feature connector (docs/semantics.md sections 4 and 1.1).
 
 The tower runs on `concat(patch_embed + pos_embed, aux_projector(embed_tokens(instructs)))`. In the early half
 of the layers, every instruction row attends uniformly to all of its request's keys: upstream overwrites those
@@ -24,7 +24,7 @@ class PatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, C, 27, 27)
-        x = x.flatten(2).transpose(1, 2)  # (N, 729, C)
+        x = x.flatten(2).transpose(1, 2)  # (N, n, C): n = 729 (so400m) or 576 (giant-opt)
         return x + self.position_embedding.weight
 
 
@@ -106,13 +106,13 @@ class VisionTower(nn.Module):
     ) -> torch.Tensor:
         """pixel_values (N, 3, H, W); instruct_states (N, T, C) and instruct_valid (N, T) bool, or both None.
 
-        Returns concat(hs[last], mean(hs[first range]), mean(hs[second range])) over all L = 729 (+T) rows,
+        Returns concat(hs[last], mean(hs[first range]), mean(hs[second range])) over all L = n (+T) rows,
         with hs[0] the embeddings and hs[k] the output of layer k-1.
         """
-        x = self.embeddings(pixel_values)  # (N, 729, C)
+        x = self.embeddings(pixel_values)  # (N, n, C): n = 729 (so400m) or 576 (giant-opt)
         key_valid = None
         if instruct_states is not None:
-            x = torch.cat((x, instruct_states.to(x.dtype)), dim=1)  # (N, 729 + T, C)
+            x = torch.cat((x, instruct_states.to(x.dtype)), dim=1)  # (N, n + T, C)
             vision_valid = torch.ones(x.shape[0], self.cfg.num_patches, dtype=torch.bool, device=x.device)
             key_valid = torch.cat((vision_valid, instruct_valid.to(torch.bool)), dim=1)
 

@@ -98,3 +98,24 @@ def test_missing_folder_and_config(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(ConfigError, match=r"config\.json: not found"):
         load_model(tmp_path)
+
+
+def test_llama_checkpoint_round_trip(tmp_path):
+    """A LLaMA checkpoint's separate projections are stacked into the fused modules on load (rows q, k, v; gate,
+    up) and written back split, under upstream's own names: the saved folder holds the oracle's very tensors."""
+    from .conftest import LLAMA_ORACLE_DIR
+
+    model = load_model(LLAMA_ORACLE_DIR)
+    layer = model.layers[0]
+    source = load_file(LLAMA_ORACLE_DIR / SINGLE_FILE)
+    q, k, v = (source[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    assert q.shape == (160, 160) and k.shape == v.shape == (40, 160)  # 8 query heads over 2 KV heads of 20
+    assert torch.equal(layer.self_attn.qkv_proj.weight, torch.cat([q, k, v]))
+    gate, up = source["model.layers.0.mlp.gate_proj.weight"], source["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat([gate, up]))
+    saved = load_file(save_checkpoint(model, tmp_path / "saved", shard_bytes=None) / SINGLE_FILE)
+    assert sorted(saved) == sorted(k for k in source if "post_layernorm" not in k)
+    assert all(torch.equal(saved[key], source[key]) for key in saved)
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["model_type"] == "fusion_llama" and config["rope_scaling"]["rope_type"] == "llama3"
+    assert load_model(tmp_path / "saved").config.digest_dict() == model.config.digest_dict()

@@ -295,4 +295,5 @@ def test_llama_oracle_conversation_equals_the_whole_conversation():
                        keep_logits=True)  # fmt: skip
     assert second.token_ids == at_once.token_ids
     torch.testing.assert_close(second.step_logits, at_once.step_logits, rtol=0, atol=1e-4)
-    chunk_layout([5, 6, -300, 7], query_len, state.length, 5000, model.config)  # past 4096: no switch to cross
+    layout = chunk_layout([5, 6, -300, 7], query_len, state.length, 5000, model.config)  # past 4096: no switch
+    assert layout.position_ids[0, 0].item() == 5001 and layout.vision_pos.shape == (1, query_len)

@@ -14,7 +14,7 @@ less than 1.3x the artifact's decoder weights file, where a prefill and a step e
 Then the device-memory plans of issues 25 and 26: the fp16 artifact quantized to INT4 (`quantize --precision int4
 --method rtn --block-size 128`: round to nearest, so no full-size calibration run; the LM head and the vision tower
 INT8 by default) and, with FUSION_SLOW_INT8=1 (about 19 more minutes), to INT8 weight-only; `build --dry-run
---device-memory orin-nano-8 --max-context 1792` must fit the INT4 engines and print the KV capacity they leave,
+--device-memory orin-nano-8 --max-context 1664` must fit the INT4 engines and print the KV capacity they leave,
 and must refuse the fp16 ones with their number; the plans for orin-nano-8, orin-nx-16 and agx-orin-64 are
 printed per precision.
 The export targets trt-10.15 at opset 21: INT4 blocks need DequantizeLinear's block_size (opset 21; trt-10.3's
@@ -69,7 +69,9 @@ QUANTIZED = {
     "int8-weight-only": ["--precision", "int8", "--weight-only"],
 }
 DEVICES = ("orin-nano-8", "orin-nx-16", "agx-orin-64")
-NANO_CONTEXT = 1792  # the KV capacity the INT4 plan must fit an Orin Nano 8 GB at (two KV buffers, issue 27)
+# the KV capacity the INT4 plan must fit an Orin Nano 8 GB at (two KV buffers, issue 27; the runtime's host copy of
+# the embedding table in the memory Jetson shares, issue 29)
+NANO_CONTEXT = 1664
 
 REQUEST = """
 import sys, torch
@@ -251,8 +253,8 @@ def plan_devices(art: Path, quantized: dict[str, Path], work: Path) -> list[str]
         notes.append(f"quantize {mode}: {seconds / 60:.1f} min, peak RSS {peak:.1f} GiB, artifact {size / GB:.2f} GB")
 
     # through the CLI as a user runs it (every file's sha256 checked): with the decoder held once (issue 26) and its
-    # KV cache in two buffers (issue 27), INT4 must fit an Orin Nano 8 GB at a 1792-column context (the prompt's 795
-    # and about a thousand new tokens; the default 4096 needs 9.55 GB of its 6.00) and an Orin NX 16 GB at the
+    # KV cache in two buffers (issue 27), INT4 must fit an Orin Nano 8 GB at a 1664-column context (the prompt's 795
+    # and about 870 new tokens; the default 4096 needs 9.55 GB of its 6.00) and an Orin NX 16 GB at the
     # default, where fp16 fits neither
     dry_run = [*CLI, "build", "--dry-run", "--device-memory"]
     int4 = str(quantized["int4-weight-only"])

@@ -35,6 +35,7 @@ from .test_memory_plan import CONSTANTS_BYTES, planned_like
 needs_rtx = pytest.mark.skipif(
     TrtFlavour.tensorrt_rtx not in installed_flavours(), reason="needs TensorRT-RTX (in the test extras)"
 )
+HAS_RTX = TrtFlavour.tensorrt_rtx in installed_flavours()  # the builds run where it is; validation runs anywhere
 QUESTIONS = ["What is in front of the house?", "Count the boxes, then name their colours."]
 
 
@@ -110,7 +111,7 @@ def test_oracle_export_gives_the_oracles_ids(oracle_export):
 
     artifact = open_artifact(oracle_export)
     assert artifact.manifest["export"]["kv_cache"]["update_op"] == "TensorScatter"
-    assert artifact.max_context == 8192  # llama3 RoPE's original context: the default fixed capacity
+    assert artifact.max_context == 4096  # the default fixed capacity: tokenizer_model_max_length, not llama3's 8192
     assert kv_heads(oracle_export) == 2
     inputs = load_file(LLAMA_ORACLE_DIR / "inputs.safetensors")
     outputs = load_file(LLAMA_ORACLE_DIR / "outputs.safetensors")
@@ -134,7 +135,6 @@ def test_oracle_graphs_build(oracle_export, tmp_path):
     assert set(engines) == {"vision_encoder", "decoder"} and all(e["layers"] > 300 for e in engines.values())
 
 
-@needs_rtx
 @pytest.mark.parametrize(
     "family,target,precision,options",
     [("x-llama", "trt-10.3", "fp32", {}), ("llama", "trt-10.3", "fp16", {}),
@@ -152,15 +152,14 @@ def test_members_validate_and_build(family_checkpoint, tmp_path, family, target,
     assert (config.decoder.num_kv_heads < config.decoder.num_heads) == (config.decoder.family == "llama")
     report = validate(model_dir, folder, QUESTIONS)
     assert report.passed, report.table()
-    engines = build(folder, tmp_path / "eng")
-    assert all(e["layers"] > 100 for e in engines.values())
+    if HAS_RTX:
+        assert all(e["layers"] > 100 for e in build(folder, tmp_path / "eng").values())
     if options.get("plugins"):  # the GQA path of the decode-attention plugin is in the step graph
         assert "DecodeAttention" in open_artifact(folder).manifest["export"]["plugins"]
     else:
         plans_agree(folder)
 
 
-@needs_rtx
 @pytest.mark.parametrize(
     "target,flags",
     [("trt-10.15", ["--precision", "int4", "--method", "rtn"]),
@@ -173,7 +172,8 @@ def test_quantized_validates_and_builds(family_checkpoint, tmp_path, target, fla
     assert result.returncode == 0, result.stderr
     report = validate(model_dir, tmp_path / "q")
     assert report.passed, report.table()
-    assert build(tmp_path / "q", tmp_path / "eng")
+    if HAS_RTX:
+        assert build(tmp_path / "q", tmp_path / "eng")
     int4 = "int4" in flags
     plans_agree(tmp_path / "q", quantization="int4" if int4 else "int8", kv_cache="float" if int4 else "int8",
                 **({"method": "rtn"} if int4 else {}))  # fmt: skip
@@ -221,3 +221,14 @@ def test_decode_attention_kernel_on_the_llama_step(family_checkpoint, monkeypatc
         assert (logits - expected).abs().max().item() <= 1e-5
         tokens = expected.argmax(-1)
     assert len(calls) == 2 * model.config.decoder.num_layers  # every layer of every step ran the kernel
+
+
+def test_demo_families_are_the_four_members():
+    """`demo --family`: each toy is its member's decoder and tower (the demo runs them through the same steps)."""
+    from fusion_export_cli.commands.demo import DEMO_FAMILIES, demo_config
+
+    shapes = {family: (demo_config(family).decoder.family, demo_config(family).vision.num_patches,
+                       demo_config(family).decoder.num_kv_heads) for family in DEMO_FAMILIES}  # fmt: skip
+    assert shapes == {"phi": ("phi3", 729, 4), "x-phi": ("phi3", 576, 4), "llama": ("llama", 729, 2),
+                      "x-llama": ("llama", 576, 2)}  # fmt: skip
+    assert demo_config("x-llama").raw["mm_vision_tower"] == "tiny-siglip2-giant-opt-patch16-384"

@@ -6,6 +6,8 @@ engines.json and hold the planned weights."""
 
 from __future__ import annotations
 
+import json
+
 import onnx_ir as ir
 import pytest
 
@@ -15,6 +17,7 @@ from engines.tensorrt.flavours import TrtFlavour, installed_flavours, load_trt
 from engines.tensorrt.plan import DECODER, GB, RUNTIME_OVERHEAD_BYTES, BuildLimits, plan_build
 from fusion_export.manifest import open_artifact
 from fusion_export.progress import Progress
+from reference_model import preset_config
 
 from .conftest import run_main
 
@@ -177,19 +180,40 @@ def test_planned_export_agrees_with_the_artifact(fp16_and_int4, mode):
             assert planned.weights[engine].by_dtype.get(dtype, 0) == weights.by_dtype.get(dtype, 0), (engine, dtype)
 
 
-def test_dry_run_plans_a_preset_before_its_export():
-    """FUSION-LLaMA3.1-8B, which this machine could not even export: INT4 fits an Orin NX 16 GB, not a Nano 8 GB."""
-    plan = ["build", "--dry-run", "--preset", "fusion-llama3.1-8b", "--precision", "int4", "--trt-target", "trt-10.15",
-            "--max-context", "4096", "--device-memory"]  # fmt: skip
+def test_dry_run_plans_a_preset_before_its_export(tmp_path):
+    """FUSION-LLaMA3.1-8B, which this machine could not even export: INT4 fits an Orin NX 16 GB, not a Nano 8 GB
+    (its 1.05 GB embedding table, held by the runtime in the memory Jetson shares, counted)."""
+    plan = ["build", "--dry-run", "--preset", "fusion-llama3.1-8b", "--dtype", "fp16", "--quantize", "int4",
+            "--trt-target", "trt-10.15", "--device-memory"]  # fmt: skip
     fits = run_main(*plan, "orin-nx-16")
     assert fits.returncode == 0, fits.stderr
-    assert "planned, not built: fusion-llama3.1-8b" in fits.stdout and "largest KV capacity that fits" in fits.stdout
-    assert "past_key_values.31.value   min [1, 8, 4096, 128]" in fits.stdout  # 8 KV heads, not 32
+    assert (
+        "planned, not built: fusion-llama3.1-8b as export --dtype fp16 --trt-target trt-10.15, quantize" in fits.stdout
+    )
+    assert "past_key_values.31.value   min [1, 8, 4096, 128]" in fits.stdout  # 8 KV heads, not 32; capacity 4096
+    assert "the runtime's embedding table (1.05 GB) is held there too; largest KV capacity that fits" in fits.stdout
     refused = run_main(*plan, "orin-nano-8")
     assert refused.returncode == 2 and "even the shortest context does not fit" in refused.stderr
-    wrong = run_main("build", "--dry-run", "--preset", "fusion-llama3.1-8b", "--precision", "int4")
-    assert wrong.returncode == 2 and "int4 needs an export at opset 21 or later" in wrong.stderr
-    both = run_main("build", "ART", "--dry-run", "--preset", "fusion-llama3.1-8b")
-    assert both.returncode == 2 and "--preset plans an export not yet made" in both.stderr
-    neither = run_main("build", "--dry-run")
-    assert neither.returncode == 2 and "give an artifact folder ART" in neither.stderr
+    assert "and the runtime's embedding table 1.05 GB on the host" in refused.stderr
+    # a checkpoint folder plans from its config.json alone: its weights are never opened
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    config_json, vision_json = preset_config("tiny-x-llama").to_json_dicts()
+    (model / "config.json").write_text(json.dumps(config_json))
+    (model / "vision_config.json").write_text(json.dumps(vision_json))
+    (model / "model.safetensors").write_bytes(b"not read")
+    from_folder = run_main("build", "--dry-run", "--model", str(model), "--trt-target", "trt-11", "--kv-cache", "int8")
+    assert from_folder.returncode == 0, from_folder.stderr
+    assert "planned for: fp32 activations, fp32 weights, KV cache int8" in from_folder.stdout
+    assert (
+        "ScatterND writes a new tensor" in from_folder.stdout
+        and "KV capacity 4096 (fixed at export)" in from_folder.stdout
+    )
+    for args, message in (
+        (["--preset", "fusion-llama3.1-8b", "--quantize", "int4"], "trt-10.3's parser reads opsets up to 20"),
+        (["ART", "--preset", "fusion-llama3.1-8b"], "--preset plans an export not yet made"),
+        (["ART", "--quantize", "int4"], "--quantize: only for planning an export"),
+        ([], "give an artifact folder ART"),
+    ):
+        refused = run_main("build", "--dry-run", *args)
+        assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)

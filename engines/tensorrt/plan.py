@@ -83,6 +83,9 @@ class DeviceMemory:
     total_gb: float
     reserved_gb: float  # kept for what is not the engines (OS and CPU side on Jetson's shared memory, display)
     note: str
+    # Jetson: the CPU and the GPU share the memory, so what the runtime holds on the host (the token-embedding
+    # table it gathers from, engines/tensorrt/runtime.py) comes out of the same budget
+    shared: bool = False
 
     @property
     def usable_bytes(self) -> int:
@@ -90,9 +93,9 @@ class DeviceMemory:
 
 
 DEVICE_PRESETS = {
-    "agx-orin-64": DeviceMemory(64, 8, "Jetson AGX Orin 64 GB: memory shared with the CPU; 8 GB kept for the OS"),
-    "orin-nx-16": DeviceMemory(16, 3, "Jetson Orin NX 16 GB: memory shared with the CPU; 3 GB kept for the OS"),
-    "orin-nano-8": DeviceMemory(8, 2, "Jetson Orin Nano 8 GB: memory shared with the CPU; 2 GB kept for the OS"),
+    "agx-orin-64": DeviceMemory(64, 8, "Jetson AGX Orin 64 GB: memory shared with the CPU; 8 GB kept for the OS", True),
+    "orin-nx-16": DeviceMemory(16, 3, "Jetson Orin NX 16 GB: memory shared with the CPU; 3 GB kept for the OS", True),
+    "orin-nano-8": DeviceMemory(8, 2, "Jetson Orin Nano 8 GB: memory shared with the CPU; 2 GB kept for the OS", True),
     "rtx-4090": DeviceMemory(24, 1, "GeForce RTX 4090 24 GB; 1 GB kept for the display and driver"),
     "h100-80": DeviceMemory(80, 1, "H100 80 GB (TensorRT 10/11 only: TensorRT-RTX has no SM90 target)"),
 }
@@ -162,7 +165,7 @@ class PlanSource:
     kv_write_ops: list[str]
     one_decoder: bool
     quantization: dict[str, Any] | None
-    where: str  # the artifact folder, or what was planned, for messages
+    embedding_bytes: int  # the token-embedding table the runtime holds on the host
 
 
 @dataclass
@@ -289,12 +292,17 @@ def graph_weights(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return tensors
 
 
+def engine_weights(by_dtype: dict[str, int]) -> EngineWeights:
+    """An engine's weights from its bytes by ONNX type, the largest share first."""
+    return EngineWeights(sum(by_dtype.values()), dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])))
+
+
 def _engine_weights(tensors: dict[str, onnx.TensorProto]) -> EngineWeights:
     by_dtype: dict[str, int] = {}
     for tensor in tensors.values():
         name = onnx.TensorProto.DataType.Name(tensor.data_type)
         by_dtype[name] = by_dtype.get(name, 0) + stored_bytes(tensor)
-    return EngineWeights(sum(by_dtype.values()), dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])))
+    return engine_weights(by_dtype)
 
 
 def _weight_bytes(protos: dict[str, onnx.GraphProto], one_decoder: bool) -> tuple[dict[str, EngineWeights], int, int]:
@@ -361,7 +369,8 @@ def artifact_source(artifact) -> PlanSource:
         kv_write_ops=write_ops,
         one_decoder=one_decoder,
         quantization=_quantization(artifact),
-        where=str(artifact.folder),
+        embedding_bytes=math.prod(artifact.manifest["embeddings"]["shape"])
+        * _bytes_per_value(artifact.precision.value),
     )
 
 
@@ -384,7 +393,7 @@ def plan_source(source: PlanSource, limits: BuildLimits, device: DeviceMemory | 
             f"--max-context {limits.max_context}: the graphs were exported with a fixed KV capacity of {fixed} "
             "(re-export with --max-context to change it)"
         )
-    capacity = fixed or limits.max_context or d.rope.original_max_position_embeddings
+    capacity = fixed or limits.max_context or config.default_context
     if not shortest < capacity <= positions:
         raise FusionError(f"--max-context {capacity}: must be in {shortest + 1}..{positions}")
     max_prompt = limits.max_prompt or capacity - 1
@@ -445,6 +454,7 @@ def plan_source(source: PlanSource, limits: BuildLimits, device: DeviceMemory | 
         return memory
 
     memory = total(capacity, max_prompt)
+    memory["host_embeddings"] = source.embedding_bytes  # not the engines': counted against shared memory only
     plan = BuildPlan(
         precision=source.precision,
         query_len=source.query_len,
@@ -472,8 +482,10 @@ def plan_source(source: PlanSource, limits: BuildLimits, device: DeviceMemory | 
         notes=notes,
     )
     if device is not None:
-        budget = device.usable_bytes
-        plan.device = {"total_gb": device.total_gb, "reserved_gb": device.reserved_gb, "note": device.note}
+        host = source.embedding_bytes if device.shared else 0
+        budget = device.usable_bytes - host
+        plan.device = {"total_gb": device.total_gb, "reserved_gb": device.reserved_gb, "note": device.note,
+                       "host_bytes": host}  # fmt: skip
         plan.largest_context = _largest_context(lambda c: total(c, c - 1)["total"], budget, shortest + 1, positions)
         if memory["total"] > budget:
             fits = plan.largest_context
@@ -484,10 +496,11 @@ def plan_source(source: PlanSource, limits: BuildLimits, device: DeviceMemory | 
                 else "even the shortest context does not fit: the weights alone need "
                 f"{(weights + RUNTIME_OVERHEAD_BYTES) / GB:.2f} GB"
             )
+            held = f", and the runtime's embedding table {host / GB:.2f} GB on the host" if host else ""
             raise FusionError(
                 f"--device-memory: the engines ({plan.planned_for()}) need about {memory['total'] / GB:.2f} GB at "
                 f"capacity {capacity} (weights {weights / GB:.2f}, KV {memory['kv_cache'] / GB:.2f}, activations "
-                f"{memory['activations'] / GB:.2f}, overhead {RUNTIME_OVERHEAD_BYTES / GB:.2f}); {device.note} "
+                f"{memory['activations'] / GB:.2f}, overhead {RUNTIME_OVERHEAD_BYTES / GB:.2f}{held}); {device.note} "
                 f"leaves {budget / GB:.2f} GB; {advice}"
             )
     return plan

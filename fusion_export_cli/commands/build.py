@@ -5,7 +5,7 @@ below; `--device-memory` checks the plan against a device (a preset or GB) and r
 fits. `--dry-run` runs every check the build runs (--out, the artifact, the plan, the device memory, the flags the
 TensorRT flavour takes) and prints the plan (profiles, memory, equivalent trtexec / tensorrt_rtx command lines)
 without TensorRT. `--dry-run --preset NAME` (or `--model DIR`) plans an export not yet made, from the config alone
-(--precision, --trt-target, --query-len, --kv-cache say which): whether a model fits a device before its export.
+(--dtype, --quantize, --trt-target, --query-len, --kv-cache say which): whether a model fits before its export.
 TensorRT-RTX builds without a GPU (for --compute-capability targets); TensorRT 10/11 builds on the GPU it targets.
 Flags the chosen flavour would ignore are refused. The folder appears only when complete.
 """
@@ -47,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-context",
         type=positive_int,
         metavar="N",
-        help="KV capacity (prompt + generated) for graphs exported without a fixed one (default 4096)",
+        help="KV capacity (prompt + generated) for graphs exported without a fixed one (default: the longest "
+        "sequence upstream ran the model at, 4096 for Phi-3.5)",
     )
     p.add_argument(
         "--device-memory",
@@ -76,12 +77,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source = planned.add_mutually_exclusive_group()
     source.add_argument("--preset", metavar="NAME", help="a preset's shape, e.g. fusion-llama3.1-8b")
     source.add_argument("--model", metavar="DIR", help="a checkpoint folder (its config.json; no weight is read)")
-    planned.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-weight-only", "int4"], default="fp16",
-                         help="the weights: as exported (fp32, fp16) or quantized from fp16 (fp16)")  # fmt: skip
-    planned.add_argument("--trt-target", type=TrtTarget, choices=list(TrtTarget), default=TrtTarget.trt_10_3,
+    planned.add_argument("--dtype", choices=["fp32", "fp16"], help="export --dtype (default fp32, as export's)")
+    planned.add_argument("--quantize", choices=["int8", "int8-weight-only", "int4"],
+                         help="quantize --precision (int8-weight-only: with --weight-only); default none")  # fmt: skip
+    planned.add_argument("--trt-target", type=TrtTarget, choices=list(TrtTarget),
                          help="export --trt-target (default trt-10.3; int4 needs trt-10.15 or later)")  # fmt: skip
     planned.add_argument("--query-len", type=positive_int, metavar="N", help="export --query-len")
-    planned.add_argument("--kv-cache", choices=["float", "int8"], default="float", help="quantize --kv-cache")
+    planned.add_argument("--kv-cache", choices=["float", "int8"], help="quantize --kv-cache (default float)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(run=run)
 
@@ -100,12 +102,13 @@ def held(plan) -> str:
             f"holding it; the prefill's interaction layers {size(plan.interaction_weights)}")  # fmt: skip
 
 
-def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, dict]]) -> str:
+def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, dict]], planned: bool = False) -> str:
     """The plan, then per tool (name, needs --stronglyTyped, extra command_lines arguments) its command lines."""
     from engines.tensorrt.plan import GB, command_lines
 
     lines = [
-        f"precision {plan.precision} (from the graphs), query_len {plan.query_len}, KV capacity {plan.capacity} "
+        f"precision {plan.precision} ({'export --dtype' if planned else 'from the graphs'}), query_len "
+        f"{plan.query_len}, KV capacity {plan.capacity} "
         f"({'fixed at export' if plan.capacity_fixed_at_export else 'chosen at build'})",
         "limits: " + ", ".join(f"{k} {v}" for k, v in plan.limits.items()),
         f"planned for: {plan.planned_for()}",
@@ -125,7 +128,9 @@ def format_plan(plan, artifact_dir: str, out: str, tools: list[tuple[str, bool, 
         f"{m['activations'] / GB:.2f} (one block the engines share), runtime {m['overhead'] / GB:.2f}"
     )
     if plan.device is not None:
-        lines.append(f"device: {plan.device['note']}; largest KV capacity that fits: {plan.largest_context}")
+        host = plan.device.get("host_bytes", 0)
+        shared = f"; the runtime's embedding table ({size(host)}) is held there too" if host else ""
+        lines.append(f"device: {plan.device['note']}{shared}; largest KV capacity that fits: {plan.largest_context}")
     for tool, strongly_typed, extra in tools:
         lines.append(f"equivalent {tool} command lines:")
         lines += [f"  {line}" for line in command_lines(plan, artifact_dir, out, tool, strongly_typed, **extra)]
@@ -180,7 +185,8 @@ def dry_run(args: argparse.Namespace, limits, device) -> int:
     if timing_cache is not None:
         from fusion_export.output_files import check_timing_cache_file
 
-        check_timing_cache_file(timing_cache, "--timing-cache", [args.artifact], Path(args.out) if args.out else None)
+        inputs = [x for x in (args.artifact, args.model) if x]
+        check_timing_cache_file(timing_cache, "--timing-cache", inputs, Path(args.out) if args.out else None)
     plan = (
         plan_source(plan_source_of(args), limits, device)
         if args.artifact is None
@@ -195,28 +201,32 @@ def dry_run(args: argparse.Namespace, limits, device) -> int:
         if name == "tensorrt" and timing_cache is not None:
             extra["timing_cache"] = str(timing_cache)
         tools.append((tool, strongly_typed, extra))
-    print(format_plan(plan, args.artifact or "ART", args.out or "ENG", tools))
+    print(format_plan(plan, args.artifact or "ART", args.out or "ENG", tools, planned=args.artifact is None))
     return 0
+
+
+PLANNING_FLAGS = ("dtype", "quantize", "trt_target", "query_len", "kv_cache")
 
 
 def plan_source_of(args: argparse.Namespace):
     """What the planned export would show the planner (--preset or --model, and the export's choices)."""
     from engines.tensorrt.planned_export import PlannedExport, planned_source
+    from fusion_export.export import TENSOR_SCATTER_OPSET
+    from fusion_export.trt_rules.targets import TrtTarget
     from reference_model import load_config, preset_config
 
     config = preset_config(args.preset) if args.preset else load_config(args.model)
-    target = args.trt_target
-    quantized = args.precision not in ("fp32", "fp16")
+    target = args.trt_target or TrtTarget.trt_10_3
     export = PlannedExport(
-        precision="fp16" if quantized else args.precision,
-        quantization=args.precision if quantized else None,
+        precision=args.dtype or "fp32",
+        quantization=args.quantize,
         target=target.value,
         query_len=args.query_len,
-        # opset-24 graphs fix the capacity at export: --max-context is then the export's
-        max_context=args.max_context if target.resolve_opset(None) >= 24 else None,
-        kv_cache=args.kv_cache,
+        # graphs that fix their capacity at export take --max-context there; the others at build
+        max_context=args.max_context if target.resolve_opset(None) >= TENSOR_SCATTER_OPSET else None,
+        kv_cache=args.kv_cache or "float",
     )
-    print(f"planned, not built: {args.preset or args.model} as {export.describe()} (no artifact read)")
+    print(f"planned, not built: {args.preset or args.model} as {export.describe()} (no weight read)")
     return planned_source(config, export)
 
 
@@ -234,6 +244,10 @@ def run(args: argparse.Namespace) -> int:
     if args.artifact is not None and planning:
         raise FusionError(f"{'--preset' if args.preset else '--model'} plans an export not yet made: give it "
                           "without ART")  # fmt: skip
+    given = [f"--{flag.replace('_', '-')}" for flag in PLANNING_FLAGS if getattr(args, flag) is not None]
+    if given and not planning:
+        raise FusionError(f"{', '.join(given)}: only for planning an export (--dry-run --preset or --model); an "
+                          "artifact's own graphs say what they hold")  # fmt: skip
     if args.out:  # the dry run checks it too: it promises what the build would do
         check_output_folder(args.out, "--out", inputs=[x for x in (args.artifact, args.model) if x])
     limits = BuildLimits(

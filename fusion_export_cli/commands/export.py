@@ -40,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="fix the decoder graphs' KV capacity (prompt + generated tokens) at N; TensorRT's KV-cache update needs "
-        "it (trt-10.15, trt-11: default the model's original context, 4096 for Phi-3.5, 8192 for Llama-3.1); trt-10.3: "
-        "default dynamic",
+        "it (trt-10.15, trt-11: default the longest sequence upstream ran the model at, its "
+        "tokenizer_model_max_length: 4096 for FUSION-Phi3.5); trt-10.3: default dynamic",
     )
     p.add_argument(
         "--plugins",
