@@ -33,10 +33,6 @@ FUSION_ONLY_FIELDS = ("mm_", "num_of_vision", "start_of_vision", "stride_of_visi
                       "image_", "tokenizer_", "unfreeze", "use_mm")  # fmt: skip
 
 
-# model_type -> the Hugging Face model its decoder is (the same keys and config fields)
-HF_DECODERS = {"fusion_phi": ("phi3", "Phi3ForCausalLM"), "fusion_llama": ("llama", "LlamaForCausalLM")}
-
-
 def save_decoder(model_dir: Path, out: Path) -> Path:
     """A Hugging Face Phi-3 or Llama folder (config, decoder weights, tokenizer) from a FUSION checkpoint."""
     from safetensors import safe_open
@@ -47,9 +43,9 @@ def save_decoder(model_dir: Path, out: Path) -> Path:
     from reference_model.prompt import TOKENIZER_FILES, tokenizer_folder
 
     config = read_json(model_dir / "config.json")  # bounded in size and nesting, a regular file
-    model_type, architecture = HF_DECODERS[load_config(model_dir).model_type]
+    family = load_config(model_dir).decoder_family  # the Hugging Face model its decoder is, key for key
     decoder = {k: v for k, v in config.items() if not k.startswith(FUSION_ONLY_FIELDS)}
-    decoder.update(model_type=model_type, architectures=[architecture])
+    decoder.update(model_type=family.hf_model_type, architectures=[family.hf_architecture])
     tensors = {}
     for key, path in checkpoint_files(model_dir).items():
         if key.startswith(DECODER_PREFIXES):

@@ -32,10 +32,11 @@ class DecoderFamily:
     rope_type: str  # the rope_scaling its checkpoints use
     hf_model_type: str  # the Hugging Face model its decoder is, key for key (peers, benchmarks/peers.py)
     hf_architecture: str
+    hf_name: str  # that model's name in reports
 
 
-PHI3 = DecoderFamily("phi3", "fusion_phi", "Phi-3.5-mini", "longrope", "phi3", "Phi3ForCausalLM")
-LLAMA = DecoderFamily("llama", "fusion_llama", "Llama-3.1", "llama3", "llama", "LlamaForCausalLM")
+PHI3 = DecoderFamily("phi3", "fusion_phi", "Phi-3.5-mini", "longrope", "phi3", "Phi3ForCausalLM", "Phi-3")
+LLAMA = DecoderFamily("llama", "fusion_llama", "Llama-3.1", "llama3", "llama", "LlamaForCausalLM", "Llama")
 DECODER_FAMILIES = {family.model_type: family for family in (PHI3, LLAMA)}  # by model_type
 # mm_vision_tower's name -> the tower's shape when the checkpoint carries no vision config. Upstream's builder
 # tests 'siglip2' before 'siglip' (fusion/model/multimodal_encoder/builder.py), and so does `tower_family`.

@@ -262,8 +262,8 @@ def run_bench(args: argparse.Namespace) -> int:
             build_genai_model(model_dir, folder, precision)
             contenders.append(GenaiContender(f"onnxruntime-genai {precision}", folder, settings, vocab, precision))
         else:
-            name = {"fusion_phi": "Phi-3", "fusion_llama": "Llama"}[config.model_type]
-            contenders.append(TransformersContender(f"transformers {name} sdpa fp32", model_dir, settings, vocab))
+            name = f"transformers {config.decoder_family.hf_name} sdpa fp32"
+            contenders.append(TransformersContender(name, model_dir, settings, vocab))
 
     for contender in contenders:
         progress(f"loading {contender.label}")
