@@ -298,8 +298,8 @@ def plan_devices(art: Path, quantized: dict[str, Path], work: Path) -> list[str]
     for mode, artifact in artifacts.items():
         real = plan_build(artifact, BuildLimits())
         quantization = {"fp16": None, "int4-weight-only": "int4", "int8-weight-only": "int8-weight-only"}[mode]
-        export = PlannedExport(precision="fp16", quantization=quantization, target="trt-10.15",
-                               query_len=artifact.query_len, method="rtn")  # fmt: skip
+        export = PlannedExport(precision="fp16", quantization=quantization, target="trt-10.15", method="rtn",
+                               opset=artifact.manifest["export"]["opset"], query_len=artifact.query_len)  # fmt: skip
         planned = plan_source(planned_source(artifact.config, export), BuildLimits())
         gap = real.memory["weights"] - planned.memory["weights"]
         rows.append(

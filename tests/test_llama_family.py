@@ -210,7 +210,7 @@ def test_decode_attention_kernel_on_the_llama_step(family_checkpoint, monkeypatc
         return kernel(q, k, v, start, start + last_row.sum(-1).to(torch.int32))
 
     monkeypatch.setattr(torch.ops.fusion_export, "decode_attention", plugin)
-    for _ in range(2):
+    for _ in range(2):  # the second step reads the column the first wrote
         state_length = session.state.length
         expected = session.step(tokens)
         valid = session.state.key_valid.to(torch.int64)  # this step's column included

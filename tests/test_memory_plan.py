@@ -152,7 +152,8 @@ def planned_like(artifact, limits: BuildLimits | None = None, **export):
     from engines.tensorrt.plan import plan_source
     from engines.tensorrt.planned_export import PlannedExport, planned_source
 
-    options = PlannedExport(target=artifact.manifest["export"]["trt_target"], query_len=artifact.query_len,
+    made = artifact.manifest["export"]
+    options = PlannedExport(target=made["trt_target"], opset=made["opset"], query_len=artifact.query_len,
                             max_context=artifact.max_context, **export)  # fmt: skip
     source = planned_source(artifact.config, options)
     for name in GRAPHS:  # the graphs' inputs exactly as the exporter declared them

@@ -56,6 +56,7 @@ class PlannedExport:
     precision: str = "fp32"  # export --dtype: the activations' type
     quantization: str | None = None  # quantize --precision int8 [--weight-only] / int4
     target: str = "trt-10.3"
+    opset: int | None = None  # export --opset (None: the target's)
     query_len: int | None = None  # None: the checkpoint's default
     max_context: int | None = None  # export --max-context (opset >= 24 fixes one anyway)
     kv_cache: str = "float"  # quantize --kv-cache
@@ -66,7 +67,8 @@ class PlannedExport:
     def describe(self) -> str:
         quantized = f", quantize --precision {self.quantization}" if self.quantization else ""
         kv = ", --kv-cache int8" if self.kv_cache == "int8" else ""
-        return f"export --dtype {self.precision} --trt-target {self.target}{quantized}{kv}"
+        opset = f" --opset {self.opset}" if self.opset else ""
+        return f"export --dtype {self.precision} --trt-target {self.target}{opset}{quantized}{kv}"
 
 
 def _flat(value) -> list:
@@ -131,7 +133,7 @@ def planned_source(config: FusionConfig, export: PlannedExport) -> PlanSource:
         raise FusionError(f"--kv-cache {export.kv_cache!r}: choose float or int8")
     precision = Precision(export.precision)
     target = TrtTarget(export.target)
-    opset = target.resolve_opset(None)
+    opset = target.resolve_opset(export.opset)
     if export.quantization == "int4":
         check_int4(target, opset)
     query_len = config.check_query_len(export.query_len or config.default_query_len)

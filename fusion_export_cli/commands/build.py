@@ -82,6 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          help="quantize --precision (int8-weight-only: with --weight-only); default none")  # fmt: skip
     planned.add_argument("--trt-target", type=TrtTarget, choices=list(TrtTarget),
                          help="export --trt-target (default trt-10.3; int4 needs trt-10.15 or later)")  # fmt: skip
+    planned.add_argument("--opset", type=positive_int, metavar="N", help="export --opset (default: the target's)")
     planned.add_argument("--query-len", type=positive_int, metavar="N", help="export --query-len")
     planned.add_argument("--kv-cache", choices=["float", "int8"], help="quantize --kv-cache (default float)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -205,7 +206,7 @@ def dry_run(args: argparse.Namespace, limits, device) -> int:
     return 0
 
 
-PLANNING_FLAGS = ("dtype", "quantize", "trt_target", "query_len", "kv_cache")
+PLANNING_FLAGS = ("dtype", "quantize", "trt_target", "opset", "query_len", "kv_cache")
 
 
 def plan_source_of(args: argparse.Namespace):
@@ -221,9 +222,10 @@ def plan_source_of(args: argparse.Namespace):
         precision=args.dtype or "fp32",
         quantization=args.quantize,
         target=target.value,
+        opset=args.opset,
         query_len=args.query_len,
         # graphs that fix their capacity at export take --max-context there; the others at build
-        max_context=args.max_context if target.resolve_opset(None) >= TENSOR_SCATTER_OPSET else None,
+        max_context=args.max_context if target.resolve_opset(args.opset) >= TENSOR_SCATTER_OPSET else None,
         kv_cache=args.kv_cache or "float",
     )
     print(f"planned, not built: {args.preset or args.model} as {export.describe()} (no weight read)")
