@@ -8,7 +8,7 @@ import argparse
 
 from engines.tensorrt.plan import GB, BuildLimits, parse_device_memory, plan_source
 from engines.tensorrt.planned_export import PlannedExport, planned_source
-from reference_model import preset_config
+from reference_model import FusionConfig, preset_config
 from reference_model.errors import FusionError
 
 MEMBERS = ("fusion-phi3.5-3b", "fusion-x-phi3.5-3b", "fusion-llama3.1-8b", "fusion-x-llama3.1-8b")
@@ -16,7 +16,7 @@ PRECISIONS = ("fp16", "int8-weight-only", "int4")
 DEVICES = ("orin-nano-8", "orin-nx-16", "agx-orin-64")
 
 
-def largest_context(config, quantization: str | None, target: str, device: str) -> int | None:
+def largest_context(config: FusionConfig, quantization: str | None, target: str, device: str) -> int | None:
     """The largest KV capacity that fits `device` (any plan that fits reports it: the shortest context's)."""
     shortest = config.vision.num_patches + config.default_query_len + 2
     export = PlannedExport(precision="fp16", quantization=quantization, target=target, max_context=shortest)
@@ -24,7 +24,7 @@ def largest_context(config, quantization: str | None, target: str, device: str) 
         plan = plan_source(planned_source(config, export), BuildLimits(max_context=shortest),
                            parse_device_memory(device))  # fmt: skip
     except FusionError as refused:
-        if not str(refused).startswith("--device-memory:"):
+        if not str(refused).startswith("--device-memory:"):  # only "it does not fit" is an answer here
             raise
         return None
     return plan.largest_context

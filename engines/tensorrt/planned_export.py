@@ -157,7 +157,12 @@ def planned_source(config: FusionConfig, export: PlannedExport) -> PlanSource:
     if export.quantization:
         int4 = {"block_size": export.block_size, "method": export.method} if export.quantization == "int4" else {}
         quantization = {"mode": MODES[export.quantization], **int4}
-    float_kv = "TensorScatter" if opset >= TENSOR_SCATTER_OPSET else "ScatterElements"
+    # the ops that write the cache, as the graphs hold them: the exporter's (TensorScatter at opset >= 24, else
+    # ScatterElements in the step and ScatterND in the prefill), or the INT8 cache rewrite's ScatterND
+    if kv_int8:
+        write_ops = ["ScatterND"]
+    else:
+        write_ops = ["TensorScatter"] if opset >= TENSOR_SCATTER_OPSET else ["ScatterElements", "ScatterND"]
     return PlanSource(
         config=config,
         query_len=query_len,
@@ -169,7 +174,7 @@ def planned_source(config: FusionConfig, export: PlannedExport) -> PlanSource:
         interaction_weights=sum(interaction.values()),
         kv_dtype="int8" if kv_int8 else precision.value,
         kv_value_bytes=1 if kv_int8 else (2 if precision is Precision.fp16 else 4),
-        kv_write_ops=["ScatterND" if kv_int8 else float_kv],
+        kv_write_ops=write_ops,
         one_decoder=True,
         quantization=quantization,
         embedding_bytes=config.decoder.vocab_size
