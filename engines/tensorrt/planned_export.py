@@ -158,11 +158,12 @@ def planned_source(config: FusionConfig, export: PlannedExport) -> PlanSource:
         int4 = {"block_size": export.block_size, "method": export.method} if export.quantization == "int4" else {}
         quantization = {"mode": MODES[export.quantization], **int4}
     # the ops that write the cache, as the graphs hold them: the exporter's (TensorScatter at opset >= 24, else
-    # ScatterElements in the step and ScatterND in the prefill), or the INT8 cache rewrite's ScatterND
-    if kv_int8:
-        write_ops = ["ScatterND"]
+    # ScatterElements in the step and ScatterND in the prefill); the INT8 cache rewrite turns TensorScatter into
+    # ScatterND (engines/quantization/kv_cache.py)
+    if opset >= TENSOR_SCATTER_OPSET:
+        write_ops = ["ScatterND" if kv_int8 else "TensorScatter"]
     else:
-        write_ops = ["TensorScatter"] if opset >= TENSOR_SCATTER_OPSET else ["ScatterElements", "ScatterND"]
+        write_ops = ["ScatterElements", "ScatterND"]
     return PlanSource(
         config=config,
         query_len=query_len,
