@@ -2,7 +2,8 @@
 template) and SigLIP2 towers, through export, ONNX Runtime, quantization and TensorRT-RTX's real builder.
 
 - The upstream LLaMA oracle (tests/data/oracle/fusion-x-llama-tiny) exported for opset 24 (TensorScatter, a fixed
-  KV capacity) gives the oracle's greedy ids and logits on ONNX Runtime, and its graphs build.
+  KV capacity) gives the oracle's greedy ids and logits on ONNX Runtime, and its graphs build (`-m slow`: the
+  39-layer tower's export alone takes 75 s, so these run on request, with the full-size test).
 - The demo's toy members (`demo --family`: LLaMA with 8 heads over 2 KV heads, 16-wide so ONNX Runtime's fused
   GroupQueryAttention takes it; Phi with SigLIP2): every export flavour over them, the plugins, INT4 and
   W8A8 + INT8 KV each validate against the reference (their precision's gates, greedy ids identical where they
@@ -105,6 +106,7 @@ def oracle_export(tmp_path_factory):
     return export(LLAMA_ORACLE_DIR, tmp_path_factory.mktemp("llama-oracle") / "art", "trt-10.15")
 
 
+@pytest.mark.slow  # the 39-layer tower's export: 75 s; run on request with the full-size test
 def test_oracle_export_gives_the_oracles_ids(oracle_export):
     """Opset-24 graphs of the upstream LLaMA oracle on ONNX Runtime: the oracle's own greedy ids and logits."""
     from safetensors.torch import load_file
@@ -124,11 +126,13 @@ def test_oracle_export_gives_the_oracles_ids(oracle_export):
     assert (out.step_logits - outputs["generate_step_logits"]).abs().max().item() <= 1e-4  # fp32 gate
 
 
+@pytest.mark.slow  # the 39-layer tower's export: 75 s; run on request with the full-size test
 def test_oracle_export_validates_in_a_padded_batch(oracle_export):
     report = validate(LLAMA_ORACLE_DIR, oracle_export, QUESTIONS, steps=8)
     assert report.passed, report.table()
 
 
+@pytest.mark.slow
 @needs_rtx
 def test_oracle_graphs_build(oracle_export, tmp_path):
     """TensorRT-RTX builds the opset-24 graphs; the static check passes them for trt-11 too (the same graphs)."""
@@ -142,8 +146,8 @@ def test_oracle_graphs_build(oracle_export, tmp_path):
 
 @pytest.mark.parametrize(
     "family,target,precision,options",
-    [("llama", "trt-10.3", "fp16", {}), ("x-phi", "trt-10.15", "fp32", {"max_context": 1024}),
-     ("x-llama", "trt-10.15", "fp32", {"max_context": 2048, "plugins": True})],
+    [("llama", "trt-10.3", "fp16", {}), ("x-llama", "trt-10.15", "fp32", {"max_context": 2048, "plugins": True}),
+     pytest.param("x-phi", "trt-10.15", "fp32", {"max_context": 1024}, marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_members_validate_and_build(family_checkpoint, tmp_path, family, target, precision, options):
     """Each export flavour on a member (the oracle's test above adds LLaMA + SigLIP2 at opset 24 in fp32, the INT8
