@@ -211,7 +211,8 @@ class BuildPlan:
         return f"{self.precision} activations, {weights}, KV cache {self.kv_cache_dtype}"
 
 
-def _bytes_per_value(precision: str) -> int:
+def bytes_per_value(precision: str) -> int:
+    """Bytes of one activation (and float weight) of an fp32 or fp16 artifact."""
     return {"fp32": 4, "fp16": 2}[precision]
 
 
@@ -239,7 +240,7 @@ def _activations(config, precision: str, batch: int, prompt: int, question: int,
     """Estimated scratch per engine at the profile's max (bytes). Upper bounds on purpose: every intermediate of
     one layer alive at once, attention scores materialised (fp32 attention is decomposed into MatMul/Softmax)."""
     d, v = config.decoder, config.vision
-    act = _bytes_per_value(precision)
+    act = bytes_per_value(precision)
     scores = 4  # softmax in float32
     n_img = v.num_patches
     vision = batch * (
@@ -369,8 +370,7 @@ def artifact_source(artifact) -> PlanSource:
         kv_write_ops=write_ops,
         one_decoder=one_decoder,
         quantization=_quantization(artifact),
-        embedding_bytes=math.prod(artifact.manifest["embeddings"]["shape"])
-        * _bytes_per_value(artifact.precision.value),
+        embedding_bytes=math.prod(artifact.manifest["embeddings"]["shape"]) * bytes_per_value(artifact.precision.value),
     )
 
 

@@ -37,7 +37,7 @@ from ..quantization.int4 import DEFAULT_BLOCK_SIZE, check_block_size
 from ..quantization.int4_graph import layer_class
 from ..quantization.qdq import DEFAULT_EXCLUDE, excluded
 from ..quantization.quantize import INT4_DEFAULT_FORMS
-from .plan import DECODER, PlanSource, engine_weights
+from .plan import DECODER, PlanSource, bytes_per_value, engine_weights
 
 ONNX_TYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.int64: "INT64", torch.int8: "INT8"}
 TORCH_DTYPES = {Precision.fp32: torch.float32, Precision.fp16: torch.float16}
@@ -114,7 +114,7 @@ def _stored(name: str, shape: torch.Size, form: str, act: int, block: int) -> di
 
 
 def _weights(model: FusionModel, prefixes: tuple[str, ...], graph: str, export: PlannedExport) -> dict[str, int]:
-    act = 2 if export.precision == "fp16" else 4
+    act = bytes_per_value(export.precision)
     linear = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     out: dict[str, int] = {}
     for name, p in model.named_parameters():
@@ -174,11 +174,9 @@ def planned_source(config: FusionConfig, export: PlannedExport) -> PlanSource:
         decoder_weights=sum(step.values()),
         interaction_weights=sum(interaction.values()),
         kv_dtype="int8" if kv_int8 else precision.value,
-        kv_value_bytes=1 if kv_int8 else (2 if precision is Precision.fp16 else 4),
+        kv_value_bytes=1 if kv_int8 else bytes_per_value(precision.value),
         kv_write_ops=write_ops,
         one_decoder=True,
         quantization=quantization,
-        embedding_bytes=config.decoder.vocab_size
-        * config.decoder.hidden_size
-        * (2 if precision is Precision.fp16 else 4),
+        embedding_bytes=config.decoder.vocab_size * config.decoder.hidden_size * bytes_per_value(precision.value),
     )
