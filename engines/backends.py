@@ -6,6 +6,7 @@ exposes `open_backend(path, options)`; adding a backend means adding a module an
 | `reference` | a checkpoint folder (PyTorch on any torch device) | `engines/reference.py` |
 | `onnxruntime` | an artifact folder from `fusion-export export` | `engines/onnxruntime/session.py` |
 | `tensorrt` | an engine folder from `fusion-export build` | `engines/tensorrt/runtime.py` |
+| `torch` | a checkpoint folder (static KV cache, CUDA-graph decode, Triton kernels) | `engines/pytorch/backend.py` |
 
 Every backend gives the same things to its callers (`Backend`): the model config and the folder holding its
 tokenizer, what its graphs fix (query_len, KV capacity, precision), and `session(batch, max_new_tokens)`, a
@@ -26,6 +27,7 @@ class BackendKind(str, Enum):
     reference = "reference"
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
+    torch = "torch"
 
     def __str__(self) -> str:
         return self.value
@@ -35,13 +37,18 @@ MODULES = {
     BackendKind.reference: "engines.reference",
     BackendKind.onnxruntime: "engines.onnxruntime.session",
     BackendKind.tensorrt: "engines.tensorrt.runtime",
+    BackendKind.torch: "engines.pytorch.backend",
 }
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    device: str | None = None  # reference: a torch device (default cpu); tensorrt: a CUDA device (default cuda:0)
-    dtype: str | None = None  # reference: weight dtype fp32 | fp16 | bf16 (default fp32)
+    device: str | None = None  # reference, torch: a torch device (default cpu); tensorrt: a CUDA device (cuda:0)
+    dtype: str | None = None  # reference, torch: weight dtype fp32 | fp16 | bf16 (default fp32)
+    max_context: int | None = None  # torch: the static KV cache's columns (default: the checkpoint's context)
+    kernels: str | None = None  # torch: the Triton kernels, auto (on CUDA for fp32/fp16) | on | off
+    cuda_graph: str | None = None  # torch: the decode step as a CUDA graph, auto (on CUDA) | on | off
+    compiled: bool | None = None  # torch: torch.compile the decode step
     provider: Any = None  # onnxruntime: providers.Device (default: cuda when available)
     threads: int | None = None  # onnxruntime: intra-op threads
     ort_weights: str | None = None  # onnxruntime on CPU: auto | shared | packed (OrtModel)

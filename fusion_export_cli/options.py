@@ -182,3 +182,16 @@ def compute_capabilities(text: str) -> tuple[str, ...]:
     if repeated:
         raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once")
     return names
+
+
+TORCH_SWITCHES = ("auto", "on", "off")
+
+
+def add_torch_options(p: argparse.ArgumentParser) -> None:
+    """The torch backend's flags (engines/pytorch/backend.py)."""
+    p.add_argument("--max-context", type=positive_int, metavar="N",
+                   help="torch: KV cache columns, allocated once (default: the checkpoint's context)")  # fmt: skip
+    p.add_argument("--torch-kernels", choices=TORCH_SWITCHES,
+                   help="torch: the Triton kernels (default auto: on CUDA in fp32/fp16)")  # fmt: skip
+    p.add_argument("--cuda-graph", choices=TORCH_SWITCHES,
+                   help="torch: replay the decode step as a CUDA graph (default auto: on CUDA)")  # fmt: skip

@@ -84,25 +84,33 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 class TokenSampler:
-    """Greedy argmax, or temperature + top-p sampling from a seeded CPU generator."""
+    """Greedy argmax, or temperature + top-p sampling from a generator seeded per request, both on the device the
+    logits are on: a GPU backend sends only the chosen ids to the host. Greedy ids are the same on any device;
+    sampled ones are the same across the backends whose logits are on the CPU (a CUDA generator draws its own
+    repeatable stream)."""
 
     def __init__(self, config: GenerationConfig):
         self.config = config
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device).manual_seed(self.config.seed)
+        return self.generators[device]
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (B, V) -> token ids (B,) int64."""
-        logits = logits.detach().to("cpu", torch.float32)
+        """logits (B, V) -> token ids (B,) int64 on the CPU."""
+        logits = logits.detach()
         if self.config.temperature == 0:
-            return greedy_tokens(logits)
-        logits = logits / self.config.temperature
+            return greedy_tokens(logits).cpu()
+        logits = logits.float() / self.config.temperature
         if self.config.top_p < 1:
             sorted_logits, order = logits.sort(dim=-1)  # ascending
             cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
             drop_sorted = cumulative <= 1 - self.config.top_p
             drop_sorted[:, -1] = False  # always keep the most likely token
             logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)[:, 0]
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self._generator(logits.device))[:, 0].cpu()
 
 
 class DecoderSession(Protocol):
@@ -182,7 +190,10 @@ def generate(
     for step in range(longest):
         if keep_logits:
             kept.append(logits.detach().to("cpu", torch.float32))
-        tokens = torch.cat([sampler(logits[b : b + 1]) for b, sampler in enumerate(samplers)])
+        if all(c.temperature == 0 for c in configs):  # one argmax and one transfer for the whole batch
+            tokens = greedy_tokens(logits.detach()).cpu()
+        else:
+            tokens = torch.cat([sampler(logits[b : b + 1]) for b, sampler in enumerate(samplers)])
         for b in range(B):
             if reasons[b] is not None:
                 continue
@@ -229,15 +240,17 @@ class DecodeState:
     """Where a batch stands after its prefill: each row's RoPE position, the valid cache columns, how many
     columns are written. Every backend's session keeps one, so all of them place tokens the same way."""
 
-    def __init__(self, layout: SequenceLayout, max_new_tokens: int, max_positions: int, capacity: int | None = None):
-        """capacity: the KV columns of graphs exported with a fixed one (None: prompt + max_new_tokens)."""
+    def __init__(self, layout: SequenceLayout, max_new_tokens: int, max_positions: int, capacity: int | None = None,
+                 capacity_source: str = "these graphs hold {capacity} (export --max-context)"):  # fmt: skip
+        """capacity: the KV columns of graphs exported with a fixed one, or of a backend's static cache (None:
+        prompt + max_new_tokens); capacity_source: what fixed it, for the error."""
         check_positions(layout, max_new_tokens, max_positions)
         needed = layout.seq_len + max_new_tokens
         if capacity is not None and needed > capacity:
             raise GenerationError(
                 f"the request needs {needed} KV-cache columns (prompt {layout.seq_len} + max_new_tokens "
-                f"{max_new_tokens}); these graphs hold {capacity} (export --max-context); use fewer new tokens, "
-                "a shorter prompt, or re-export with a larger --max-context"
+                f"{max_new_tokens}); {capacity_source.format(capacity=capacity)}; use fewer new tokens, a shorter "
+                "prompt, or a larger --max-context"
             )
         self.capacity = capacity or needed  # KV columns a session allocates
         self.key_valid = torch.zeros(layout.batch_size, self.capacity, dtype=torch.bool)

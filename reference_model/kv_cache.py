@@ -53,9 +53,10 @@ class KVCache:
 
     def dequantized(self) -> list[torch.Tensor]:
         """Every layer's (key, value) buffers as the model's dtype: the values attention reads."""
-        return [self._read(t, i // 2, i % 2) for i, t in enumerate(t for kv in zip(self.keys, self.values) for t in kv)]
+        return [self.read(t, i // 2, i % 2) for i, t in enumerate(t for kv in zip(self.keys, self.values) for t in kv)]
 
-    def _read(self, stored: torch.Tensor, layer: int, which: int) -> torch.Tensor:
+    def read(self, stored: torch.Tensor, layer: int, which: int) -> torch.Tensor:
+        """Stored columns of `layer` (which: 0 keys, 1 values) as the model's dtype."""
         if self.int8_scales is None:
             return stored
         return (stored.float() * self.int8_scales[layer][which]).to(self.dtype)
@@ -84,4 +85,4 @@ class _LayerWriter:
         if start == 0:  # the prefill: its own keys and values as computed (module docstring)
             return k, v
         end = start + n
-        return cache._read(keys[:, :, :end], self.index, 0), cache._read(values[:, :, :end], self.index, 1)
+        return cache.read(keys[:, :, :end], self.index, 0), cache.read(values[:, :, :end], self.index, 1)

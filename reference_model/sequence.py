@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 
 from .config import IMAGE_TOKEN_ID, LATENT_TOKEN_ID, FusionConfig
-from .image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, static_hd_crops
+from .limits import DEFAULT_MAX_IMAGE_PIXELS
 from .model import VisionOutputs
 from .prompt import RequestError, encode_question
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass
@@ -39,7 +41,9 @@ def make_request(
 ) -> Request:
     """Tokenize (`encode_question`: the rule for every question from outside) and preprocess one question about
     one image; the question's length is checked before the image is decoded, so an oversized request costs no
-    image work."""
+    image work. Pillow is imported here, for image files: a request made of tensors needs none."""
+    from .image_preprocessing import static_hd_crops
+
     ids = encode_question(question, tokenizer)
     check_question_length(len(ids.instructs), config)
     return Request(

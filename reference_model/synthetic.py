@@ -64,14 +64,25 @@ def build_byte_tokenizer(family: str = "phi3"):
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Drawn on the generator's device."""
+    draw = torch.randn(shape, generator=generator, device=generator.device)
     if name.endswith("bias"):
-        return torch.randn(shape, generator=generator) * 0.02
+        return draw * 0.02
     if len(shape) == 1:  # norm scales
-        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        return 1.0 + 0.1 * draw
     if "embed" in name:  # token and position embeddings
-        return torch.randn(shape, generator=generator)
-    fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+        return draw
+    return draw / math.sqrt(math.prod(shape[1:]))
+
+
+@torch.no_grad()
+def randomize_weights_(model: FusionModel, seed: int = 0) -> FusionModel:
+    """Every weight of an in-memory model drawn by the same law as a written checkpoint's, on the model's device
+    (a full-size model made on a GPU in seconds, never on the host)."""
+    generator = torch.Generator(model.device).manual_seed(seed)
+    for name, tensor in model.state_dict().items():
+        tensor.copy_(_random_tensor(name, tuple(tensor.shape), generator))
+    return model
 
 
 def write_random_checkpoint(

@@ -90,6 +90,32 @@ def test_decode_attention_refuses_bad_inputs():
         decode_attention(q, k.to(torch.int8), v.to(torch.int8), start, end, k_scale=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,H,KVH,C,D,chunk", [(3, 8, 2, 70, 40, 16), (2, 6, 3, 45, 24, 256), (1, 4, 1, 100, 96, 32)])
+def test_split_decode_attention_matches_reference(B, H, KVH, C, D, chunk, dtype, monkeypatch):
+    """The split (flash-decoding) form of the op for one new token: chunks of the capacity merged by their softmax
+    statistics, some of them empty (past a row's end or before its start), against the same reference."""
+    from engines.plugins import split_decode_attention as split
+
+    monkeypatch.setattr(split, "CHUNK", chunk)  # several chunks at these small capacities
+    q, k, v, start, end = _case(B, H, KVH, 1, C, D, dtype, seed=B * 10 + C)
+    op = split.SplitDecodeAttention(B, H, D, C, "cpu")
+    assert op.splits == -(-C // chunk)
+    ref = decode_attention_reference(q, k, v, start, end)
+    assert (op(q, k, v, start, end).float() - ref.float()).abs().max().item() <= TOLERANCE[dtype]
+    k_scale, v_scale = float(k.float().abs().max()) / 127, float(v.float().abs().max()) / 127
+    k8 = (k.float() / k_scale).round().clamp(-127, 127).to(torch.int8)
+    v8 = (v.float() / v_scale).round().clamp(-127, 127).to(torch.int8)
+    ref = decode_attention_reference(q, k8, v8, start, end, k_scale, v_scale)
+    assert (op(q, k8, v8, start, end, k_scale, v_scale).float() - ref.float()).abs().max() <= TOLERANCE[dtype]
+    outside = torch.arange(C)[None, :].expand(B, C)
+    outside = (outside < start[:, None]) | (outside >= end[:, None])  # poisoned: never read
+    k[outside[:, None].expand(B, KVH, C)] = float("nan")
+    assert torch.equal(op(q, k, v, start, end), op(q, k.nan_to_num(0.0), v, start, end))
+    with pytest.raises(FusionError, match="one new token"):
+        op(torch.cat((q, q), dim=2), k, v, start, end)
+
+
 ONNX_TYPES = {torch.float32: 1, torch.float16: 10}  # TensorProto.FLOAT, FLOAT16
 
 

@@ -15,7 +15,8 @@ causally up to its own column end[b] - T + t. Query head h reads KV head h // (h
 heads and new tokens; an online softmax over blocks of columns, so it reads each valid column once).
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: Triton 3.0's interpreter takes only an annotation that is the object
+# tl.constexpr (or the string "constexpr") as a constexpr, not the string "tl.constexpr"
 
 import functools
 
@@ -58,6 +59,9 @@ def check_ranges(start, end, T: int, capacity: int) -> None:
 def triton_kernel(compiled: bool = False):
     """Defined on first use: Triton reads TRITON_INTERPRET when the kernel is decorated. `compiled`: the compilable
     kernel even under TRITON_INTERPRET=1 (what launch.compile_ptx takes)."""
+    # a module global, not a local the kernel closes over: Triton 3.0 (torch 2.4's) resolves names, and its
+    # interpreter finds triton.language, only in the kernel's __globals__
+    global tl
     import triton.language as tl
 
     def kernel(q_ptr, k_ptr, v_ptr, start_ptr, end_ptr, H, KVH, T, C, D, out_ptr,

@@ -17,7 +17,8 @@ and cover the grid, so every key is read exactly once. `interaction_attention_re
 block, w^2 <= a few hundred).
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: Triton 3.0's interpreter takes only an annotation that is the object
+# tl.constexpr (or the string "constexpr") as a constexpr, not the string "tl.constexpr"
 
 import functools
 
@@ -48,6 +49,9 @@ def check_inputs(q, k, v, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
 def triton_kernel(compiled: bool = False):
     """Defined on first use: Triton reads TRITON_INTERPRET when the kernel is decorated. `compiled`: the compilable
     kernel even under TRITON_INTERPRET=1 (what launch.compile_ptx takes)."""
+    # a module global, not a local the kernel closes over: Triton 3.0 (torch 2.4's) resolves names, and its
+    # interpreter finds triton.language, only in the kernel's __globals__
+    global tl
     import triton.language as tl
 
     def kernel(q_ptr, k_ptr, v_ptr, S, W, H, D, out_ptr,

@@ -10,7 +10,8 @@ form, what the exported graphs compute without the plugin, is `fusion_export/gra
 reference propagates it, the kernel's max may not; the grid is the vision encoder's finite output.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: Triton 3.0's interpreter takes only an annotation that is the object
+# tl.constexpr (or the string "constexpr") as a constexpr, not the string "tl.constexpr"
 
 import functools
 
@@ -38,6 +39,9 @@ def check_inputs(grid: torch.Tensor, out_size: int) -> None:
 def triton_kernel(compiled: bool = False):
     """Defined on first use: Triton reads TRITON_INTERPRET when the kernel is decorated. `compiled`: the compilable
     kernel even under TRITON_INTERPRET=1 (what launch.compile_ptx takes)."""
+    # a module global, not a local the kernel closes over: Triton 3.0 (torch 2.4's) resolves names, and its
+    # interpreter finds triton.language, only in the kernel's __globals__
+    global tl
     import triton.language as tl
 
     def kernel(x_ptr, index_ptr, H, W, D, N, out_ptr, BLOCK: tl.constexpr):

@@ -24,8 +24,8 @@ def decode_attention_reference(
     kk = (k.float() * k_scale).repeat_interleave(groups, dim=1)
     vv = (v.float() * v_scale).repeat_interleave(groups, dim=1)
     scores = q.float() @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, T, C]
-    column = torch.arange(k.shape[2])
-    last = end.long()[:, None] - T + torch.arange(T)[None, :]  # [B, T]: each new token's own column
+    column = torch.arange(k.shape[2], device=k.device)
+    last = end.long()[:, None] - T + torch.arange(T, device=k.device)[None, :]  # [B, T]: each new token's own column
     visible = (column[None, None, :] >= start.long()[:, None, None]) & (column[None, None, :] <= last[:, :, None])
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     return (scores.softmax(dim=-1) @ vv).to(q.dtype)

@@ -24,6 +24,7 @@ from ..options import (
     MAX_ROUNDS,
     MAX_TOKENS,
     ORT_ATTENTION_FORMS,
+    add_torch_options,
     count_up_to,
     positive_int,
     positive_int_up_to,
@@ -48,6 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export", metavar="TARGETS", help="with --preset/--model: export for these targets (cached)")
     p.add_argument("--peers", metavar="LIST", help=f"comma-separated: {', '.join(PEERS)}")
     p.add_argument("--no-reference", action="store_true", help="leave the PyTorch reference out")
+    p.add_argument("--torch", action="store_true", help="the torch backend on the checkpoint (--dtype, --device)")
+    add_torch_options(p)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="reference dtype (fp32)")
     p.add_argument("--device", default="cpu", help="reference torch device (cpu)")
     tokens = positive_int_up_to(MAX_TOKENS)  # the model's own limit is checked once it is known (run_bench)
@@ -229,6 +232,18 @@ def run_bench(args: argparse.Namespace) -> int:
     if model_dir and not args.no_reference:
         backend = open_backend(BackendKind.reference, model_dir, BackendOptions(dtype=args.dtype, device=args.device))
         contenders.append(BackendContender(f"reference (PyTorch {args.dtype}, {args.device})", backend, settings))
+    for flag in ("max_context", "torch_kernels", "cuda_graph"):
+        if getattr(args, flag) is not None and not args.torch:
+            raise FusionError(f"--{flag.replace('_', '-')} applies to the torch backend: add --torch")
+    if args.torch:
+        if model_dir is None:
+            raise FusionError("--torch needs the checkpoint: --model DIR or --preset NAME")
+        options = BackendOptions(dtype=args.dtype, device=args.device, max_context=args.max_context,
+                                 kernels=args.torch_kernels, cuda_graph=args.cuda_graph)  # fmt: skip
+        backend = open_backend(BackendKind.torch, model_dir, options)
+        label = f"torch (PyTorch {args.dtype}, {args.device}; attention {backend.settings.attention}"
+        label += ", CUDA graph" * backend.settings.graph + ", Triton kernels" * backend.settings.kernels + ")"
+        contenders.append(BackendContender(label, backend, settings))
     artifacts = list(args.artifacts)
     if args.export:
         artifacts += _exports(args, model_dir, resolve_query_len(args.query_len, config), progress)

@@ -1,8 +1,9 @@
 """`fusion-export generate`: answer a question about an image, streaming tokens as they come.
 
-One of: `--model DIR` (a checkpoint, PyTorch reference; --dtype, --device), `--artifacts ART` (an export, ONNX
-Runtime; --provider) or `--engines ENG` (TensorRT engines; --device). Artifact and engine folders carry their own
-config and tokenizer. Prompt, batching, sampling and stop rules are the same for every backend.
+One of: `--model DIR` (a checkpoint, PyTorch reference; --dtype, --device; or `--backend torch`, PyTorch with a
+static KV cache, CUDA-graph decode and Triton kernels: --max-context, --torch-kernels, --cuda-graph), `--artifacts
+ART` (an export, ONNX Runtime; --provider) or `--engines ENG` (TensorRT engines; --device). Artifact and engine
+folders carry their own config and tokenizer. Prompt, batching, sampling and stop rules are the same for every backend.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from ..options import (
     add_image_options,
     add_ort_attention_option,
     add_query_len_option,
+    add_torch_options,
     max_new_tokens,
     probability,
     seed,
     temperature,
 )
 
-# backend -> (its folder flag, the flags that apply to it)
-FOLDER_FLAGS = {"reference": "model", "onnxruntime": "artifacts", "tensorrt": "engines"}
-OPTION_FLAGS = {"reference": {"dtype", "device"}, "onnxruntime": {"provider", "ort_attention"}, "tensorrt": {"device"}}
+# backend -> (its folder flag, the flags that apply to it); a folder flag alone implies the backend IMPLIED names
+FOLDER_FLAGS = {"reference": "model", "onnxruntime": "artifacts", "tensorrt": "engines", "torch": "model"}
+IMPLIED = {"model": "reference", "artifacts": "onnxruntime", "engines": "tensorrt"}
+OPTION_FLAGS = {"reference": {"dtype", "device"}, "onnxruntime": {"provider", "ort_attention"}, "tensorrt": {"device"},
+                "torch": {"dtype", "device", "max_context", "torch_kernels", "cuda_graph"}}  # fmt: skip
+ALL_OPTION_FLAGS = set().union(*OPTION_FLAGS.values())
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--provider", type=Device, choices=list(Device), help="onnxruntime: device (default: cuda if available)"
     )
     add_ort_attention_option(p)
+    add_torch_options(p)
     p.add_argument("--quiet", action="store_true", help="print only the answer, no timings")
     p.set_defaults(run=run)
 
@@ -62,23 +68,25 @@ def open_backend_from_args(args: argparse.Namespace):
     from engines.backends import BackendKind, BackendOptions, open_backend
     from reference_model.errors import FusionError
 
-    given = [kind for kind, flag in FOLDER_FLAGS.items() if getattr(args, flag)]
+    given = [kind for flag, kind in IMPLIED.items() if getattr(args, flag)]
     if args.backend is None and len(given) != 1:
         raise FusionError(
             "give one of --model DIR (a checkpoint, PyTorch reference), --artifacts ART (an export, ONNX Runtime) "
             "or --engines ENG (TensorRT engines)"
         )
     kind = BackendKind(args.backend or given[0])
-    for other, flag in FOLDER_FLAGS.items():
-        if other != kind.value and getattr(args, flag):
+    for flag in IMPLIED:
+        if flag != FOLDER_FLAGS[kind.value] and getattr(args, flag):
             raise FusionError(f"--{flag} does not apply to --backend {kind}")
     if not getattr(args, FOLDER_FLAGS[kind.value]):
         raise FusionError(f"--{FOLDER_FLAGS[kind.value]} is required with --backend {kind}")
-    for flag in {"dtype", "device", "provider", "ort_attention"} - OPTION_FLAGS[kind.value]:
+    for flag in sorted(ALL_OPTION_FLAGS - OPTION_FLAGS[kind.value]):
         if getattr(args, flag) is not None:
             raise FusionError(f"--{flag.replace('_', '-')} does not apply to --backend {kind}")
     dtype = args.dtype.value if args.dtype else None
-    options = BackendOptions(device=args.device, dtype=dtype, provider=args.provider, ort_attention=args.ort_attention)
+    options = BackendOptions(device=args.device, dtype=dtype, provider=args.provider, ort_attention=args.ort_attention,
+                             max_context=args.max_context, kernels=args.torch_kernels,
+                             cuda_graph=args.cuda_graph)  # fmt: skip
     return open_backend(kind, getattr(args, FOLDER_FLAGS[kind.value]), options)
 
 
