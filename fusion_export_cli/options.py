@@ -195,3 +195,5 @@ def add_torch_options(p: argparse.ArgumentParser) -> None:
                    help="torch: the Triton kernels (default auto: on CUDA in fp32/fp16)")  # fmt: skip
     p.add_argument("--cuda-graph", choices=TORCH_SWITCHES,
                    help="torch: replay the decode step as a CUDA graph (default auto: on CUDA)")  # fmt: skip
+    p.add_argument("--torch-compile", action="store_const", const=True,
+                   help="torch: the decode step through torch.compile (off by default)")  # fmt: skip

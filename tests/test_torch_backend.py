@@ -97,6 +97,37 @@ def test_batch_equals_the_reference(demo_checkpoint, demo_batch, attention):
     )
 
 
+def test_graph_flow_equals_the_reference(demo_checkpoint, demo_batch, monkeypatch):
+    """What a GPU run does around its CUDA graph, with the graph replaced by a stand-in that warms up and 'captures'
+    by running the step, and 'replays' by running it again into the captured output tensor: the capture before the
+    first prefill (its warm-up writes column 0 and the mask) corrupts nothing, every step reads its inputs from the
+    same device tensors, and two sessions in a row replay the one capture."""
+    import engines.pytorch.session as session_module
+
+    class StandInGraph:
+        captures = 0
+
+        def __init__(self, step, warmup: int = 2):
+            for _ in range(warmup):
+                step(check_values=False)
+            self.step, self.logits = step, step(check_values=False)
+            StandInGraph.captures += 1
+
+        def __call__(self):
+            return self.logits.copy_(self.step(check_values=False))
+
+    monkeypatch.setattr(session_module, "CapturedStep", StandInGraph)
+    model, batch = demo_batch
+    steps = 6
+    expected = generate(ReferenceSession(model, batch, steps), GenerationConfig(max_new_tokens=steps)).token_ids
+    backend = open_backend("torch", demo_checkpoint, BackendOptions(max_context=batch.layout.seq_len + 40))
+    settings = dataclasses.replace(backend.settings, graph=True, attention=StepAttention.masked)
+    runner = TorchRunner(backend.load().model, settings)
+    for _ in range(2):
+        assert generate(runner.session(batch, steps), GenerationConfig(max_new_tokens=steps)).token_ids == expected
+    assert StandInGraph.captures == 1
+
+
 def test_capacity_and_sessions(demo_checkpoint, demo_batch):
     """A request past the static cache is refused before any work, naming --max-context; a session whose cache a
     newer session took over refuses to step."""

@@ -51,14 +51,19 @@ class StepInputs:
         self.start = torch.zeros(batch, dtype=torch.int32, device=device)  # first valid column (left padding)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # the `masked` path's mask
         self.length = 0  # host copy of end (every row's), for the `valid` path's slice
+        self.copied = torch.cuda.Event() if pinned else None  # the last copy out of `host` has finished
 
     def load(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> None:
         B = self.batch
+        if self.copied is not None:  # never rewrite the pinned buffer while its last copy may still be reading it
+            self.copied.synchronize()
         self.host[:B] = tokens
         self.host[B : 2 * B] = positions
         self.host[2 * B : 3 * B] = length
         self.host[3 * B] = length - 1
         self.packed.copy_(self.host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         self.length = length
 
 
@@ -132,15 +137,16 @@ class CapturedStep:
 
     def __init__(self, step: DecodeStep, warmup: int = 2):
         device = step.model.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compiles the Triton kernels and lets cuBLAS pick its algorithms
-            for _ in range(warmup):
-                step(check_values=False)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step(check_values=False)
+        with torch.no_grad():  # nothing captured may record autograd history (the weights require grad)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # compiles the Triton kernels and lets cuBLAS pick its algorithms
+                for _ in range(warmup):
+                    step(check_values=False)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(check_values=False)
 
     def __call__(self) -> torch.Tensor:
         self.graph.replay()

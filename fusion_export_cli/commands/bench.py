@@ -232,17 +232,19 @@ def run_bench(args: argparse.Namespace) -> int:
     if model_dir and not args.no_reference:
         backend = open_backend(BackendKind.reference, model_dir, BackendOptions(dtype=args.dtype, device=args.device))
         contenders.append(BackendContender(f"reference (PyTorch {args.dtype}, {args.device})", backend, settings))
-    for flag in ("max_context", "torch_kernels", "cuda_graph"):
+    for flag in ("max_context", "torch_kernels", "cuda_graph", "torch_compile"):
         if getattr(args, flag) is not None and not args.torch:
             raise FusionError(f"--{flag.replace('_', '-')} applies to the torch backend: add --torch")
     if args.torch:
         if model_dir is None:
             raise FusionError("--torch needs the checkpoint: --model DIR or --preset NAME")
         options = BackendOptions(dtype=args.dtype, device=args.device, max_context=args.max_context,
-                                 kernels=args.torch_kernels, cuda_graph=args.cuda_graph)  # fmt: skip
+                                 kernels=args.torch_kernels, cuda_graph=args.cuda_graph,
+                                 compiled=args.torch_compile)  # fmt: skip
         backend = open_backend(BackendKind.torch, model_dir, options)
         label = f"torch (PyTorch {args.dtype}, {args.device}; attention {backend.settings.attention}"
-        label += ", CUDA graph" * backend.settings.graph + ", Triton kernels" * backend.settings.kernels + ")"
+        label += ", CUDA graph" * backend.settings.graph + ", Triton kernels" * backend.settings.kernels
+        label += ", torch.compile" * backend.settings.compiled + ")"
         contenders.append(BackendContender(label, backend, settings))
     artifacts = list(args.artifacts)
     if args.export:

@@ -29,8 +29,9 @@ from ..options import (
 # backend -> (its folder flag, the flags that apply to it); a folder flag alone implies the backend IMPLIED names
 FOLDER_FLAGS = {"reference": "model", "onnxruntime": "artifacts", "tensorrt": "engines", "torch": "model"}
 IMPLIED = {"model": "reference", "artifacts": "onnxruntime", "engines": "tensorrt"}
+TORCH_FLAGS = {"dtype", "device", "max_context", "torch_kernels", "cuda_graph", "torch_compile"}
 OPTION_FLAGS = {"reference": {"dtype", "device"}, "onnxruntime": {"provider", "ort_attention"}, "tensorrt": {"device"},
-                "torch": {"dtype", "device", "max_context", "torch_kernels", "cuda_graph"}}  # fmt: skip
+                "torch": TORCH_FLAGS}  # fmt: skip
 ALL_OPTION_FLAGS = set().union(*OPTION_FLAGS.values())
 
 
@@ -86,7 +87,7 @@ def open_backend_from_args(args: argparse.Namespace):
     dtype = args.dtype.value if args.dtype else None
     options = BackendOptions(device=args.device, dtype=dtype, provider=args.provider, ort_attention=args.ort_attention,
                              max_context=args.max_context, kernels=args.torch_kernels,
-                             cuda_graph=args.cuda_graph)  # fmt: skip
+                             cuda_graph=args.cuda_graph, compiled=args.torch_compile)  # fmt: skip
     return open_backend(kind, getattr(args, FOLDER_FLAGS[kind.value]), options)
 
 
