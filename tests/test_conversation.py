@@ -297,3 +297,16 @@ def test_llama_oracle_conversation_equals_the_whole_conversation():
     torch.testing.assert_close(second.step_logits, at_once.step_logits, rtol=0, atol=1e-4)
     layout = chunk_layout([5, 6, -300, 7], query_len, state.length, 5000, model.config)  # past 4096: no switch
     assert layout.position_ids[0, 0].item() == 5001 and layout.vision_pos.shape == (1, query_len)
+
+
+def test_torch_backend_conversation(demo_chat):
+    """Pipeline.conversation on the torch backend (its static cache keeps the first turn's columns; later turns
+    follow up through the reference's eager path on its weights): every turn's tokens are the reference's."""
+    from engines.backends import BackendOptions
+    from engines.pipeline import Pipeline
+    from fusion_export.bundled import DEMO_IMAGE
+
+    reference, answers, _, _ = demo_chat
+    fusion = Pipeline.open(reference.backend.model_dir, backend="torch", options=BackendOptions(max_context=1200))
+    chat = fusion.conversation(DEMO_IMAGE)
+    assert [chat.ask(q, max_new_tokens=NEW_TOKENS).token_ids for q in QUESTIONS] == [a.token_ids for a in answers]
