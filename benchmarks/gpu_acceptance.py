@@ -137,7 +137,8 @@ def kernel_checks(config, mode: Mode, bandwidth: float) -> list[dict]:
             split = SplitDecodeAttention(1, d.num_heads, d.head_dim, capacity, device)
             label = f"B1 H{d.num_heads}/{d.num_kv_heads} D{d.head_dim} C{capacity} valid {filled}"
             for kernel, op in (("decode_attention", decode_attention), ("split_decode_attention", split)):
-                seconds, out = timed(partial(op, q, k, v, start, end, *scales), mode)
+                # check_values=False: the ranges are known good, and their check is a host sync inside the timing
+                seconds, out = timed(partial(op, q, k, v, start, end, *scales, check_values=False), mode)
                 record(kernel, name, label, (out.float() - reference).abs().max().item(), seconds, read)
 
     s = math.isqrt(config.default_query_len)
