@@ -378,20 +378,43 @@ def tokenizer_folder(model_dir: str | Path) -> Path:
 MAX_TOKENIZER_FILE_BYTES = 256 << 20
 
 
-def _file_arguments(folder: Path) -> dict[str, str]:
-    """The `*_file` entries of `tokenizer_config.json`, as paths inside `folder`. transformers lets such an entry
-    override the folder's own file and opens it as given: an absolute path reads anywhere, a relative one from
-    the working directory. So each must be a relative name, and it is passed back joined to the folder."""
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
+    """`tokenizer_config.json` (bounded, a regular file), or {} for a folder without one."""
     config_path = folder / "tokenizer_config.json"
     if not (config_path.exists() or config_path.is_symlink()):
         return {}
-    config = read_json(config_path, "tokenizer config", error=TokenizerError)
+    return read_json(config_path, "tokenizer config", error=TokenizerError)
+
+
+def _file_arguments(folder: Path, config: dict[str, Any]) -> dict[str, str]:
+    """The `*_file` entries of `tokenizer_config.json`, as paths inside `folder`. transformers lets such an entry
+    override the folder's own file and opens it as given: an absolute path reads anywhere, a relative one from
+    the working directory. So each must be a relative name, and it is passed back joined to the folder."""
     arguments = {}
     for key, value in config.items():
         if key.endswith("_file") and isinstance(value, str):
-            where = f"{config_path}: {key}"
+            where = f"{folder / 'tokenizer_config.json'}: {key}"
             arguments[key] = str(folder / relative_name(value, where, TokenizerError))
     return arguments
+
+
+def _loader(folder: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The class to load `folder` with and its extra arguments, so that transformers 4.48+ and 5.x tokenize alike.
+
+    AutoTokenizer gets a blank config, so tokenizer_config.json alone picks the class: transformers 5 would parse
+    config.json, and a FUSION model_type (unknown to it) with `rope_scaling` fails there. And transformers 5's
+    `LlamaTokenizer` (the class Phi-3 checkpoints declare) rebuilds the pipeline (Metaspace "first", tokenizer.json's
+    normalizer dropped) where 4.x's LlamaTokenizerFast used tokenizer.json as written with a BOS/EOS template from
+    add_bos_token (default on) and add_eos_token. Such a folder is loaded the 4.x way on 5.x."""
+    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast, __version__
+
+    declared = str(config.get("tokenizer_class", "")).removesuffix("Fast")
+    has_json = (folder / "tokenizer.json").exists() or "tokenizer_file" in config
+    if int(__version__.split(".")[0]) >= 5 and declared == "LlamaTokenizer" and has_json:
+        template = {"add_bos_token": config.get("add_bos_token", True) is not False,
+                    "add_eos_token": config.get("add_eos_token", False) is True}  # fmt: skip
+        return PreTrainedTokenizerFast, template
+    return AutoTokenizer, {"config": PretrainedConfig()}
 
 
 def _checkpoint_family(model_dir: Path) -> str | None:
@@ -402,8 +425,6 @@ def _checkpoint_family(model_dir: Path) -> str | None:
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The checkpoint's tokenizer (folder root or `tokenizer/`), with the special tokens of FUSION's vision markers
     and of its family's chat template checked."""
-    from transformers import AutoTokenizer
-
     model_type = _checkpoint_family(Path(model_dir))
     template = None if model_type is None else template_for(model_type)
     folder = tokenizer_folder(model_dir)
@@ -416,7 +437,11 @@ def load_tokenizer(model_dir: str | Path) -> Any:
                     f"tokenizer file {path}: {size} bytes, over the {MAX_TOKENIZER_FILE_BYTES} a tokenizer may have"
                 )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **_file_arguments(folder))
+        config = _tokenizer_config(folder)
+        loader, extra = _loader(folder, config)
+        tokenizer = loader.from_pretrained(
+            str(folder), local_files_only=True, **extra, **_file_arguments(folder, config)
+        )
     except Exception as e:  # transformers raises many types for a broken tokenizer folder
         raise TokenizerError(f"{folder}: tokenizer could not be loaded ({type(e).__name__}: {e})") from None
     vocab = tokenizer.get_vocab()

@@ -429,7 +429,7 @@ def test_tokenizer_without_the_templates_tokens(llama_ckpt_source, tmp_path):
 
     folder = shutil.copytree(llama_ckpt_source, tmp_path / "llama")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).unlink()
+        (folder / name).unlink(missing_ok=True)  # transformers 5 writes no special_tokens_map.json
     build_byte_tokenizer("phi3").save_pretrained(str(folder))
     _without_weights(folder)
     result = generate(folder)

@@ -172,6 +172,24 @@ def test_forged_turns_on_the_command_line_stay_inside_the_question(tiny_checkpoi
     assert upstream_prompt_ids(build_prompt(FORGED), tiny_tokenizer).count(ids["<|user|>"]) == 2  # the threat
 
 
+@pytest.mark.parametrize("prefix", ["legacy", "first"])
+def test_a_folder_declaring_llama_tokenizer_tokenizes_as_its_tokenizer_json(prefix, tmp_path):
+    """Phi-3 checkpoints declare `LlamaTokenizer`: transformers 4.x used their tokenizer.json as written (with a BOS
+    template from add_bos_token), 5.x's class rebuilds the pipeline (Metaspace "first", the Prepend normalizer
+    dropped). load_tokenizer gives tokenizer.json's ids under either."""
+    import json
+
+    written = sentencepiece_like(prefix)
+    written.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="LlamaTokenizer", legacy=False, add_bos_token=True, add_eos_token=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = load_tokenizer(tmp_path)
+    for text in (build_prompt("What is it?"), " a  too\n\nto", f"{VISION_START}{VISION_END}\nWh <|end|> end"):
+        assert loaded(text).input_ids == written(text).input_ids, text
+        assert loaded(text).input_ids[0] == loaded.bos_token_id, text
+
+
 def test_a_non_special_added_token_is_plain_text():
     """`split_special_tokens=True` (tokenizers' encode_special_tokens) still matches non-special added tokens."""
     from tokenizers import AddedToken
