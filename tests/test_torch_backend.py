@@ -183,3 +183,54 @@ def test_cli_generate(demo_checkpoint):
     assert refused.returncode == 2 and "--max-context does not apply to --backend reference" in refused.stderr
     too_small = run_main(*common, "--backend", "torch", "--max-context", "100")
     assert too_small.returncode == 2 and "(--max-context)" in too_small.stderr
+
+
+def test_served_by_the_official_client(demo_checkpoint, tmp_path):
+    """`serve --backend torch`'s pipeline behind the app: the official OpenAI client gets the reference's greedy
+    answer. The torch flags are refused without --backend torch, and --backend torch on a folder that is not a
+    checkpoint, before anything loads."""
+    import base64
+    import socket
+    import threading
+    import time
+
+    import openai
+    import uvicorn
+
+    from engines.pipeline import Pipeline
+    from fusion_export.bundled import DEMO_IMAGE
+    from fusion_export_cli.commands.serve import backend_options
+    from fusion_export_cli.server.app import ServerSettings, create_app
+    from fusion_export_cli.server.chat import Limits
+
+    args = type("Args", (), dict.fromkeys(("dtype", "device", "torch_kernels", "cuda_graph", "torch_compile")))()
+    args.backend, args.max_context = "torch", 1200
+    backend, options = backend_options(args, demo_checkpoint)
+    fusion = Pipeline.open(demo_checkpoint, backend, options)
+    assert fusion.backend.kind == "torch" and fusion.backend.max_context == 1200
+    expected = Pipeline.open(demo_checkpoint).generate(DEMO_IMAGE, "What is it?", max_new_tokens=6)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServerSettings(model_id="fusion-demo", limits=Limits(max_tokens=16), api_key="k", max_queue=2,
+                              max_body_bytes=1_000_000)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(create_app(fusion, settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+        reply = client.chat.completions.create(model="fusion-demo", max_tokens=6, temperature=0,
+                                               messages=[{"role": "user", "content": content}])  # fmt: skip
+        assert reply.choices[0].message.content == expected.text
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    refused = run_main("serve", str(demo_checkpoint), "--torch-kernels", "off")
+    assert refused.returncode == 2 and "--torch-kernels applies to --backend torch" in refused.stderr
+    refused = run_main("serve", str(tmp_path), "--backend", "torch")
+    assert refused.returncode == 2 and "--backend torch runs a checkpoint folder (config.json)" in refused.stderr

@@ -9,7 +9,9 @@ Requests queue; those waiting when a batch starts share its decode steps (up to 
 429 with Retry-After), --request-timeout. --api-key-file FILE (or the FUSION_API_KEY environment variable) requires
 `Authorization: Bearer KEY` on /v1 routes. Images come as data: URLs; local files only from under
 --allow-images-from DIR; http(s) URLs are refused (the server makes no outbound connection). SIGTERM or Ctrl-C:
-no new connections, requests in flight finish within --shutdown-timeout, then exit 0.
+no new connections, requests in flight finish within --shutdown-timeout, then exit 0. A checkpoint folder runs on
+the PyTorch reference, or with `--backend torch` on the torch backend (--dtype, --device, --max-context,
+--torch-kernels, --cuda-graph, --torch-compile; docs/torch-backend.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 
 from reference_model.errors import FusionError
 
-from ..options import add_query_len_option, max_new_tokens
+from ..options import Dtype, add_query_len_option, add_torch_options, max_new_tokens
+
+TORCH_FLAGS = ("dtype", "device", "max_context", "torch_kernels", "cuda_graph", "torch_compile")
 
 
 def _positive(text: str) -> int:
@@ -54,7 +58,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "a turn whose earlier turns are not kept is recomputed)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S")
     add_query_len_option(p, note="; exported graphs fix their own")
+    p.add_argument("--backend", choices=["torch"], help="a checkpoint folder on the torch backend (default: reference)")
+    p.add_argument("--dtype", type=Dtype, choices=list(Dtype), help="torch: weight dtype (default fp32)")
+    p.add_argument("--device", help="torch: torch device (default cpu)")
+    add_torch_options(p)
     p.set_defaults(run=run)
+
+
+def backend_options(args: argparse.Namespace, folder: Path):
+    """The backend and its options from the flags: the torch backend's flags only with --backend torch, and that
+    only for a checkpoint folder. A server's memory must stay flat across batch shapes: ONNX Runtime's vision and
+    prefill run without an arena."""
+    from engines.backends import BackendKind, BackendOptions, kind_of_folder
+
+    if args.backend is None:
+        given = [flag for flag in TORCH_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise FusionError(f"--{given[0].replace('_', '-')} applies to --backend torch")
+        return None, BackendOptions(ort_prefill_arena=False)
+    if kind_of_folder(folder) is not BackendKind.reference:
+        raise FusionError(f"--backend torch runs a checkpoint folder (config.json); {folder} is not one")
+    options = BackendOptions(dtype=args.dtype.value if args.dtype else None, device=args.device,
+                             max_context=args.max_context, kernels=args.torch_kernels, cuda_graph=args.cuda_graph,
+                             compiled=args.torch_compile)  # fmt: skip
+    return BackendKind.torch, options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
         raise FusionError(f"serve needs the Python modules {missing}: pip install 'fusion-export[serve]'")
     import uvicorn
 
-    from engines.backends import BackendOptions
     from engines.pipeline import Pipeline
     from reference_model.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -85,9 +111,8 @@ def run(args: argparse.Namespace) -> int:
         raise FusionError(f"--allow-images-from {args.allow_images_from}: not a folder")
     pixels = args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
     print(f"loading {folder} ...", file=sys.stderr, flush=True)
-    # a server's memory must stay flat across batch shapes: ONNX Runtime's vision and prefill run without an arena
-    options = BackendOptions(ort_prefill_arena=False)
-    pipeline = Pipeline.open(folder, options=options, query_len=args.query_len, max_image_pixels=pixels)
+    backend, options = backend_options(args, folder)
+    pipeline = Pipeline.open(folder, backend, options, query_len=args.query_len, max_image_pixels=pixels)
     follow_up_decoder = getattr(pipeline.backend, "follow_up_decoder", None)
     if follow_up_decoder is not None:  # ONNX Runtime: made now, not while a conversation's request waits for it
         try:
