@@ -115,10 +115,17 @@ def oracle_request(oracle_inputs):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A random checkpoint with the oracle's shapes (seed 1), written once per test session."""
+    """A random checkpoint with the oracle's decoder and a 4-layer tower (seed 1), written once per test session:
+    what its tests exercise is the decoder, the loop and the files; the tower's depth (27 in the oracle) only made
+    every prefill 5x slower. The oracle's own depth is tested on the oracles (tests/data)."""
+    import dataclasses
+
+    from reference_model import preset_config
     from reference_model.synthetic import write_random_checkpoint
 
-    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=1)
+    config = preset_config("tiny")
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, num_layers=4))
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", config, seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,11 @@ def recompute_logits(model, batch, vision, generated: list[int]) -> torch.Tensor
         return model.logits(model.decode(embeds, cos, sin, mask, None, interaction))[:, -1]
 
 
-def test_cached_decoding_equals_recomputation(tiny_model, tiny_tokenizer):
+def test_cached_decoding_equals_recomputation(demo_checkpoint):
+    from reference_model import load_model
+    from reference_model.prompt import load_tokenizer
+
+    tiny_model, tiny_tokenizer = load_model(demo_checkpoint), load_tokenizer(demo_checkpoint)  # a non-degenerate draw
     request = make_request(DEMO_IMAGE, "Describe the picture.", tiny_tokenizer, tiny_model.config)
     batch = prepare_batch([request], tiny_model.config, 16)
     # the prefill's token, then 16 cached decode steps
