@@ -361,8 +361,7 @@ class ReferenceSession:
 
     def kept_cache(self, row: int, length: int) -> list[torch.Tensor]:
         """One row's first `length` KV columns as stored, layer by layer (key, value): what a conversation keeps."""
-        pairs = zip(self.cache.keys, self.cache.values)
-        return [t[row : row + 1, :, :length].clone() for kv in pairs for t in kv]
+        return self.cache.kept_columns(row, length)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,10 @@ class KVCache:
         """Every layer's (key, value) buffers as the model's dtype: the values attention reads."""
         return [self.read(t, i // 2, i % 2) for i, t in enumerate(t for kv in zip(self.keys, self.values) for t in kv)]
 
+    def kept_columns(self, row: int, length: int) -> list[torch.Tensor]:
+        """One row's first `length` columns as stored, layer by layer (key, value): what a conversation keeps."""
+        return [t[row : row + 1, :, :length].clone() for kv in zip(self.keys, self.values) for t in kv]
+
     def read(self, stored: torch.Tensor, layer: int, which: int) -> torch.Tensor:
         """Stored columns of `layer` (which: 0 keys, 1 values) as the model's dtype."""
         if self.int8_scales is None:

@@ -102,8 +102,9 @@ class TorchRunner:
             self._static = StaticBatch(self.model, batch, s.max_context, s.attention, s.graph, s.compiled)
         return self._static
 
-    def session(self, batch: PreparedBatch, max_new_tokens: int) -> TorchSession:
-        state = decode_state(self.model.config, self.settings, batch, max_new_tokens)
+    def session(self, batch: PreparedBatch, max_new_tokens: int, state=None) -> TorchSession:
+        """state: the request's DecodeState when the caller placed it already (decode_state)."""
+        state = state or decode_state(self.model.config, self.settings, batch, max_new_tokens)
         static = self.static_batch(batch.layout.batch_size)
         return TorchSession(self.model, static, batch, state, self.settings.kernels)
 
@@ -159,8 +160,8 @@ class TorchBackend:
         return f"torch (PyTorch {s.dtype} on {s.device}; {', '.join(parts)}) from {self.model_dir}"
 
     def session(self, batch: PreparedBatch, max_new_tokens: int) -> TorchSession:
-        decode_state(self.config, self.settings, batch, max_new_tokens)  # before the weights are read
-        return self.runner.session(batch, max_new_tokens)
+        state = decode_state(self.config, self.settings, batch, max_new_tokens)  # before the weights are read
+        return self.runner.session(batch, max_new_tokens, state)
 
     def follow_up(self, turn, chunks: list[list[int]], max_new_tokens: int):
         """A conversation's later turn on top of `turn`: the reference's eager path on this backend's weights."""

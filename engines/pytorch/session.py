@@ -93,15 +93,13 @@ class TorchSession:
     def kept_cache(self, row: int, length: int) -> list[torch.Tensor]:
         """One row's first `length` KV columns as stored, layer by layer (key, value): what a conversation keeps."""
         self._check_owner()
-        pairs = zip(self.static.cache.keys, self.static.cache.values)
-        return [t[row : row + 1, :, :length].clone() for kv in pairs for t in kv]
+        return self.static.cache.kept_columns(row, length)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self._check_owner()
         positions = self.state.advance()[:, 0]
         self.static.inputs.load(tokens, positions, self.state.length)
-        self.static.cache.length = self.state.length
         logits = self.static.captured() if self.static.captured is not None else self.static.run()
         require_finite("decoder step", logits=logits)
         return logits
